@@ -1,0 +1,22 @@
+"""Memory policies: where a chunk's K/V goes and what later chunks attend to.
+
+``build_policy(config, num_layers)`` turns a validated ``memory:`` section (see ``config.py``) into a
+policy object implementing :class:`~slotgen.memory.base.MemoryPolicy`.
+"""
+
+from __future__ import annotations
+
+from slotgen.memory.base import ChunkContext, KVBlock, MemoryPolicy
+from slotgen.memory.window import SinkMemory, WindowMemory
+
+
+def build_policy(config, num_layers: int) -> MemoryPolicy:
+    """A fresh policy for ``config`` (a MemoryConfig model) over ``num_layers`` transformer layers."""
+    if config.policy == "window":
+        return WindowMemory(num_layers, window=config.window)
+    if config.policy == "sink":
+        return SinkMemory(num_layers, window=config.window, sink=config.sink)
+    raise ValueError(f"unknown memory policy {config.policy!r}")
+
+
+__all__ = ["ChunkContext", "KVBlock", "MemoryPolicy", "WindowMemory", "SinkMemory", "build_policy"]

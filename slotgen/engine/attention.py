@@ -1,0 +1,160 @@
+"""Streaming self-attention for diffusers' stock ``WanTransformer3DModel``.
+
+We do not fork the model. Each block's ``attn1`` gets its own :class:`StreamingAttnProcessor`
+(installed with ``transformer.set_attn_processor``; ``attn2``, cross-attention, keeps the stock
+``WanAttnProcessor``). All processors share one :class:`StreamState` that the engine sets before each
+transformer call: the memory policy, the chunk's token coordinates and whether this is the commit pass.
+
+Inside a processor call (chunk of N tokens, memory of M rows, H heads of size D)::
+
+    q, k, v   = norm(to_q x), norm(to_k x), to_v x          # (B, N, H, D), k un-roped
+    mem       = policy.read(layer)                          # (B, M, H, D) un-roped K, V + frame ids
+    positions = rank of each distinct memory frame, then the chunk's frames after them
+    K = [rope(mem.k) ; rope(k)],  V = [mem.v ; v]           # (B, M + N, H, D)
+    out = SDPA(rope(q), K, V)                               # the chunk sees all memory and itself
+    if commit: policy.write(layer, (k, v, frames, hw))      # un-roped K/V goes to memory
+
+**Positions** (engine-assigned, window-relative, so length is unlimited): the temporal RoPE position
+of a memory row is the rank of its latent frame among the distinct frames held for that layer
+(oldest = 0); the chunk's frames follow right after. Spatial positions are the token's grid cell.
+With a contiguous window this is the Self-Forcing/LongLive layout shifted to start at 0 (RoPE
+attention depends only on position differences); a sink or retrieved items sit immediately before
+the local window in frame order. Positions never exceed (#memory frames + chunk frames), which must
+fit the model's RoPE table (``rope_max_seq_len``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from slotgen.errors import SlotgenError
+from slotgen.memory.base import KVBlock, MemoryPolicy
+
+
+@dataclass
+class StreamState:
+    """Shared, mutable per-call state; the engine sets it, processors read it."""
+
+    memory: MemoryPolicy | None = None
+    frames: torch.Tensor | None = None  # (N,) absolute latent frame of each chunk token
+    hw: torch.Tensor | None = None  # (N, 2) grid cell of each chunk token
+    commit: bool = False  # True on the timestep-0 pass whose K/V is written to memory
+    epoch: int = 0  # bumped by the engine whenever memory may have changed (new chunk)
+    # statistics collected for free during the commit pass: attention mass on memory rows per layer
+    attn_to_memory: dict[int, float] = field(default_factory=dict)
+
+
+class RopeTable:
+    """Cos/sin lookup for (t, h, w) token positions from the model's own RoPE buffers."""
+
+    def __init__(self, rope: torch.nn.Module):
+        self.max_len = rope.max_seq_len
+        split = [rope.t_dim, rope.h_dim, rope.w_dim]
+        self.cos = rope.freqs_cos.split(split, dim=1)  # 3 × (max_len, d_i), pair-repeated
+        self.sin = rope.freqs_sin.split(split, dim=1)
+
+    def __call__(self, t: torch.Tensor, hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: (N,) temporal positions, hw: (N, 2) → cos, sin of shape (1, N, 1, D)."""
+        if int(t.max()) >= self.max_len or int(hw.max()) >= self.max_len:
+            raise SlotgenError(
+                f"RoPE position {max(int(t.max()), int(hw.max()))} exceeds the model's table of {self.max_len}; "
+                "use a smaller memory window/budget or resolution"
+            )
+        cos = torch.cat([self.cos[0][t], self.cos[1][hw[:, 0]], self.cos[2][hw[:, 1]]], dim=-1)  # (N, D)
+        sin = torch.cat([self.sin[0][t], self.sin[1][hw[:, 0]], self.sin[2][hw[:, 1]]], dim=-1)
+        return cos[None, :, None, :], sin[None, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair rotary embedding, the same arithmetic as diffusers' WanAttnProcessor.
+
+    x: (B, N, H, D); cos/sin: (1, N, 1, D) with each frequency repeated for the pair.
+    """
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, H, D/2) each
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)
+
+
+def assign_positions(mem_frames: torch.Tensor | None, chunk_frames: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Window-relative temporal positions: rank of each distinct memory frame, then the chunk's frames.
+
+    mem_frames: (M,) absolute frames of memory rows (or None); chunk_frames: (N,) absolute frames.
+    Returns (M,) and (N,) long positions.
+    """
+    chunk_first = chunk_frames.min()
+    if mem_frames is None or mem_frames.numel() == 0:
+        return None, chunk_frames - chunk_first
+    distinct, mem_rank = torch.unique(mem_frames, sorted=True, return_inverse=True)  # (U,), (M,)
+    return mem_rank, chunk_frames - chunk_first + distinct.numel()
+
+
+class StreamingAttnProcessor:
+    """Self-attention over [memory ; chunk] with engine-assigned RoPE positions (one per layer)."""
+
+    def __init__(self, layer: int, state: StreamState, rope: RopeTable):
+        self.layer = layer
+        self.state = state
+        self.rope = rope
+        self._cache_epoch = -1
+        self._cache: tuple | None = None  # (roped memory K, memory V, memory positions) for this epoch
+
+    def _memory(self, chunk_frames: torch.Tensor, chunk_hw: torch.Tensor, dtype: torch.dtype):
+        """Roped memory K/V and the chunk's positions; memory part cached until the epoch changes."""
+        st = self.state
+        if self._cache_epoch != st.epoch or self._cache is None:
+            mem = st.memory.read(self.layer) if st.memory is not None else None
+            mem_pos, chunk_pos = assign_positions(mem.frames if mem is not None else None, chunk_frames)
+            k_mem = v_mem = None
+            if mem is not None:
+                cos, sin = self.rope(mem_pos, mem.hw)
+                k_mem = apply_rope(mem.k.to(dtype), cos, sin)  # (B, M, H, D)
+                v_mem = mem.v.to(dtype)
+            self._cache = (k_mem, v_mem, chunk_pos)
+            self._cache_epoch = st.epoch
+        return self._cache
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        st = self.state
+        x = hidden_states  # (B, N, C)
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
+        k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))  # (B, N, H, D) un-roped
+        v = attn.to_v(x).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
+
+        k_mem, v_mem, chunk_pos = self._memory(st.frames, st.hw, k.dtype)
+        cos, sin = self.rope(chunk_pos, st.hw)
+        q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if k_mem is not None:
+            K = torch.cat([k_mem, k_r], dim=1)  # (B, M + N, H, D)
+            V = torch.cat([v_mem, v], dim=1)
+        else:
+            K, V = k_r, v
+
+        out = F.scaled_dot_product_attention(q_r.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2))  # (B, H, N, D)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # (B, N, H·D)
+
+        if st.commit and st.memory is not None:
+            st.memory.write(self.layer, KVBlock(k.detach(), v.detach(), st.frames, st.hw))
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def install_streaming_processors(transformer, state: StreamState) -> list[StreamingAttnProcessor]:
+    """Give every block's attn1 its own streaming processor; attn2 keeps the stock Wan processor."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    rope = RopeTable(transformer.rope)
+    processors: dict[str, object] = {}
+    streaming = []
+    for i in range(len(transformer.blocks)):
+        p = StreamingAttnProcessor(i, state, rope)
+        streaming.append(p)
+        processors[f"blocks.{i}.attn1.processor"] = p
+        processors[f"blocks.{i}.attn2.processor"] = WanAttnProcessor()
+    transformer.set_attn_processor(processors)
+    return streaming

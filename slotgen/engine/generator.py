@@ -1,0 +1,264 @@
+"""The chunk loop: noise → few-step sampler → commit pass → streaming decode.
+
+One :class:`StreamingEngine` owns a model bundle, a memory policy and a streaming VAE decoder, and
+produces the video chunk by chunk along a *timeline* (a validated storyboard). For chunk ``c``:
+
+1. pick the prompt in force at the time of the chunk's first video frame; if it differs from the
+   previous chunk's, do a LongLive KV re-cache: the policy drops its local window and the engine
+   re-runs those clean latent frames with the new prompt at timestep 0 (commit passes);
+2. draw the chunk's noise from a generator seeded by (seed, c) and denoise with the few-step
+   Self-Forcing schedule, every step attending to ``[memory ; chunk]``;
+3. commit: run the clean chunk once more at timestep 0; that pass hands its K/V to the memory;
+4. decode the chunk's latents with the causal VAE cache kept across chunks and emit its frames.
+
+Geometry: chunk ``c`` holds latent frames ``[c·F, (c+1)·F)``; with temporal stride s the first chunk
+decodes to ``1 + s(F-1)`` video frames and every later chunk to ``s·F`` (9 and 12 for Wan).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from slotgen.engine.attention import StreamState, install_streaming_processors
+from slotgen.engine.sampler import FlowSchedule, chunk_noise, sample_chunk
+from slotgen.memory.base import ChunkContext, MemoryPolicy
+from slotgen.models.bundle import ModelBundle
+
+
+@dataclass(frozen=True)
+class ChunkGeometry:
+    """Where chunks fall in latent and video frames."""
+
+    chunk_frames: int  # latent frames per chunk (F)
+    stride_t: int  # VAE temporal stride (s)
+
+    def first_frame(self, chunk: int) -> int:
+        """Index of the chunk's first video frame."""
+        if chunk == 0:
+            return 0
+        return 1 + self.stride_t * (self.chunk_frames - 1) + self.stride_t * self.chunk_frames * (chunk - 1)
+
+    def video_frames(self, chunk: int) -> int:
+        return 1 + self.stride_t * (self.chunk_frames - 1) if chunk == 0 else self.stride_t * self.chunk_frames
+
+    def num_chunks(self, total_frames: int) -> int:
+        """Chunks needed to produce at least ``total_frames`` video frames."""
+        c = 0
+        while self.first_frame(c) < total_frames:
+            c += 1
+        return c
+
+
+@dataclass
+class ChunkResult:
+    chunk: int
+    prompt_index: int
+    prompt: str
+    first_frame: int  # global index of frames[0]
+    frames: np.ndarray  # (N, H, W, 3) uint8, all frames the chunk decoded to
+    latents: torch.Tensor  # (1, C, F, h, w) clean latents
+    seconds: float  # wall time for the chunk (sampling + commit + decode)
+    recached_frames: int = 0
+
+
+@dataclass
+class EngineOptions:
+    seed: int
+    fps: int
+    width: int
+    height: int
+    steps: int
+    shift: float
+
+
+class TextCache:
+    """Prompt embeddings computed once per distinct prompt (Wan style: fixed length, padding zeroed)."""
+
+    def __init__(self, bundle: ModelBundle, device: torch.device, dtype: torch.dtype):
+        self.bundle, self.device, self.dtype = bundle, device, dtype
+        self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._keys: dict[tuple[str, int], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def embeds(self, prompt: str) -> torch.Tensor:
+        """(1, L, text_dim) embeddings; rows past the prompt's tokens are zero."""
+        if prompt not in self._embeds:
+            tok = self.bundle.tokenizer(
+                prompt, max_length=self.bundle.settings.text_len, padding="max_length", truncation=True,
+                add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+            )
+            enc_device = next(self.bundle.text_encoder.parameters()).device
+            ids, mask = tok.input_ids.to(enc_device), tok.attention_mask.to(enc_device)
+            h = self.bundle.text_encoder(ids, mask).last_hidden_state  # (1, L, d)
+            h = h * mask[..., None].to(h.dtype)  # zero the padding rows
+            self._embeds[prompt] = h.to(self.device, self.dtype)
+            if len(self._embeds) > 64:  # bounded: a story may have unlimited distinct prompts
+                old, _ = self._embeds.popitem(last=False)
+                self._keys = {k: v for k, v in self._keys.items() if k[0] != old}
+        return self._embeds[prompt]
+
+    def token_count(self, prompt: str) -> int:
+        return int((self.embeds(prompt).abs().sum(-1) > 0).sum())
+
+    @torch.no_grad()
+    def text_keys(self, prompt: str, layer: int) -> torch.Tensor:
+        """Cross-attention keys of the prompt's real tokens in ``layer``: (1, L', H, D)."""
+        key = (prompt, layer)
+        if key not in self._keys:
+            tr = self.bundle.transformer
+            e = self.embeds(prompt)
+            n = max(self.token_count(prompt), 1)
+            ctx = tr.condition_embedder.text_embedder(e[:, :n])  # (1, L', dim)
+            attn2 = tr.blocks[layer].attn2
+            self._keys[key] = attn2.norm_k(attn2.to_k(ctx)).unflatten(2, (attn2.heads, -1))
+        return self._keys[key]
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words the model's tokenizer does not know (word-level vocabularies only)."""
+        if self.bundle.vocabulary is None:
+            return []
+        words = re.findall(r"[\w']+", prompt.lower())
+        return sorted({w for w in words if w not in self.bundle.vocabulary})
+
+
+class StreamingEngine:
+    """Generates a timeline chunk by chunk with a memory policy. See the module docstring."""
+
+    def __init__(self, bundle: ModelBundle, policy: MemoryPolicy, options: EngineOptions, decoder=None):
+        from slotgen.video.decoder import StreamingDecoder
+
+        self.bundle = bundle
+        self.policy = policy
+        self.options = options
+        self.device, self.dtype = bundle.device, bundle.dtype
+        s = bundle.settings
+        self.geometry = ChunkGeometry(s.chunk_frames, s.vae_stride_t)
+        self.schedule = FlowSchedule(options.steps, options.shift)
+        self.latent_hw = (options.height // s.vae_stride_s, options.width // s.vae_stride_s)
+        p = bundle.patch_size
+        self.token_hw = (self.latent_hw[0] // p[1], self.latent_hw[1] // p[2])
+        self.state = StreamState(memory=policy)
+        install_streaming_processors(bundle.transformer, self.state)
+        self.text = TextCache(bundle, self.device, self.dtype)
+        self.decoder = decoder if decoder is not None else StreamingDecoder(bundle.vae)
+        # progress of the stream
+        self.next_chunk = 0
+        self.prompt: str | None = None  # prompt of the previous chunk
+        self.prompt_index: int | None = None
+        self.history: OrderedDict[int, torch.Tensor] = OrderedDict()  # latent frame → (1, C, 1, h, w)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _coords(self, frame_start: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token coordinates of latent frames [frame_start, +num_frames): frames (N,), hw (N, 2)."""
+        th, tw = self.token_hw
+        frames = torch.arange(frame_start, frame_start + num_frames, device=self.device).repeat_interleave(th * tw)
+        rows = torch.arange(th, device=self.device).repeat_interleave(tw).repeat(num_frames)
+        cols = torch.arange(tw, device=self.device).repeat(th * num_frames)
+        return frames, torch.stack([rows, cols], dim=1)
+
+    @torch.no_grad()
+    def _forward(self, latents: torch.Tensor, timestep: float, frame_start: int, embeds: torch.Tensor, commit: bool) -> torch.Tensor:
+        st = self.state
+        st.frames, st.hw = self._coords(frame_start, latents.shape[2])
+        st.commit = commit
+        t = torch.full((latents.shape[0],), float(timestep), device=self.device, dtype=torch.float32)
+        out = self.bundle.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
+        st.commit = False
+        return out
+
+    def _context(self, chunk: int, frame_start: int, num_frames: int, prompt_index: int, prompt: str, recache: bool) -> ChunkContext:
+        return ChunkContext(chunk=chunk, frame_start=frame_start, num_frames=num_frames, prompt_index=prompt_index,
+                            prompt=prompt, recache=recache, text_keys=lambda layer: self.text.text_keys(prompt, layer))
+
+    def _commit(self, ctx: ChunkContext, latents: torch.Tensor, embeds: torch.Tensor) -> None:
+        self.policy.begin_chunk(ctx)
+        self.state.epoch += 1
+        self._forward(latents, 0.0, ctx.frame_start, embeds, commit=True)
+        self.policy.end_chunk()
+
+    def _recache(self, chunk: int, prompt_index: int, prompt: str) -> int:
+        """LongLive KV re-cache: re-run the policy's dropped frames with the new prompt at timestep 0."""
+        ctx = self._context(chunk, self.geometry.chunk_frames * chunk, 0, prompt_index, prompt, True)
+        frames = self.policy.on_prompt_switch(ctx)
+        missing = [f for f in frames if f not in self.history]
+        if missing:
+            raise RuntimeError(f"re-cache needs latent frames {missing} that the engine no longer holds")
+        embeds = self.text.embeds(prompt)
+        F = self.geometry.chunk_frames
+        groups: OrderedDict[int, list[int]] = OrderedDict()
+        for f in frames:  # keep the original chunk grouping
+            groups.setdefault(f // F, []).append(f)
+        for c, group in groups.items():
+            latents = torch.cat([self.history[f] for f in group], dim=2)  # (1, C, len(group), h, w)
+            self._commit(self._context(c, group[0], len(group), prompt_index, prompt, True), latents, embeds)
+        return len(frames)
+
+    # -- the loop -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_chunk(self, prompt_index: int, prompt: str) -> ChunkResult:
+        """Generate, commit and decode the next chunk under ``prompt``."""
+        t0 = time.perf_counter()
+        c = self.next_chunk
+        F = self.geometry.chunk_frames
+        frame_start = c * F
+        recached = 0
+        if self.prompt is not None and prompt != self.prompt:
+            recached = self._recache(c, prompt_index, prompt)
+        embeds = self.text.embeds(prompt)
+
+        ctx = self._context(c, frame_start, F, prompt_index, prompt, False)
+        self.policy.begin_chunk(ctx)
+        self.state.epoch += 1
+        shape = (1, self.bundle.transformer.config.in_channels, F, *self.latent_hw)
+        noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c, self.schedule.steps)]
+        x0 = sample_chunk(lambda x, t: self._forward(x, t, frame_start, embeds, commit=False), noises, self.schedule)
+        self._forward(x0, 0.0, frame_start, embeds, commit=True)  # commit pass: clean K/V → memory
+        self.policy.end_chunk()
+
+        for i in range(F):  # keep what a future re-cache needs, no more
+            self.history[frame_start + i] = x0[:, :, i : i + 1]
+        while len(self.history) > self.policy.recache_span():
+            self.history.popitem(last=False)
+
+        frames = self.decoder.decode_chunk(x0)
+        self.next_chunk += 1
+        self.prompt, self.prompt_index = prompt, prompt_index
+        return ChunkResult(c, prompt_index, prompt, self.geometry.first_frame(c), frames, x0,
+                           time.perf_counter() - t0, recached)
+
+    def run(self, timeline, start_chunk: int | None = None) -> Iterator[ChunkResult]:
+        """Generate every remaining chunk of ``timeline`` (a Storyboard: prompts, fps, total frames)."""
+        total = timeline.total_frames
+        while self.geometry.first_frame(self.next_chunk) < total:
+            t = self.geometry.first_frame(self.next_chunk) / timeline.fps
+            idx = timeline.prompt_index_at(t)
+            yield self.generate_chunk(idx, timeline.prompts[idx].text)
+
+    # -- persistence (snapshots) -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "next_chunk": self.next_chunk,
+            "prompt": self.prompt,
+            "prompt_index": self.prompt_index,
+            "history_frames": list(self.history.keys()),
+            "history": [v.cpu() for v in self.history.values()],
+            "memory": self.policy.state_dict(),
+            "decoder": self.decoder.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_chunk = int(state["next_chunk"])
+        self.prompt, self.prompt_index = state["prompt"], state["prompt_index"]
+        self.history = OrderedDict(
+            (int(f), t.to(self.device, self.dtype)) for f, t in zip(state["history_frames"], state["history"])
+        )
+        self.policy.load_state_dict(state["memory"], device=self.device)
+        self.decoder.load_state_dict(state["decoder"])
+        self.state.epoch += 1

@@ -1,0 +1,142 @@
+"""The memory-policy interface: where a chunk's K/V goes, and what the next chunk attends to.
+
+Per chunk the engine calls, in order::
+
+    begin_chunk(ctx)            # a new chunk (or a re-cache group) is about to be processed
+    read(layer)   × layers × passes   # K/V to prepend to the chunk's own K/V in self-attention
+    write(layer, block) × layers      # the commit pass (timestep 0) hands over the chunk's clean K/V
+    end_chunk()
+
+and on a prompt switch ``on_prompt_switch(ctx)``, which drops what must be recomputed with the new
+prompt and returns those latent-frame indices; the engine re-runs them (LongLive KV re-cache) as
+commit passes, each wrapped in ``begin_chunk(ctx with recache=True)`` / ``end_chunk()``.
+
+Keys are stored **un-roped** (after ``norm_k``), with each row's absolute latent frame and (row, col)
+grid cell; the engine assigns RoPE positions at read time (see ``engine/attention.py``), so memory
+contents never depend on how long the video is.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class KVBlock:
+    """Rows of self-attention memory for one layer.
+
+    k, v:   (B, N, H, D)  un-roped keys (after norm_k) and values
+    frames: (N,)          absolute latent-frame index of each row (long)
+    hw:     (N, 2)        (row, col) token-grid cell of each row (long)
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    frames: torch.Tensor
+    hw: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.k.shape[1]
+
+    def select(self, index: torch.Tensor) -> "KVBlock":
+        """Rows at ``index`` (a 1-D long tensor or boolean mask over N)."""
+        return KVBlock(self.k[:, index], self.v[:, index], self.frames[index], self.hw[index])
+
+    def frames_mask(self, lo: int, hi: int) -> torch.Tensor:
+        return (self.frames >= lo) & (self.frames < hi)
+
+    @staticmethod
+    def cat(blocks: list["KVBlock"]) -> "KVBlock | None":
+        blocks = [b for b in blocks if b is not None and b.num_tokens > 0]
+        if not blocks:
+            return None
+        if len(blocks) == 1:
+            return blocks[0]
+        return KVBlock(
+            torch.cat([b.k for b in blocks], 1),  # (B, ΣN, H, D)
+            torch.cat([b.v for b in blocks], 1),
+            torch.cat([b.frames for b in blocks]),
+            torch.cat([b.hw for b in blocks]),
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.frames, self.hw))
+
+    def to_state(self) -> dict:
+        return {"k": self.k.cpu(), "v": self.v.cpu(), "frames": self.frames.cpu(), "hw": self.hw.cpu()}
+
+    @staticmethod
+    def from_state(d: dict, device: torch.device | str = "cpu") -> "KVBlock":
+        return KVBlock(d["k"].to(device), d["v"].to(device), d["frames"].to(device), d["hw"].to(device))
+
+
+@dataclass
+class ChunkContext:
+    """What a policy may know about the chunk being generated."""
+
+    chunk: int  # chunk index (re-cache groups carry the index of the chunk they came from)
+    frame_start: int  # first absolute latent frame of the chunk
+    num_frames: int  # latent frames in the chunk
+    prompt_index: int  # index of the storyboard prompt in force
+    prompt: str
+    recache: bool = False  # True while re-running past frames after a prompt switch
+    # text_keys(layer) -> (B, L, H, D) cross-attention keys of the prompt (padding rows removed),
+    # computed lazily and cached per prompt by the engine; used for text relevance (MemFlow, slot).
+    text_keys: Callable[[int], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def frame_end(self) -> int:
+        return self.frame_start + self.num_frames
+
+
+class MemoryPolicy(ABC):
+    """A bounded self-attention memory. Subclasses keep per-layer state; see the module docstring."""
+
+    name: str = "base"
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+
+    # -- the chunk protocol ---------------------------------------------------------------------
+    def begin_chunk(self, ctx: ChunkContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    def read(self, layer: int) -> KVBlock | None:
+        """K/V rows the current chunk attends to before its own rows (None: nothing)."""
+
+    @abstractmethod
+    def write(self, layer: int, block: KVBlock) -> None:
+        """Receive the current chunk's clean (commit-pass) K/V for ``layer``."""
+
+    def end_chunk(self) -> None:
+        pass
+
+    @abstractmethod
+    def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
+        """Drop entries to recompute under the new prompt; return their latent-frame indices (ascending)."""
+
+    @abstractmethod
+    def recache_span(self) -> int:
+        """How many recent clean latent frames the engine must keep so a re-cache can run."""
+
+    # -- introspection and persistence ------------------------------------------------------------
+    @abstractmethod
+    def stats(self) -> dict:
+        """Cheap statistics (no forward passes): JSON-serialisable."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Full state as tensors / plain Python (loadable with ``torch.load(weights_only=True)``)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of K/V (and metadata tensors) held."""

@@ -1,0 +1,94 @@
+"""Frame-based local memories: Self-Forcing's rolling window and LongLive's sink + window.
+
+``window``: the last ``window`` latent frames' K/V. ``sink``: additionally the first ``sink`` latent
+frames of the video, kept forever (attention sink), with the local window counted without them.
+On a prompt switch both drop the local window (the sink stays) and ask the engine to re-cache it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slotgen.memory.base import ChunkContext, KVBlock, MemoryPolicy
+
+
+class WindowMemory(MemoryPolicy):
+    """Rolling local window of the most recent ``window`` latent frames (Self-Forcing)."""
+
+    name = "window"
+
+    def __init__(self, num_layers: int, window: int, sink: int = 0):
+        super().__init__(num_layers)
+        if window < 1:
+            raise ValueError("window must be at least 1 latent frame")
+        self.window = window
+        self.sink = sink
+        self.local: list[KVBlock | None] = [None] * num_layers  # rows of the last `window` frames
+        self.sink_rows: list[KVBlock | None] = [None] * num_layers  # rows of frames < sink
+        self.frames_seen = 0  # one past the newest frame written
+
+    # -- protocol -----------------------------------------------------------------------------------
+    def read(self, layer: int) -> KVBlock | None:
+        return KVBlock.cat([self.sink_rows[layer], self.local[layer]])
+
+    def write(self, layer: int, block: KVBlock) -> None:
+        in_sink = block.frames < self.sink  # (N,)
+        if in_sink.any():
+            self.sink_rows[layer] = KVBlock.cat([self.sink_rows[layer], block.select(in_sink)])
+            block = block.select(~in_sink)
+        local = KVBlock.cat([self.local[layer], block])
+        if local is not None:
+            newest = int(local.frames.max())
+            local = local.select(local.frames > newest - self.window)  # keep `window` frames
+        self.local[layer] = local
+        if layer == self.num_layers - 1 and block.num_tokens:
+            self.frames_seen = max(self.frames_seen, int(block.frames.max()) + 1)
+
+    def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
+        frames = sorted({int(f) for f in self.local[0].frames.unique()}) if self.local[0] is not None else []
+        self.local = [None] * self.num_layers
+        return frames
+
+    def recache_span(self) -> int:
+        return self.window
+
+    # -- introspection / persistence ------------------------------------------------------------------
+    def _frames(self, blocks: list[KVBlock | None]) -> list[int]:
+        b = blocks[0]
+        return sorted({int(f) for f in b.frames.unique()}) if b is not None else []
+
+    def stats(self) -> dict:
+        return {
+            "policy": self.name,
+            "window": self.window,
+            "sink": self.sink,
+            "frames_seen": self.frames_seen,
+            "sink_frames": self._frames(self.sink_rows),
+            "local_frames": self._frames(self.local),
+            "tokens_per_layer": [(b.num_tokens if b else 0) + (s.num_tokens if s else 0)
+                                 for b, s in zip(self.local, self.sink_rows)],
+            "bytes": self.nbytes(),
+        }
+
+    def state_dict(self) -> dict:
+        def pack(blocks):
+            return [b.to_state() if b is not None else None for b in blocks]
+
+        return {"policy": self.name, "window": self.window, "sink": self.sink, "frames_seen": self.frames_seen,
+                "local": pack(self.local), "sink_rows": pack(self.sink_rows)}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        if state.get("policy") != self.name or len(state["local"]) != self.num_layers:
+            raise ValueError(f"state is for policy {state.get('policy')!r} with {len(state['local'])} layers")
+        self.window, self.sink, self.frames_seen = int(state["window"]), int(state["sink"]), int(state["frames_seen"])
+        self.local = [KVBlock.from_state(d, device) if d is not None else None for d in state["local"]]
+        self.sink_rows = [KVBlock.from_state(d, device) if d is not None else None for d in state["sink_rows"]]
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.local + self.sink_rows if b is not None)
+
+
+class SinkMemory(WindowMemory):
+    """LongLive: the first ``sink`` latent frames kept forever plus a local window of ``window`` frames."""
+
+    name = "sink"

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random models built from the real diffusers/transformers classes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_bundle(rope_max_seq_len: int = 1024, num_layers: int = 2, seed: int = 0):
+    """A ModelBundle whose modules are tiny, randomly initialised real Wan/UMT5 classes."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from slotgen.models.bundle import ModelBundle, ModelSettings, state_digest
+    from slotgen.models.miniature import VOCABULARY, build_tokenizer
+
+    torch.manual_seed(seed)
+    tr = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=num_layers, rope_max_seq_len=rope_max_seq_len,
+    ).eval()
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
+    tok = build_tokenizer(VOCABULARY)
+    te = UMT5EncoderModel(UMT5Config(vocab_size=len(tok.get_vocab()), d_model=32, d_kv=8, d_ff=32, num_layers=1,
+                                     num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0)).eval()
+    settings = ModelSettings(resolution=(48, 32), text_len=8)
+    return ModelBundle("tiny", tr, vae, te, tok, settings, state_digest(tr, vae, te),
+                       frozenset(tok.get_vocab()) - {"[PAD]", "</s>", "[UNK]"})
+
+
+@pytest.fixture
+def bundle():
+    return tiny_bundle()
