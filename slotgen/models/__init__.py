@@ -1,0 +1,59 @@
+"""Model loading: the embedded miniature by name, or a local Wan2.1 folder by path. Never a hub.
+
+``load_model(spec)`` accepts:
+
+* ``"miniature"`` — the embedded toy-size Wan stack shipped in the package (default);
+* ``"wan-1.3b-random"`` — the full Wan2.1-T2V-1.3B architecture with random weights (for speed
+  benchmarks: speed does not depend on weight values);
+* a local path — a miniature-format folder (``config.json`` + ``weights.safetensors``) or a
+  diffusers-format Wan2.1 folder (see ``slotgen.models.wan``), optionally with a causal generator
+  ``checkpoint``.
+
+Anything that looks like a hub id (``org/name`` that is not a local path) is refused with a clear
+message: slotgen never downloads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from slotgen.errors import ModelError
+from slotgen.models.bundle import ModelBundle, ModelSettings
+
+BUILTIN_MODELS = ("miniature", "wan-1.3b-random")
+
+
+def load_model(
+    spec: str = "miniature",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    checkpoint: str | Path | None = None,
+) -> ModelBundle:
+    """Load a model bundle from a built-in name or a local path (see module docstring)."""
+    device = torch.device(device)
+    if spec == "miniature":
+        from slotgen.models.miniature import load_miniature
+
+        if checkpoint is not None:
+            raise ModelError("--checkpoint applies to Wan2.1 folders, not to the embedded miniature")
+        return load_miniature(device=device)
+    if spec == "wan-1.3b-random":
+        from slotgen.models.wan import build_random_wan
+
+        return build_random_wan(device=device, dtype=dtype)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if (path / "weights.safetensors").is_file() and (path / "config.json").is_file():
+            from slotgen.models.miniature import load_miniature
+
+            return load_miniature(path, device=device)
+        from slotgen.models.wan import load_wan
+
+        return load_wan(path, device=device, dtype=dtype, checkpoint=checkpoint)
+    hint = " (slotgen never downloads: pass a local folder)" if "/" in spec or spec.startswith("Wan") else ""
+    raise ModelError(f"model {spec!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor an existing path{hint}")
+
+
+__all__ = ["ModelBundle", "ModelSettings", "load_model", "BUILTIN_MODELS"]
