@@ -145,7 +145,7 @@ class StreamingEngine:
         p = bundle.patch_size
         self.token_hw = (self.latent_hw[0] // p[1], self.latent_hw[1] // p[2])
         self.state = StreamState(memory=policy)
-        install_streaming_processors(bundle.transformer, self.state)
+        self._processors = install_streaming_processors(bundle.transformer, self.state)
         self.text = TextCache(bundle, self.device, self.dtype)
         self.decoder = decoder if decoder is not None else StreamingDecoder(bundle.vae)
         # progress of the stream
@@ -166,6 +166,9 @@ class StreamingEngine:
     @torch.no_grad()
     def _forward(self, latents: torch.Tensor, timestep: float, frame_start: int, embeds: torch.Tensor, commit: bool) -> torch.Tensor:
         st = self.state
+        tr = self.bundle.transformer
+        if tr.blocks[0].attn1.processor is not self._processors[0]:  # another engine shares this model
+            self._processors = install_streaming_processors(tr, st)
         st.frames, st.hw = self._coords(frame_start, latents.shape[2])
         st.commit = commit
         t = torch.full((latents.shape[0],), float(timestep), device=self.device, dtype=torch.float32)
@@ -250,7 +253,7 @@ class StreamingEngine:
             "history_frames": list(self.history.keys()),
             "history": [v.cpu() for v in self.history.values()],
             "memory": self.policy.state_dict(),
-            "decoder": self.decoder.state_dict(),
+            "decoder": self.decoder.state_dict(device="cpu"),
         }
 
     def load_state_dict(self, state: dict) -> None:

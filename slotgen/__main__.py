@@ -1,0 +1,3 @@
+from slotgen.cli import main
+
+main()

@@ -1,0 +1,225 @@
+"""The ``slotgen`` command line: a thin typer layer over the library (``slotgen.render`` and friends).
+
+Every user mistake is a :class:`~slotgen.errors.SlotgenError`: printed as one line on stderr, exit
+code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from slotgen.errors import SlotgenError
+
+app = typer.Typer(
+    name="slotgen",
+    help="Long, consistent, story-driven video generation with a causal Wan2.1 transformer and slot memory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks (commands, not tests): speed and identity persistence.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def user_errors(fn):
+    """Turn SlotgenError into `error: <message>` + exit 2 (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SlotgenError as e:
+            err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True) if err_console.is_terminal \
+                else print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(e.exit_code)
+
+    return wrapper
+
+
+# -- memory options shared by render / resume / bench ------------------------------------------------
+MEMORY_OPTION_NAMES = {
+    "window": "window", "sink": "sink", "slots": "num_slots", "iters": "iters", "top_r": "top_r", "top_k": "top_k",
+    "budget": "budget", "w_text": "w_text", "w_vis": "w_vis", "bank_frames": "bank_frames",
+    "write_every": "write_every",
+}
+
+
+def memory_overrides(storyboard, memory: str | None, **opts) -> object:
+    """The storyboard's memory section with CLI overrides applied (validated; errors name the flag)."""
+    from pydantic import ValidationError
+
+    from slotgen.memory.config import parse_memory_config
+
+    given = {MEMORY_OPTION_NAMES[k]: v for k, v in opts.items() if v is not None}
+    if memory is None and not given:
+        return storyboard.memory
+    base = storyboard.memory.model_dump()
+    if memory is not None and memory != base["policy"]:
+        base = {"policy": memory}  # a different policy starts from its own defaults
+    base.update(given)
+    try:
+        return parse_memory_config(base)
+    except ValidationError as e:
+        from slotgen.memory.config import MEMORY_POLICIES
+
+        err = e.errors()[0]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            raise SlotgenError(f"--memory: unknown policy {base['policy']!r}; expected one of "
+                               f"{', '.join(MEMORY_POLICIES)}") from None
+        loc = [str(p) for p in err["loc"][1:]] or ["memory"]  # loc[0] is the union tag (the policy)
+        flag = {v: k for k, v in MEMORY_OPTION_NAMES.items()}.get(loc[-1], loc[-1]).replace("_", "-")
+        if err["type"] == "extra_forbidden":
+            raise SlotgenError(f"--{flag} does not apply to memory policy {base['policy']!r}") from None
+        raise SlotgenError(f"--{flag}: {err['msg'][0].lower() + err['msg'][1:]}") from None
+
+
+def _progress_callbacks(quiet: bool, total_chunks: int, total_frames: int):
+    """A rich progress bar on a terminal; nothing otherwise (keeps logs and pipes clean)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if quiet or not err_console.is_terminal:
+        return None, None
+    progress = Progress(
+        TextColumn("[bold]{task.fields[prompt]}", table_column=None),
+        BarColumn(),
+        TextColumn("chunk"),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[video]:.1f}s video"),
+        TextColumn("{task.fields[gfps]:.1f} frames/s"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+    task = progress.add_task("render", total=total_chunks, prompt="", video=0.0, gfps=0.0)
+
+    def on_chunk(ev) -> None:
+        text = ev.prompt if len(ev.prompt) <= 40 else ev.prompt[:39] + "…"
+        progress.update(task, completed=ev.chunk + 1, prompt=text, video=ev.video_seconds_done, gfps=ev.generation_fps)
+
+    return progress, on_chunk
+
+
+@app.command()
+@user_errors
+def render(
+    storyboard: Path = typer.Argument(..., help="YAML storyboard of timed prompts."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output video (.mp4; .mkv = lossless FFV1). Default: <storyboard>.mp4"),
+    lossless: Optional[Path] = typer.Option(None, "--lossless", help="Also write a lossless FFV1 .mkv copy (bit-exact frames)."),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="Write memory statistics and timings as JSON (for `slotgen inspect`)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override the storyboard's seed."),
+    model: Optional[str] = typer.Option(None, "--model", help="Override the model: 'miniature' or a local folder."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory policy: window, sink, bank, slot."),
+    window: Optional[int] = typer.Option(None, "--window", help="Local window in latent frames."),
+    sink: Optional[int] = typer.Option(None, "--sink", help="Sink frames kept forever (sink, bank, slot)."),
+    slots: Optional[int] = typer.Option(None, "--slots", help="slot: number of slots per layer."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="slot: slot-attention iterations."),
+    top_r: Optional[int] = typer.Option(None, "--top-r", help="slot: tokens stored per slot (R)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="slot: items retrieved per chunk (K)."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="slot: bank budget in tokens per layer."),
+    w_text: Optional[float] = typer.Option(None, "--w-text", help="slot: weight of text relevance."),
+    w_vis: Optional[float] = typer.Option(None, "--w-vis", help="slot: weight of visual relevance."),
+    bank_frames: Optional[int] = typer.Option(None, "--bank-frames", help="bank: latent frames in the bank."),
+    write_every: Optional[int] = typer.Option(None, "--write-every", help="bank: write a frame every N chunks."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Render a storyboard to an MP4, streaming chunk by chunk (progress on stderr)."""
+    from slotgen.render import Renderer, write_stats
+    from slotgen.storyboard import load_storyboard
+    from slotgen.video.writer import open_writer
+
+    sb = load_storyboard(storyboard)
+    mem = memory_overrides(sb, memory, window=window, sink=sink, slots=slots, iters=iters, top_r=top_r, top_k=top_k,
+                           budget=budget, w_text=w_text, w_vis=w_vis, bank_frames=bank_frames, write_every=write_every)
+    overrides = {k: v for k, v in {"seed": seed, "model": model}.items() if v is not None}
+    if mem is not sb.memory:
+        overrides["memory"] = mem
+    if overrides:
+        sb = sb.with_overrides(**overrides)
+    output = output or Path(Path(storyboard).stem + ".mp4")
+
+    renderer = Renderer(sb, device=device)
+    for w in renderer.warnings():
+        print(f"warning: {w}", file=sys.stderr)
+    writers = [open_writer(output, sb.fps, renderer.size)]
+    if lossless is not None:
+        writers.append(open_writer(lossless, sb.fps, renderer.size))
+    progress, on_chunk = _progress_callbacks(quiet, renderer.total_chunks(), sb.total_frames)
+    try:
+        if progress is not None:
+            with progress:
+                report = renderer.stream(writers, on_chunk=on_chunk)
+        else:
+            report = renderer.stream(writers)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    paths = [str(w.close()) for w in writers]
+    if stats is not None:
+        write_stats(stats, renderer, report)
+        paths.append(str(stats))
+    if not quiet:
+        print(f"wrote {', '.join(paths)}: {report.frames} frames ({report.frames / sb.fps:.2f}s at {sb.fps} fps), "
+              f"{report.chunks} chunks in {report.elapsed:.1f}s", file=sys.stderr)
+
+
+@bench_app.command("speed")
+@user_errors
+def bench_speed(
+    policies: str = typer.Option("window,sink", "--policies", help="Comma-separated memory policies, run side by side."),
+    duration: str = typer.Option("60", "--duration", help="Video seconds; comma-separated for several (e.g. 60,600)."),
+    model: str = typer.Option("miniature", "--model", help="'miniature', 'wan-1.3b-random' or a local folder."),
+    device: str = typer.Option("cpu", "--device"),
+    resolution: Optional[str] = typer.Option(None, "--resolution", help="WxH (default: the model's)."),
+    fps: Optional[int] = typer.Option(None, "--fps"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Render exactly N chunks instead of --duration."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the model's)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
+) -> None:
+    """Render the same storyboard with each policy (fresh process each) and print a timing table."""
+    import json as _json
+
+    from rich.table import Table
+
+    from slotgen.bench.speed import run_speed_bench
+    from slotgen.memory.config import MEMORY_POLICIES
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    for n in names:
+        if n not in MEMORY_POLICIES:
+            raise SlotgenError(f"--policies: unknown policy {n!r}; expected some of {', '.join(MEMORY_POLICIES)}")
+    try:
+        durations = [float(d) for d in duration.split(",")]
+    except ValueError:
+        raise SlotgenError(f"--duration: expected seconds like 60 or 60,600, got {duration!r}") from None
+    rows = run_speed_bench(names, durations, model=model, device=device, resolution=resolution, fps=fps,
+                           chunks=chunks, steps=steps)
+    base = {r["video_s"]: r for r in rows if r["policy"] == names[0]}
+    table = Table(title=f"slotgen bench speed — {rows[0]['model']} on {device} at {rows[0]['resolution']}")
+    for col in ("policy", "video s", "wall s", "×realtime", "gen fps", "chunk ms p50", "p95", "vs " + names[0],
+                "drift", "peak RSS MB", "memory MB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        ratio = r["chunk_ms_median"] / base[r["video_s"]]["chunk_ms_median"]
+        table.add_row(r["policy"], f"{r['video_s']:.1f}", f"{r['wall_s']:.2f}", f"{r['realtime_x']:.2f}",
+                      f"{r['gen_fps']:.1f}", f"{r['chunk_ms_median']:.1f}", f"{r['chunk_ms_p95']:.1f}", f"{ratio:.3f}",
+                      "-" if r["drift"] is None else f"{r['drift']:.3f}", f"{r['peak_rss_mb']:.0f}",
+                      f"{r['memory_bytes'] / 2**20:.2f}")
+    if json_out is not None:
+        json_out.write_text(_json.dumps(rows, indent=2) + "\n")
+    Console(width=200).print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()
