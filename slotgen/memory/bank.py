@@ -1,0 +1,165 @@
+"""MemFlow's narrative memory: sink + local window + a small bank of whole latent frames.
+
+Per layer the policy holds (all K un-roped, see ``base.py``)::
+
+    sink    first ``sink`` latent frames, forever                       (as SinkMemory)
+    local   the last ``window`` latent frames                           (as SinkMemory)
+    bank    up to ``bank_frames`` whole latent frames, chosen by text relevance
+
+Write (non-re-cache commits of chunks ``c`` with ``c % write_every == 0``): the chunk's first latent
+frame that is not a sink frame joins the bank (all its rows). When the bank then holds more than
+``bank_frames`` frames it is compressed: every held frame is scored with the *current* prompt's
+cross-attention text keys (:func:`text_relevance`) and the ``bank_frames`` best are kept (ties keep
+the older frame). Bank frames are scored and compressed per layer, so layers may keep different frames.
+
+Read: ``[sink ; bank frames neither held by sink/window nor at/after the chunk ; local window]``.
+The engine positions rows by the rank of their distinct frames, so bank frames sit between the sink
+and the window in frame order, gaps compressed.
+
+Prompt switch: drop the local window (the engine re-caches it), keep sink and bank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from slotgen.memory.base import ChunkContext, KVBlock
+from slotgen.memory.window import WindowMemory
+
+
+def text_relevance(text_keys: torch.Tensor | None, key_means: torch.Tensor) -> torch.Tensor:
+    """MemFlow relevance of I groups of visual keys to a prompt → (I,) float32.
+
+    text_keys: (B, L, H, D) cross-attention keys of the prompt's tokens; key_means: (I, H, D) the mean
+    un-roped self-attention key of each group (over its tokens and batch). The score is
+    ``mean_{l, h, n} <t_{l,h}, k_{n,h}> / sqrt(D)`` (mean over text tokens l, heads h and the group's
+    tokens n); the dot product is bilinear, so it equals ``mean_h <mean_l t_{l,h}, mean_n k_{n,h}> / sqrt(D)``,
+    which is what is computed. Without text keys (None) every score is 0.
+    """
+    if text_keys is None:
+        return torch.zeros(key_means.shape[0], device=key_means.device)
+    t = text_keys.float().mean(dim=(0, 1)).to(key_means.device)  # (B, L, H, D) → (H, D)
+    return (key_means.float() * t).sum(dim=-1).mean(dim=-1) / math.sqrt(key_means.shape[-1])  # (I, H, D) → (I,)
+
+
+def frame_key_means(block: KVBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct frames of ``block`` (U,) ascending and the mean key of each frame (U, H, D), float32."""
+    frames, inverse = torch.unique(block.frames, sorted=True, return_inverse=True)  # (U,), (N,)
+    k = block.k.float().mean(dim=0)  # (B, N, H, D) → (N, H, D)
+    sums = torch.zeros(frames.numel(), *k.shape[1:], device=k.device).index_add_(0, inverse, k)  # (U, H, D)
+    counts = torch.bincount(inverse, minlength=frames.numel()).to(k.dtype)  # (U,)
+    return frames, sums / counts[:, None, None]  # (U, H, D)
+
+
+def held_frames(*blocks: KVBlock | None) -> torch.Tensor:
+    """Distinct frames of the given blocks (sink rows, local window) as a 1-D long tensor."""
+    parts = [b.frames for b in blocks if b is not None]
+    return torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    """Parameters of :class:`BankMemory` (all counts in latent frames or chunks)."""
+
+    window: int = 9  # local window (latent frames), excluding the sink
+    sink: int = 3  # first latent frames kept forever
+    bank_frames: int = 3  # whole latent frames held in the bank per layer (MemFlow: 3)
+    write_every: int = 1  # a frame joins the bank on chunks c with c % write_every == 0
+
+    def __post_init__(self):
+        if self.window < 1 or self.sink < 0 or self.bank_frames < 1 or self.write_every < 1:
+            raise ValueError(f"invalid bank settings {self}: need window ≥ 1, sink ≥ 0, bank_frames ≥ 1, write_every ≥ 1")
+
+
+class BankMemory(WindowMemory):
+    """MemFlow narrative memory: sink + local window + text-relevance-compressed frame bank. See module doc."""
+
+    name = "bank"
+
+    def __init__(self, num_layers: int, settings: BankSettings | None = None):
+        settings = settings or BankSettings()
+        super().__init__(num_layers, window=settings.window, sink=settings.sink)
+        self.settings = settings
+        self.bank: list[KVBlock | None] = [None] * num_layers  # rows of the banked frames
+        self.scores: list[dict[int, float]] = [{} for _ in range(num_layers)]  # frame → last relevance
+
+    # -- protocol -----------------------------------------------------------------------------------
+    def _bank_rows(self, layer: int) -> KVBlock | None:
+        """Bank rows not already attended (sink / window) and strictly before the current chunk."""
+        bank = self.bank[layer]
+        if bank is None:
+            return None
+        ctx = getattr(self, "ctx", None)
+        start = ctx.frame_start if ctx is not None else self.frames_seen
+        held = held_frames(self.sink_rows[layer], self.local[layer]).to(bank.frames.device)  # (Uh,)
+        keep = (bank.frames < start) & ~torch.isin(bank.frames, held)  # (N,)
+        return bank.select(keep) if keep.any() else None
+
+    def read(self, layer: int) -> KVBlock | None:
+        return KVBlock.cat([self.sink_rows[layer], self._bank_rows(layer), self.local[layer]])
+
+    def write(self, layer: int, block: KVBlock) -> None:
+        super().write(layer, block)
+        ctx = self.ctx
+        if ctx.recache or ctx.chunk % self.settings.write_every:
+            return
+        candidates = block.frames[block.frames >= self.sink]  # (N',) rows outside the sink
+        if candidates.numel() == 0:
+            return
+        frame = int(candidates.min())  # the chunk's first non-sink frame
+        bank = self.bank[layer]
+        if bank is not None and bool((bank.frames == frame).any()):
+            return
+        self.bank[layer] = KVBlock.cat([bank, block.select(block.frames == frame)])
+        self._compress(layer, ctx)
+
+    def _compress(self, layer: int, ctx: ChunkContext) -> None:
+        """Keep the ``bank_frames`` frames most relevant to the current prompt (ties: older frame)."""
+        bank = self.bank[layer]
+        frames, means = frame_key_means(bank)  # (U,), (U, H, D)
+        text_keys = ctx.text_keys(layer) if ctx.text_keys is not None else None
+        score = text_relevance(text_keys, means)  # (U,)
+        self.scores[layer] = {int(f): float(s) for f, s in zip(frames, score)}
+        if frames.numel() <= self.settings.bank_frames:
+            return
+        order = torch.sort(score, descending=True, stable=True).indices  # (U,) best first, ties → older
+        kept = frames[order[: self.settings.bank_frames]]  # (bank_frames,)
+        self.bank[layer] = bank.select(torch.isin(bank.frames, kept))
+
+    def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
+        return super().on_prompt_switch(ctx)  # drops the local window only; sink and bank stay
+
+    # -- introspection / persistence ------------------------------------------------------------------
+    def stats(self) -> dict:
+        out = super().stats()
+        out.update({
+            "bank_frames": self.settings.bank_frames,
+            "write_every": self.settings.write_every,
+            "bank": [sorted({int(f) for f in b.frames.unique()}) if b is not None else [] for b in self.bank],
+            "bank_scores": [{str(f): s for f, s in sc.items()} for sc in self.scores],
+            "tokens_per_layer": [t + (b.num_tokens if b is not None else 0)
+                                 for t, b in zip(out["tokens_per_layer"], self.bank)],
+            "bytes": self.nbytes(),
+        })
+        return out
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out.update({
+            "settings": asdict(self.settings),
+            "bank": [b.to_state() if b is not None else None for b in self.bank],
+            "scores": [[[f, s] for f, s in sorted(sc.items())] for sc in self.scores],
+        })
+        return out
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        super().load_state_dict(state, device)
+        self.settings = BankSettings(**state["settings"])
+        self.bank = [KVBlock.from_state(d, device) if d is not None else None for d in state["bank"]]
+        self.scores = [{int(f): float(s) for f, s in sc} for sc in state["scores"]]
+
+    def nbytes(self) -> int:
+        return super().nbytes() + sum(b.nbytes() for b in self.bank if b is not None)

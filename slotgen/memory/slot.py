@@ -1,0 +1,361 @@
+"""SlotMemory: remember objects, not frames (a training-free reading of arXiv 2605.31033).
+
+Per layer the policy holds (all K un-roped, see ``base.py``)::
+
+    sink    first ``sink`` latent frames, forever                 (exactly as SinkMemory)
+    local   the last ``window`` latent frames                     (exactly as SinkMemory)
+    bank    memory items, at most ``budget`` tokens in total
+    slots   this layer's slots of the previous chunk (temporal init) and of every chunk still in
+            the local window (visual relevance)
+
+**Write** (commit pass of a non-re-cache chunk; during a re-cache only the local window is refreshed)::
+
+    x      = φ(k)                              # (N, D') default: normalise(mean over heads of k)
+    U, A   = slot_attention(x, U_prev)          # (S, D'), (S, N); first chunk: farthest-point init
+    item_s = top-R tokens (by A[s]) among the tokens whose argmax slot is s and that are not sink rows
+           = their original K/V rows + frames + grid cells, the slot vector U[s], chunk, prompt index,
+             created / last-used chunk and a hit counter
+    bank  += items; then evict until tokens ≤ budget (see :meth:`SlotMemory.evict`)
+
+**Read** (scored once per chunk in ``begin_chunk``; ``read`` only concatenates)::
+
+    r_text = MemFlow relevance of the item's keys to the prompt's cross-attention text keys
+    r_vis  = max cosine between the item's slot vector and the slots of chunks in the local window
+    r      = w_text · z(r_text) + w_vis · z(r_vis)          z: z-score over all items of the layer's bank
+    rows   = items' rows that are before the chunk and not held by the sink or window
+    read   = [sink ; top-K items by r (ties: older item), in frame order ; local window]
+
+The engine gives memory rows the rank of their distinct frame as temporal RoPE position, so the
+layout is ``sink frames 0..s-1 | retrieved frames s..s+m-1 (gaps compressed) | window | chunk``.
+With ``top_k = 0`` read returns exactly what SinkMemory (or WindowMemory, ``sink = 0``) returns.
+
+**Evict**: value = z(r_text) + recency_weight · exp(−(c − last_used) / recency_decay), computed for
+all items (old and new) under the current prompt at chunk c; items are dropped in increasing
+(value, id) order until the bank fits its token budget. The budget is never exceeded.
+
+**Prompt switch**: drop the local window (the engine re-caches it); keep the sink, the bank and all slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from slotgen.memory.bank import held_frames, text_relevance
+from slotgen.memory.base import ChunkContext, KVBlock
+from slotgen.memory.slot_attention import Phi, default_phi, farthest_point_init, slot_attention
+from slotgen.memory.window import WindowMemory
+
+
+@dataclass(frozen=True)
+class SlotSettings:
+    """Parameters of :class:`SlotMemory`; defaults suit the miniature (16 tokens per latent frame).
+
+    See docs/MEMORY.md for full-size (1560 tokens per frame) suggestions.
+    """
+
+    window: int = 9  # local window (latent frames), excluding the sink
+    sink: int = 3  # first latent frames kept forever
+    num_slots: int = 8  # slots S per chunk and layer
+    iters: int = 3  # slot-attention (soft k-means) iterations
+    temperature: float = 0.1  # τ of the softmax over slots (features are unit vectors)
+    top_r: int = 4  # tokens per memory item (R)
+    top_k: int = 8  # items retrieved per chunk and layer (K); 0 = plain sink/window
+    budget: int = 96  # tokens the bank may hold per layer
+    w_text: float = 0.7  # weight of the normalised text relevance
+    w_vis: float = 0.3  # weight of the normalised visual relevance
+    recency_weight: float = 0.5  # weight of recency of use in the eviction value
+    recency_decay: float = 4.0  # chunks; recency = exp(−chunks since last retrieved / recency_decay)
+    temporal_init: bool = True  # initialise slots from the previous chunk's slots (False: ablation)
+
+    def __post_init__(self):
+        ints = {"window": 1, "sink": 0, "num_slots": 1, "iters": 1, "top_r": 1, "top_k": 0, "budget": 1}
+        for name, low in ints.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"slot memory: {name} must be ≥ {low}, got {getattr(self, name)}")
+        for name in ("temperature", "recency_decay"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"slot memory: {name} must be > 0, got {getattr(self, name)}")
+        for name in ("w_text", "w_vis", "recency_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"slot memory: {name} must be ≥ 0, got {getattr(self, name)}")
+        if self.top_r > self.budget:
+            raise ValueError(f"slot memory: top_r ({self.top_r}) must not exceed budget ({self.budget})")
+        if self.top_k > 0 and self.w_text + self.w_vis == 0:
+            raise ValueError("slot memory: w_text and w_vis cannot both be 0 when top_k > 0")
+
+
+@dataclass
+class SlotItem:
+    """One memory item: a slot's top-R tokens of one chunk and layer, with its address and bookkeeping."""
+
+    id: int  # unique, increasing with creation (tie-breaker: smaller id = older)
+    rows: KVBlock  # (B, n, H, D) original un-roped K and V rows, their frames (n,) and cells (n, 2)
+    slot: torch.Tensor  # (D',) unit slot vector: the item's address
+    key_mean: torch.Tensor  # (H, D) float32 mean key over rows and batch (for r_text)
+    chunk: int  # chunk that wrote it
+    prompt_index: int  # prompt in force when it was written
+    created: int  # chunk index at creation
+    last_used: int  # chunk index of the last retrieval (``created`` until then)
+    hits: int = 0  # number of chunks that retrieved it
+
+    def to_state(self) -> dict:
+        return {"id": self.id, "rows": self.rows.to_state(), "slot": self.slot.cpu(), "key_mean": self.key_mean.cpu(),
+                "chunk": self.chunk, "prompt_index": self.prompt_index, "created": self.created,
+                "last_used": self.last_used, "hits": self.hits}
+
+    @staticmethod
+    def from_state(d: dict, device: torch.device | str = "cpu") -> "SlotItem":
+        return SlotItem(int(d["id"]), KVBlock.from_state(d["rows"], device), d["slot"].to(device),
+                        d["key_mean"].to(device), int(d["chunk"]), int(d["prompt_index"]), int(d["created"]),
+                        int(d["last_used"]), int(d["hits"]))
+
+
+def zscore(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(x − mean) / std over a 1-D tensor (population std); all zeros when std < eps or fewer than 2 values."""
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    std = x.std(unbiased=False)
+    return torch.zeros_like(x) if std < eps else (x - x.mean()) / std  # (I,)
+
+
+@dataclass
+class SlotScores:
+    """Relevance of every item of a layer's bank (aligned with the bank's item list), all (I,)."""
+
+    r_text: torch.Tensor  # raw MemFlow text relevance
+    r_vis: torch.Tensor  # raw max cosine to the window's slots
+    z_text: torch.Tensor  # z-scored over the bank
+    z_vis: torch.Tensor
+    r: torch.Tensor  # w_text · z_text + w_vis · z_vis
+
+
+class SlotMemory(WindowMemory):
+    """Sink + local window + a token-budgeted bank of slot-addressed K/V items. See the module docstring."""
+
+    name = "slot"
+
+    def __init__(self, num_layers: int, settings: SlotSettings | None = None, phi: Phi | None = None):
+        settings = settings or SlotSettings()
+        super().__init__(num_layers, window=settings.window, sink=settings.sink)
+        self.settings = settings
+        self.phi: Phi = phi if phi is not None else default_phi  # hook for a learned projection
+        self.items: list[list[SlotItem]] = [[] for _ in range(num_layers)]  # ordered by id
+        self.prev_slots: list[torch.Tensor | None] = [None] * num_layers  # (S, D') last chunk's slots
+        # slots of chunks still in the local window: (first frame, last frame, slots (S, D'))
+        self.window_slots: list[list[tuple[int, int, torch.Tensor]]] = [[] for _ in range(num_layers)]
+        self.retrieved: list[KVBlock | None] = [None] * num_layers  # rows chosen in begin_chunk
+        self.next_id = 0
+        self.now = 0  # chunk index of the latest non-re-cache chunk
+        self.evicted = [0] * num_layers  # items evicted so far
+        # for stats / inspect: the last chunk's token → slot argmax and the last retrieval
+        self.last_assign: list[dict | None] = [None] * num_layers  # {"slot": (N,), "frames": (N,), "hw": (N, 2)}
+        self.last_retrieved: list[list[int]] = [[] for _ in range(num_layers)]  # item ids, best first
+        self.last_scores: list[dict[int, tuple[float, float, float]]] = [{} for _ in range(num_layers)]
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def _text_keys(self, layer: int, ctx: ChunkContext) -> torch.Tensor | None:
+        return ctx.text_keys(layer) if ctx.text_keys is not None else None
+
+    def score_items(self, layer: int, ctx: ChunkContext) -> SlotScores:
+        """r_text, r_vis, their z-scores and the fused score r for every item of ``layer`` (bank order)."""
+        items = self.items[layer]
+        s = self.settings
+        key_means = torch.stack([it.key_mean for it in items])  # (I, H, D)
+        r_text = text_relevance(self._text_keys(layer, ctx), key_means)  # (I,)
+        slots = F.normalize(torch.stack([it.slot for it in items]).float(), dim=-1)  # (I, D')
+        if self.window_slots[layer]:
+            current = F.normalize(torch.cat([u for _, _, u in self.window_slots[layer]]).float(), dim=-1)  # (M, D')
+            r_vis = (slots @ current.T).max(dim=1).values  # (I, D') @ (D', M) → (I, M) → (I,)
+        else:
+            r_vis = torch.zeros_like(r_text)  # (I,)
+        z_text, z_vis = zscore(r_text), zscore(r_vis)  # (I,), (I,)
+        return SlotScores(r_text, r_vis, z_text, z_vis, s.w_text * z_text + s.w_vis * z_vis)
+
+    def recency(self, item: SlotItem, chunk: int) -> float:
+        """exp(−(chunk − last_used) / recency_decay) ∈ (0, 1]: 1 for an item used (or made) at ``chunk``."""
+        return math.exp(-max(chunk - item.last_used, 0) / self.settings.recency_decay)
+
+    # -- protocol -----------------------------------------------------------------------------------
+    def begin_chunk(self, ctx: ChunkContext) -> None:
+        super().begin_chunk(ctx)
+        if not ctx.recache:
+            self.now = ctx.chunk
+        for layer in range(self.num_layers):
+            self.retrieved[layer] = self._retrieve(layer, ctx)
+
+    def _retrieve(self, layer: int, ctx: ChunkContext) -> KVBlock | None:
+        """Score the bank, pick the top-K eligible items, count their hits (not during a re-cache)."""
+        items = self.items[layer]
+        if not items:
+            self.last_scores[layer], self.last_retrieved[layer] = {}, []
+            return None
+        sc = self.score_items(layer, ctx)
+        self.last_scores[layer] = {it.id: scores for it, scores in
+                                   zip(items, torch.stack([sc.r_text, sc.r_vis, sc.r], dim=1).tolist())}  # (I, 3)
+        if self.settings.top_k == 0:
+            self.last_retrieved[layer] = []
+            return None
+        held = held_frames(self.sink_rows[layer], self.local[layer])  # (Uh,)
+        frames = torch.cat([it.rows.frames for it in items])  # (T,) rows of all items, item after item
+        counts = [it.rows.num_tokens for it in items]
+        visible = (frames < ctx.frame_start) & ~torch.isin(frames, held.to(frames.device))  # (T,) not yet attended
+        masks = visible.split(counts)  # I × (n_i,)
+        never = torch.iinfo(frames.dtype).max
+        first = torch.where(visible, frames, never).split(counts)  # I × (n_i,)
+        first_frame = torch.stack([f.min() for f in first]).tolist()  # (I,) oldest visible frame per item
+        r = sc.r.tolist()
+        eligible = [i for i in range(len(items)) if first_frame[i] < never]  # items with a visible row
+        ranked = sorted(eligible, key=lambda i: (-r[i], items[i].id))[: self.settings.top_k]  # best first
+        self.last_retrieved[layer] = [items[i].id for i in ranked]
+        if not ctx.recache:
+            for i in ranked:
+                items[i].hits += 1
+                items[i].last_used = ctx.chunk
+        in_frame_order = sorted(ranked, key=lambda i: (first_frame[i], items[i].id))
+        return KVBlock.cat([items[i].rows.select(masks[i]) for i in in_frame_order])
+
+    def read(self, layer: int) -> KVBlock | None:
+        return KVBlock.cat([self.sink_rows[layer], self.retrieved[layer], self.local[layer]])
+
+    def write(self, layer: int, block: KVBlock) -> None:
+        super().write(layer, block)  # the local window / sink, exactly as SinkMemory
+        ctx = self.ctx
+        if ctx.recache:
+            return
+        s = self.settings
+        x = self.phi(layer, block.k.float().mean(dim=0))  # (B, N, H, D) → (N, H, D) → (N, D')
+        prev = self.prev_slots[layer]
+        if s.temporal_init and prev is not None and prev.shape[1] == x.shape[1]:
+            init = prev.to(x.device)  # (S, D') temporal init
+        else:
+            init = farthest_point_init(x, s.num_slots)  # (S, D')
+        u, a = slot_attention(x, init, s.iters, s.temperature)  # (S, D'), (S, N)
+        owner = a.argmax(dim=0)  # (N,) argmax slot per token, ties → lower slot
+        self.prev_slots[layer] = u
+        self.last_assign[layer] = {"slot": owner, "frames": block.frames.clone(), "hw": block.hw.clone()}
+
+        lo, hi = int(block.frames.min()), int(block.frames.max())
+        oldest_local = int(self.local[layer].frames.min()) if self.local[layer] is not None else lo
+        self.window_slots[layer] = [w for w in self.window_slots[layer] if w[1] >= oldest_local] + [(lo, hi, u)]
+
+        new = self._make_items(layer, block, u, a, owner, ctx)
+        self.items[layer].extend(new)
+        self.evict(layer, ctx)
+
+    def _make_items(self, layer: int, block: KVBlock, u: torch.Tensor, a: torch.Tensor, owner: torch.Tensor,
+                    ctx: ChunkContext) -> list[SlotItem]:
+        """One item per slot: its top-R owned, non-sink tokens by assignment weight (ties → lower index)."""
+        items = []
+        outside_sink = block.frames >= self.sink  # (N,)
+        for s in range(u.shape[0]):
+            tokens = torch.nonzero((owner == s) & outside_sink).flatten()  # (n_s,) ascending
+            if tokens.numel() == 0:
+                continue
+            order = torch.sort(a[s, tokens], descending=True, stable=True).indices  # (n_s,)
+            chosen = torch.sort(tokens[order[: self.settings.top_r]]).values  # (≤R,) token order
+            rows = block.select(chosen)  # (B, ≤R, H, D) copies
+            items.append(SlotItem(
+                id=self.next_id, rows=rows, slot=u[s].clone(), key_mean=rows.k.float().mean(dim=(0, 1)),  # (H, D)
+                chunk=ctx.chunk, prompt_index=ctx.prompt_index, created=ctx.chunk, last_used=ctx.chunk,
+            ))
+            self.next_id += 1
+        return items
+
+    def eviction_values(self, layer: int, ctx: ChunkContext) -> torch.Tensor:
+        """value_i = z(r_text)_i + recency_weight · recency_i for every item of ``layer`` → (I,)."""
+        items = self.items[layer]
+        key_means = torch.stack([it.key_mean for it in items])  # (I, H, D)
+        z_text = zscore(text_relevance(self._text_keys(layer, ctx), key_means))  # (I,)
+        rec = torch.tensor([self.recency(it, ctx.chunk) for it in items], device=z_text.device)  # (I,)
+        return z_text + self.settings.recency_weight * rec  # (I,)
+
+    def evict(self, layer: int, ctx: ChunkContext) -> None:
+        """Drop items in increasing (value, id) order until the bank holds ≤ budget tokens."""
+        items = self.items[layer]
+        total = sum(it.rows.num_tokens for it in items)
+        if total <= self.settings.budget:
+            return
+        values = self.eviction_values(layer, ctx)  # (I,)
+        order = sorted(range(len(items)), key=lambda i: (float(values[i]), items[i].id))
+        dropped = set()
+        for i in order:
+            if total <= self.settings.budget:
+                break
+            dropped.add(i)
+            total -= items[i].rows.num_tokens
+        self.items[layer] = [it for i, it in enumerate(items) if i not in dropped]
+        self.evicted[layer] += len(dropped)
+
+    def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
+        return super().on_prompt_switch(ctx)  # drops the local window only; sink, bank and slots stay
+
+    # -- introspection / persistence ------------------------------------------------------------------
+    def stats(self) -> dict:
+        out = super().stats()
+        s = self.settings
+        layers = []
+        for layer in range(self.num_layers):
+            items = self.items[layer]
+            tokens = sum(it.rows.num_tokens for it in items)
+            ages = [self.now - it.created for it in items]
+            assign = self.last_assign[layer]
+            layers.append({
+                "num_slots": s.num_slots,
+                "items": len(items),
+                "tokens": tokens,
+                "budget": s.budget,
+                "budget_use": tokens / s.budget,
+                "mean_age": sum(ages) / len(ages) if ages else 0.0,
+                "max_age": max(ages) if ages else 0,
+                "evicted": self.evicted[layer],
+                "item_ids": [it.id for it in items],
+                "hits": [it.hits for it in items],
+                "item_frames": [sorted({int(f) for f in it.rows.frames}) for it in items],
+                "scores": {str(i): {"r_text": t, "r_vis": v, "r": r} for i, (t, v, r) in self.last_scores[layer].items()},
+                "retrieved": list(self.last_retrieved[layer]),
+                "assignment": None if assign is None else {
+                    "slot": assign["slot"].tolist(), "frames": assign["frames"].tolist(), "hw": assign["hw"].tolist()},
+            })
+        out.update({"settings": asdict(s), "chunk": self.now, "layers": layers, "bytes": self.nbytes(),
+                    "tokens_per_layer": [t + lay["tokens"] for t, lay in zip(out["tokens_per_layer"], layers)]})
+        return out
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out.update({
+            "settings": asdict(self.settings),
+            "items": [[it.to_state() for it in items] for items in self.items],
+            "prev_slots": [u.cpu() if u is not None else None for u in self.prev_slots],
+            "window_slots": [[[lo, hi, u.cpu()] for lo, hi, u in ws] for ws in self.window_slots],
+            "next_id": self.next_id,
+            "now": self.now,
+            "evicted": list(self.evicted),
+            "last_assign": [None if a is None else {k: v.cpu() for k, v in a.items()} for a in self.last_assign],
+            "last_retrieved": [list(r) for r in self.last_retrieved],
+            "last_scores": [[[i, *v] for i, v in sc.items()] for sc in self.last_scores],
+        })
+        return out
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        super().load_state_dict(state, device)
+        self.settings = SlotSettings(**state["settings"])
+        self.items = [[SlotItem.from_state(d, device) for d in items] for items in state["items"]]
+        self.prev_slots = [u.to(device) if u is not None else None for u in state["prev_slots"]]
+        self.window_slots = [[(int(lo), int(hi), u.to(device)) for lo, hi, u in ws] for ws in state["window_slots"]]
+        self.next_id, self.now = int(state["next_id"]), int(state["now"])
+        self.evicted = [int(e) for e in state["evicted"]]
+        self.last_assign = [None if a is None else {k: v.to(device) for k, v in a.items()} for a in state["last_assign"]]
+        self.last_retrieved = [[int(i) for i in r] for r in state["last_retrieved"]]
+        self.last_scores = [{int(i): (float(t), float(v), float(r)) for i, t, v, r in sc} for sc in state["last_scores"]]
+        self.retrieved = [None] * self.num_layers  # recomputed by the next begin_chunk
+
+    def nbytes(self) -> int:
+        extra = sum(it.rows.nbytes() + it.slot.numel() * it.slot.element_size() + it.key_mean.numel() * it.key_mean.element_size()
+                    for items in self.items for it in items)
+        extra += sum(u.numel() * u.element_size() for u in self.prev_slots if u is not None)
+        extra += sum(u.numel() * u.element_size() for ws in self.window_slots for _, _, u in ws)
+        return super().nbytes() + extra
