@@ -6,7 +6,9 @@ policy object implementing :class:`~slotgen.memory.base.MemoryPolicy`.
 
 from __future__ import annotations
 
+from slotgen.memory.bank import BankMemory, BankSettings
 from slotgen.memory.base import ChunkContext, KVBlock, MemoryPolicy
+from slotgen.memory.slot import SlotMemory, SlotSettings
 from slotgen.memory.window import SinkMemory, WindowMemory
 
 
@@ -16,7 +18,12 @@ def build_policy(config, num_layers: int) -> MemoryPolicy:
         return WindowMemory(num_layers, window=config.window)
     if config.policy == "sink":
         return SinkMemory(num_layers, window=config.window, sink=config.sink)
+    if config.policy == "bank":
+        return BankMemory(num_layers, BankSettings(**config.model_dump(exclude={"policy"})))
+    if config.policy == "slot":
+        return SlotMemory(num_layers, SlotSettings(**config.model_dump(exclude={"policy"})))
     raise ValueError(f"unknown memory policy {config.policy!r}")
 
 
-__all__ = ["ChunkContext", "KVBlock", "MemoryPolicy", "WindowMemory", "SinkMemory", "build_policy"]
+__all__ = ["ChunkContext", "KVBlock", "MemoryPolicy", "WindowMemory", "SinkMemory", "BankMemory", "BankSettings",
+           "SlotMemory", "SlotSettings", "build_policy"]

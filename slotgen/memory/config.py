@@ -4,10 +4,10 @@ A storyboard's ``memory:`` block (or a CLI override) selects one policy by its `
 other keys configure it. All sizes are counted in *latent* frames (after the VAE's temporal
 compression), because that is the unit the K/V cache is stored in.
 
-The configs form a pydantic discriminated union on ``policy``. To add a policy (``bank``, ``slot``),
-define another config class with a ``policy: Literal["<name>"]`` field and add it to
-``_MEMORY_CONFIG_UNION``; :data:`MEMORY_POLICIES` and :data:`MEMORY_CONFIG_TYPES` follow
-automatically.
+The configs form a pydantic discriminated union on ``policy``: ``window``, ``sink``, ``bank``
+(MemFlow) and ``slot`` (SlotMemory). To add a policy, define another config class with a
+``policy: Literal["<name>"]`` field and add it to ``_MEMORY_CONFIG_UNION``; :data:`MEMORY_POLICIES`
+and :data:`MEMORY_CONFIG_TYPES` follow automatically. docs/MEMORY.md explains every parameter.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, model_validator
 
 
 def _reject_bool(value: Any) -> Any:
@@ -26,6 +26,8 @@ def _reject_bool(value: Any) -> Any:
 
 
 _LatentFrames = Annotated[int, BeforeValidator(_reject_bool)]
+_Count = Annotated[int, BeforeValidator(_reject_bool)]  # tokens, slots, items, iterations, chunks
+_Real = Annotated[float, BeforeValidator(_reject_bool)]
 
 
 class WindowConfig(BaseModel):
@@ -61,7 +63,81 @@ class SinkConfig(BaseModel):
     window: _LatentFrames = Field(default=9, ge=1)
 
 
-_MEMORY_CONFIG_UNION = Union[WindowConfig, SinkConfig]
+class BankConfig(BaseModel):
+    """MemFlow narrative memory: sink + rolling window + a bank of whole latent frames kept by text relevance.
+
+    Fields:
+        policy: always ``"bank"``; selects this policy.
+        sink: latent frames from the start of the video kept forever (default 3, at least 0).
+        window: most recent latent frames kept besides the sink (default 9, at least 1).
+        bank_frames: latent frames the bank holds per layer (default 3, MemFlow's size; at least 1).
+            On overflow the frames whose keys best match the current prompt's text keys are kept.
+        write_every: the first non-sink latent frame of every ``write_every``-th chunk joins the bank
+            (default 1: every chunk; at least 1).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: Literal["bank"] = "bank"
+    sink: _LatentFrames = Field(default=3, ge=0)
+    window: _LatentFrames = Field(default=9, ge=1)
+    bank_frames: _LatentFrames = Field(default=3, ge=1)
+    write_every: _Count = Field(default=1, ge=1)
+
+
+class SlotConfig(BaseModel):
+    """SlotMemory: sink + rolling window + a token-budgeted bank of object-level K/V items per layer.
+
+    Each chunk's keys are grouped into slots (training-free slot attention, initialised from the
+    previous chunk's slots); each slot stores its ``top_r`` most typical tokens' original K/V as an
+    item. Each chunk attends to the ``top_k`` items that best match the prompt and the current scene.
+    Defaults suit the miniature (16 tokens per latent frame); docs/MEMORY.md lists full-size values.
+
+    Fields:
+        policy: always ``"slot"``; selects this policy.
+        sink: latent frames from the start of the video kept forever (default 3, at least 0).
+        window: most recent latent frames kept besides the sink (default 9, at least 1).
+        num_slots: slots per chunk and layer (default 8, at least 1).
+        iters: slot-attention (soft k-means) iterations per chunk (default 3, at least 1).
+        temperature: softmax temperature over slots; features are unit vectors, so smaller is harder
+            (default 0.1, greater than 0).
+        top_r: tokens stored per item (default 4, at least 1, at most ``budget``).
+        top_k: items retrieved per chunk and layer (default 8, at least 0; 0 behaves exactly like ``sink``).
+        budget: tokens the bank may hold per layer (default 96 = 6 miniature frames; at least 1).
+        w_text: weight of the z-scored text relevance in retrieval (default 0.7, at least 0).
+        w_vis: weight of the z-scored visual relevance in retrieval (default 0.3, at least 0).
+        recency_weight: weight of recency of use in the eviction value (default 0.5, at least 0).
+        recency_decay: chunks over which recency decays by a factor e (default 4.0, greater than 0).
+        temporal_init: initialise slots from the previous chunk's slots (default true; false is an ablation).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: Literal["slot"] = "slot"
+    sink: _LatentFrames = Field(default=3, ge=0)
+    window: _LatentFrames = Field(default=9, ge=1)
+    num_slots: _Count = Field(default=8, ge=1)
+    iters: _Count = Field(default=3, ge=1)
+    temperature: _Real = Field(default=0.1, gt=0)
+    top_r: _Count = Field(default=4, ge=1)
+    top_k: _Count = Field(default=8, ge=0)
+    budget: _Count = Field(default=96, ge=1)
+    w_text: _Real = Field(default=0.7, ge=0)
+    w_vis: _Real = Field(default=0.3, ge=0)
+    recency_weight: _Real = Field(default=0.5, ge=0)
+    recency_decay: _Real = Field(default=4.0, gt=0)
+    temporal_init: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SlotConfig":
+        if self.top_r > self.budget:
+            raise ValueError(f"top_r ({self.top_r}) must not exceed budget ({self.budget}): an item would never fit")
+        if self.top_k > 0 and self.w_text + self.w_vis == 0:
+            raise ValueError("w_text and w_vis cannot both be 0 when top_k > 0")
+        return self
+
+
+_MEMORY_CONFIG_UNION = Union[WindowConfig, SinkConfig, BankConfig, SlotConfig]
 
 MemoryConfig = Annotated[_MEMORY_CONFIG_UNION, Field(discriminator="policy")]
 """Any memory policy config; pydantic picks the class from the ``policy`` key."""
@@ -95,11 +171,13 @@ def parse_memory_config(data: Mapping[str, Any] | BaseModel) -> MemoryConfig:
 
 
 __all__ = [
+    "BankConfig",
     "DEFAULT_MEMORY",
     "MEMORY_CONFIG_TYPES",
     "MEMORY_POLICIES",
     "MemoryConfig",
     "SinkConfig",
+    "SlotConfig",
     "WindowConfig",
     "parse_memory_config",
 ]
