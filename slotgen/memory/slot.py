@@ -279,8 +279,8 @@ class SlotMemory(WindowMemory):
         total = sum(it.rows.num_tokens for it in items)
         if total <= self.settings.budget:
             return
-        values = self.eviction_values(layer, ctx)  # (I,)
-        order = sorted(range(len(items)), key=lambda i: (float(values[i]), items[i].id))
+        values = self.eviction_values(layer, ctx).tolist()  # (I,)
+        order = sorted(range(len(items)), key=lambda i: (values[i], items[i].id))
         dropped = set()
         for i in order:
             if total <= self.settings.budget:
