@@ -244,9 +244,9 @@ def test_memory_defaults_per_policy(block, expected):
 
 def test_parse_memory_config_for_cli():
     assert parse_memory_config({"policy": "window", "window": "8"}) == WindowConfig(policy="window", window=8)
-    assert MEMORY_POLICIES == ("window", "sink")
+    assert MEMORY_POLICIES == ("window", "sink", "bank", "slot")
     with pytest.raises(Exception, match="window"):
-        parse_memory_config({"policy": "bank"})
+        parse_memory_config({"policy": "frames"})
 
 
 def test_demo_storyboard_loads():
@@ -682,7 +682,7 @@ def test_with_overrides_revalidates():
     [
         ({"seed": -1}, "story.yaml: seed: must be at least 0, got -1"),
         ({"fps": "fast"}, "story.yaml: fps: expected an integer, got 'fast'"),
-        ({"memory": {"policy": "bank"}}, "story.yaml: memory.policy: unknown memory policy 'bank'"),
+        ({"memory": {"policy": "frames"}}, "story.yaml: memory.policy: unknown memory policy 'frames'"),
         ({"sedd": 3}, "story.yaml: unknown key 'sedd'; expected one of:"),
         ({"duration": 5}, "story.yaml:19: prompts[2].at: the last prompt starts at 5.5s, but the storyboard ends at 5s"),
         ({"resolution": "60"}, "story.yaml: resolution: expected WIDTHxHEIGHT"),
