@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+import torch  # noqa: E402  (env set below applies to subprocesses; threads set explicitly)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# The test models are tiny: intra-op threads buy nothing and, on a busy 2-core machine, OpenMP spin
+# contention makes them many times slower. Subprocesses (CLI tests) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def tiny_bundle(rope_max_seq_len: int = 1024, num_layers: int = 2, seed: int = 0):
