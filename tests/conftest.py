@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch  # noqa: E402  (env set below applies to subprocesses; threads set explicitly)
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The test models are tiny: intra-op threads buy nothing and, on a busy 2-core machine, OpenMP spin
