@@ -1,0 +1,636 @@
+"""Train the embedded miniature on the shape world: VAE, then the causal chunk transformer.
+
+Stages (see docs/MINIATURE.md for the model card):
+
+a. **VAE** – ``AutoencoderKLWan`` with the miniature config, trained on 9-frame world clips (causal
+   video, 1 + 4·2 frames) with L1 + MSE reconstruction and a tiny KL term. Afterwards the per-channel
+   mean/std of the posterior means over the dataset are stored as ``latents_mean``/``latents_std`` in
+   the VAE config, so the engine's normalised latent space has roughly unit variance.
+b. **Text encoder** – the miniature UMT5 stays randomly initialised and frozen: each vocabulary word has
+   its own random embedding, and the transformer learns to read those features.
+c. **Transformer** – the engine's causal chunk objective. Episodes are encoded once to normalised
+   latents. A training sequence is ``[relocated context ; clean chunks s..s+n-1 ; noisy chunks]``:
+   the clean half is the committed past (timestep 0), the noisy half holds every chunk j again,
+   flow-matching noised at σ_j drawn from the engine's warped schedule (1, .9375, .8333, .625) or, now
+   and then, uniformly. A block-causal mask lets clean chunk i see the relocated context and clean
+   chunks ≤ i; noisy chunk j sees the relocated context, clean chunks < j and itself — exactly what
+   the engine's streaming attention shows chunk j. Noisy chunk j has the temporal RoPE positions of
+   clean chunk j. The relocated context (optional per sample) is an earlier chunk placed right before
+   the clip, as sink/bank/slot memory hands it back; a random subset of its tokens is dropped by the
+   mask (sparse, slot-like retrieval). Every chunk is conditioned on the caption in force at its first
+   video frame (the engine's switch rule); the loss is MSE on the flow ``v = ε − x0`` of the noisy
+   tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+SCHEDULE_SIGMAS = (1.0, 0.9375, 0.8333333, 0.625)  # FlowSchedule(4, 5.0).sigmas()
+CHUNK = 3  # latent frames per chunk
+STRIDE_T = 4
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (stored in the model card)."""
+
+    minutes: float = 50.0  # wall-clock budget of both stages (used when step counts are not given)
+    seed: int = 0
+    steps_vae: Optional[int] = None  # explicit step counts make a run exactly reproducible
+    steps_dit: Optional[int] = None
+    vae_fraction: float = 0.4  # share of the budget for the VAE
+    episodes: int = 128  # world episodes in the dataset
+    max_gap: int = 24  # longest absence gap (video frames) of a training episode; longer absences are
+    # trained through relocated context (an earlier chunk placed right before the clip)
+    vae_batch: int = 6
+    vae_frames: int = 5
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    dit_batch: int = 8
+    dit_lr: float = 1e-3
+    clip_chunks: int = 4  # chunks per training clip (12 latent frames)
+    relocate_prob: float = 0.5  # chance a sample gets an earlier chunk as relocated context
+    token_drop: float = 0.5  # max fraction of relocated-context tokens dropped (sparse retrieval)
+    uniform_sigma_prob: float = 0.2
+    threads: int = 1  # 1 thread: on a shared 2-core machine OpenMP spin contention makes 2 threads ~5x slower
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    vae_losses: list[float] = field(default_factory=list)
+    dit_losses: list[float] = field(default_factory=list)
+    vae_steps: int = 0
+    dit_steps: int = 0
+    vae_seconds: float = 0.0
+    dit_seconds: float = 0.0
+    data_seconds: float = 0.0
+    latents_mean: list[float] = field(default_factory=list)
+    latents_std: list[float] = field(default_factory=list)
+    recon_l1: float = float("nan")  # mean |x − x̂| (0–1 scale) of the final VAE on held-out clips
+    vae_eval: tuple[float, float] = (float("nan"), float("nan"))  # loss on a fixed batch before / after
+    dit_eval: tuple[float, float] = (float("nan"), float("nan"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class WorldClip:
+    """One rendered episode: frames in [-1, 1] as (3, T, H, W) float16 and a caption per chunk."""
+
+    frames: torch.Tensor
+    chunk_captions: list[str]
+    latents: Optional[torch.Tensor] = None  # (16, L, h, w) normalised, filled after the VAE stage
+
+
+def chunk_first_frame(chunk: int) -> int:
+    return 0 if chunk == 0 else 1 + STRIDE_T * (CHUNK - 1) + STRIDE_T * CHUNK * (chunk - 1)
+
+
+def random_episode(rng: np.random.Generator, seed: int, max_gap: int):
+    from slotgen.world import exit_return_episode
+
+    gaps = [g for g in (0, 12, 24, 36, 48, 60, 72, 96) if g <= max_gap]
+    gap = int(rng.choice(gaps))
+    n = int(rng.choice([1, 1, 2, 2, 3]))
+    similar = n >= 2 and rng.random() < 0.35
+    return exit_return_episode(seed=seed, gap_frames=gap, n_entities=n, similar=similar)
+
+
+def build_dataset(n: int, seed: int, max_gap: int) -> list[WorldClip]:
+    from slotgen.world import render_episode
+    from slotgen.world.grammar import episode_prompts
+
+    rng = np.random.default_rng(seed)
+    clips = []
+    for i in range(n):
+        ep = random_episode(rng, seed * 100_000 + i, max_gap)
+        rendered = render_episode(ep)
+        frames = torch.from_numpy(rendered.frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0).half()
+        T = frames.shape[1]
+        cues = episode_prompts(ep)
+        L = 1 + (T - 1) // STRIDE_T
+        captions = []
+        for c in range(L // CHUNK):
+            f0 = chunk_first_frame(c)
+            captions.append(next(cue.text for cue in cues if cue.start <= f0 < cue.end))
+        clips.append(WorldClip(frames, captions))
+    return clips
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention with a mask and explicit RoPE positions (stock Wan processor, no fork)
+
+
+class TrainState:
+    """Shared by every layer's processor for one forward: boolean mask and RoPE tables."""
+
+    mask: Optional[torch.Tensor] = None  # (B, 1, N, N) True = may attend
+    cross_mask: Optional[torch.Tensor] = None  # (B, 1, N, L_text) True = may attend
+    rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # cos, sin (1, N, 1, D)
+
+
+class MaskedRopeProcessor(WanAttnProcessor):
+    """diffusers' ``WanAttnProcessor`` with an attention mask and engine-style RoPE positions."""
+
+    def __init__(self, state: TrainState):
+        super().__init__()
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return super().__call__(attn, hidden_states, None, self.state.mask, self.state.rotary)
+
+
+class MaskedCrossProcessor(WanAttnProcessor):
+    """Cross-attention where each token reads only its own chunk's caption block (one text per chunk)."""
+
+    def __init__(self, state: TrainState):
+        super().__init__()
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, self.state.cross_mask, None)
+
+
+def install_training_processors(transformer) -> TrainState:
+    state = TrainState()
+    procs = {}
+    for i in range(len(transformer.blocks)):
+        procs[f"blocks.{i}.attn1.processor"] = MaskedRopeProcessor(state)
+        procs[f"blocks.{i}.attn2.processor"] = MaskedCrossProcessor(state)
+    transformer.set_attn_processor(procs)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage a: VAE
+
+
+def vae_batch(clips: list[WorldClip], rng: np.random.Generator, batch: int, frames: int) -> torch.Tensor:
+    out = []
+    for _ in range(batch):
+        clip = clips[int(rng.integers(len(clips)))]
+        T = clip.frames.shape[1]
+        s = int(rng.integers(0, T - frames + 1))
+        out.append(clip.frames[:, s : s + frames].float())
+    return torch.stack(out)  # (B, 3, frames, H, W)
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    posterior = vae.encode(x).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    x_hat = vae.decoder_forward(z) if hasattr(vae, "decoder_forward") else _decode_train(vae, z)
+    rec_l1 = (x_hat - x).abs().mean()
+    rec_mse = F.mse_loss(x_hat, x)
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+    loss = rec_l1 + rec_mse + kl_weight * kl
+    return loss, {"l1": rec_l1.item(), "mse": rec_mse.item(), "kl": kl.item()}
+
+
+def _decode_train(vae, z: torch.Tensor) -> torch.Tensor:
+    """``vae._decode`` without the final clamp (so gradients flow everywhere)."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    outs = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        outs.append(vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=(i == 0)))
+    vae.clear_cache()
+    return torch.cat(outs, dim=2)
+
+
+@torch.no_grad()
+def encode_clip(vae, frames: torch.Tensor) -> torch.Tensor:
+    """(3, T, H, W) in [-1, 1] → raw posterior means (16, L, h, w)."""
+    return vae.encode(frames[None].float()).latent_dist.mean[0]
+
+
+@torch.no_grad()
+def encode_all(vae, clips: list[WorldClip], batch: int = 8) -> list[torch.Tensor]:
+    """Posterior means of every clip, batching clips of equal length (faster on CPU)."""
+    out: list[Optional[torch.Tensor]] = [None] * len(clips)
+    by_len: dict[int, list[int]] = {}
+    for i, c in enumerate(clips):
+        by_len.setdefault(c.frames.shape[1], []).append(i)
+    for idx in by_len.values():
+        for k in range(0, len(idx), batch):
+            group = idx[k : k + batch]
+            z = vae.encode(torch.stack([clips[i].frames.float() for i in group])).latent_dist.mean
+            for j, i in enumerate(group):
+                out[i] = z[j]
+    return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage c: transformer
+
+
+def rope_for(transformer, t: torch.Tensor, hw: torch.Tensor):
+    from slotgen.engine.attention import RopeTable
+
+    return RopeTable(transformer.rope)(t, hw)
+
+
+def token_coords(frame_positions: list[int], th: int, tw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    fr = torch.tensor(frame_positions).repeat_interleave(th * tw)
+    rows = torch.arange(th).repeat_interleave(tw).repeat(len(frame_positions))
+    cols = torch.arange(tw).repeat(th * len(frame_positions))
+    return fr, torch.stack([rows, cols], 1)
+
+
+def sample_dit_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig,
+                     text_embeds: Callable[[str], torch.Tensor]):
+    """Build one batch. Returns latents (B, C, Ftot, h, w), timesteps (B, N), embeds per chunk, masks,
+    target flow on noisy frames and a per-frame loss weight."""
+    n = cfg.clip_chunks
+    B = cfg.dit_batch
+    seqs, ts, masks, targets, embeds_all, loss_masks = [], [], [], [], [], []
+    h = w = None
+    for _ in range(B):
+        clip = clips[int(rng.integers(len(clips)))]
+        lat = clip.latents  # (C, L, h, w)
+        C, L, h, w = lat.shape
+        n_chunks = L // CHUNK
+        s = int(rng.integers(0, max(1, n_chunks - n + 1)))
+        chunks = list(range(s, min(s + n, n_chunks)))
+        while len(chunks) < n:  # short episodes (never with the defaults): repeat the last chunk index
+            chunks.append(chunks[-1])
+        reloc = None
+        if s > 0 and rng.random() < cfg.relocate_prob:
+            reloc = int(rng.integers(0, s))
+        seqs.append((clip, chunks, reloc))
+    th, tw = h // 2, w // 2
+    tpf = th * tw
+    R = CHUNK  # relocated frames (always reserved, masked out when absent)
+    Ftot = R + 2 * n * CHUNK
+    N = Ftot * tpf
+    lat_batch = torch.zeros(B, 16, Ftot, h, w)
+    tsteps = torch.zeros(B, N)
+    mask = torch.zeros(B, 1, N, N, dtype=torch.bool)
+    target = torch.zeros(B, 16, n * CHUNK, h, w)
+    # frame-level "group" ids: reloc = 0, clean chunk i = 1 + i, noisy chunk j = 1 + n + j
+    grp = torch.tensor([0] * R + [1 + i for i in range(n) for _ in range(CHUNK)]
+                       + [1 + n + j for j in range(n) for _ in range(CHUNK)])
+    g_tok = grp.repeat_interleave(tpf)  # (N,)
+    # base mask between groups
+    gq, gk = g_tok[:, None], g_tok[None, :]
+    clean_q = (gq >= 1) & (gq <= n)
+    noisy_q = gq > n
+    base = torch.zeros(N, N, dtype=torch.bool)
+    base |= (gq == 0) & (gk == 0)  # relocated chunk: block-causal within itself
+    base |= clean_q & (gk == 0)
+    base |= clean_q & (gk >= 1) & (gk <= gq)
+    base |= noisy_q & (gk == 0)
+    base |= noisy_q & (gk >= 1) & (gk <= n) & (gk < gq - n)
+    base |= noisy_q & (gk == gq)
+    embeds = []
+    for b, (clip, chunks, reloc) in enumerate(seqs):
+        lat = clip.latents
+        m = base.clone()
+        if reloc is not None:
+            lat_batch[b, :, :R] = lat[:, reloc * CHUNK : (reloc + 1) * CHUNK]
+            drop = float(rng.random()) * cfg.token_drop
+            keep = torch.from_numpy(rng.random(R * tpf) >= drop)
+            keep_cols = torch.ones(N, dtype=torch.bool)
+            keep_cols[: R * tpf] = keep
+            m &= keep_cols[None, :] | (g_tok[:, None] == 0)  # context queries still see themselves
+            m[: R * tpf, : R * tpf] = base[: R * tpf, : R * tpf]
+        else:
+            m[:, : R * tpf] = False
+            m[: R * tpf, : R * tpf] = torch.eye(R * tpf, dtype=torch.bool)  # unused rows: attend to self
+        clean = torch.cat([lat[:, c * CHUNK : (c + 1) * CHUNK] for c in chunks], dim=1)  # (C, nF, h, w)
+        lat_batch[b, :, R : R + n * CHUNK] = clean
+        noise = torch.randn(clean.shape, generator=gen)
+        sig = []
+        for j in range(n):
+            if rng.random() < cfg.uniform_sigma_prob:
+                sig.append(float(rng.uniform(0.02, 1.0)))
+            else:
+                sig.append(float(SCHEDULE_SIGMAS[int(rng.integers(len(SCHEDULE_SIGMAS)))]))
+        sig_f = torch.tensor(sig).repeat_interleave(CHUNK)[None, :, None, None]  # (1, nF, 1, 1)
+        lat_batch[b, :, R + n * CHUNK :] = (1 - sig_f) * clean + sig_f * noise
+        target[b] = noise - clean
+        tsteps[b, (R + n * CHUNK) * tpf :] = (torch.tensor(sig).repeat_interleave(CHUNK * tpf) * 1000.0)
+        mask[b, 0] = m
+        # captions: block 0 = relocated chunk's, block 1 + i = clip chunk i's (clean and noisy copies)
+        caps = [clip.chunk_captions[reloc if reloc is not None else chunks[0]]] + [clip.chunk_captions[c] for c in chunks]
+        embeds.append(caps)
+    # RoPE positions: reloc frames 0..R-1, clean chunk i frames R + 3i.., noisy chunk j = clean chunk j
+    pos = list(range(R)) + [R + f for f in range(n * CHUNK)] + [R + f for f in range(n * CHUNK)]
+    t_pos, hw = token_coords(pos, th, tw)
+    return lat_batch, tsteps, mask, target, embeds, (t_pos, hw), grp
+
+
+class CaptionConditioner:
+    """Prompt embeddings (engine style: fixed length, padding rows zeroed), cached per caption."""
+
+    def __init__(self, text_encoder, tokenizer, text_len: int):
+        self.te, self.tok, self.len = text_encoder, tokenizer, text_len
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, text: str) -> torch.Tensor:
+        if text not in self.cache:
+            t = self.tok(text, max_length=self.len, padding="max_length", truncation=True, add_special_tokens=True,
+                         return_attention_mask=True, return_tensors="pt")
+            h = self.te(t.input_ids, t.attention_mask).last_hidden_state
+            self.cache[text] = (h * t.attention_mask[..., None].to(h.dtype))[0]
+        return self.cache[text]
+
+
+def caption_blocks(grp: torch.Tensor, n: int) -> torch.Tensor:
+    """Caption block index of every frame group: reloc → 0, clean i → 1 + i, noisy j → 1 + j."""
+    return torch.where(grp > n, grp - n, grp)
+
+
+def dit_forward(transformer, state: TrainState, lat, tsteps, mask, rope, cond_chunks: list[list[str]],
+                conditioner: CaptionConditioner, grp: torch.Tensor, n: int, tpf: int):
+    """Full-sequence forward; each chunk reads its own caption (as the engine conditions each chunk
+    on the caption in force at its first frame)."""
+    state.mask = mask
+    state.rotary = rope_for(transformer, *rope)
+    embeds = torch.stack([torch.cat([conditioner(c) for c in caps]) for caps in cond_chunks])  # (B, (n+1)·Lt, d)
+    Lt = embeds.shape[1] // (n + 1)
+    blk_tok = caption_blocks(grp, n).repeat_interleave(tpf)  # (N,)
+    blk_txt = torch.arange(n + 1).repeat_interleave(Lt)  # (L,)
+    state.cross_mask = (blk_tok[:, None] == blk_txt[None, :])[None, None].expand(lat.shape[0], 1, -1, -1)
+    return transformer(hidden_states=lat, timestep=tsteps, encoder_hidden_states=embeds, return_dict=False)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+
+
+class _Budget:
+    """Step counter that stops at an explicit step count or a wall-clock deadline."""
+
+    def __init__(self, steps: Optional[int], seconds: float):
+        self.steps, self.seconds = steps, max(seconds, 1.0)
+        self.t0 = time.perf_counter()
+        self.done = 0
+
+    def progress(self) -> float:
+        if self.steps is not None:
+            return self.done / max(self.steps, 1)
+        return (time.perf_counter() - self.t0) / self.seconds
+
+    def more(self) -> bool:
+        if self.steps is not None:
+            return self.done < self.steps
+        return self.done == 0 or self.progress() < 1.0
+
+
+def _lr(base: float, step: int, progress: float, warmup: int = 50) -> float:
+    warm = min(1.0, (step + 1) / warmup)
+    return base * warm * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None] = print,
+                    command: Optional[str] = None) -> TrainResult:
+    """Run both stages and write a miniature folder (config, tokenizer, weights, MODEL_CARD.md, loss.png)."""
+    from diffusers import AutoencoderKLWan
+
+    from slotgen.models.miniature import (SETTINGS, TEXT_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, VOCABULARY,
+                                          build_modules, build_tokenizer, write_miniature)
+
+    t_start = time.perf_counter()
+    total_s = cfg.minutes * 60.0
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out = Path(out)
+    res = TrainResult(out=out)
+
+    tokenizer = build_tokenizer(VOCABULARY)
+    config = {"transformer": TRANSFORMER_CONFIG, "vae": VAE_CONFIG,
+              "text_encoder": {**TEXT_CONFIG, "vocab_size": len(tokenizer.get_vocab())}}
+    transformer, vae, text_encoder = build_modules(config)
+
+    log(f"data: rendering {cfg.episodes} world episodes")
+    clips = build_dataset(cfg.episodes, cfg.seed, cfg.max_gap)
+    held_out = clips[-max(2, cfg.episodes // 20):]
+    train_clips = clips[: len(clips) - len(held_out)] or clips
+    res.data_seconds = time.perf_counter() - t_start
+
+    # ---- a. VAE
+    eval_rng = np.random.default_rng(cfg.seed + 1)
+    vae_fixed = vae_batch(clips, eval_rng, cfg.vae_batch, cfg.vae_frames)
+
+    def vae_eval() -> float:
+        with torch.no_grad():
+            return vae_loss(vae, vae_fixed, cfg.kl_weight, torch.Generator().manual_seed(cfg.seed + 2))[0].item()
+
+    vae.train().requires_grad_(True)
+    res.vae_eval = (vae_eval(), float("nan"))
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    budget = _Budget(cfg.steps_vae, cfg.vae_fraction * total_s - res.data_seconds)
+    warm = 50 if cfg.steps_vae is None else max(1, min(50, cfg.steps_vae // 5))
+    t0 = time.perf_counter()
+    while budget.more():
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg.vae_lr, budget.done, budget.progress(), warm)
+        x = vae_batch(train_clips, rng, cfg.vae_batch, cfg.vae_frames)
+        loss, parts = vae_loss(vae, x, cfg.kl_weight, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        res.vae_losses.append(loss.item())
+        budget.done += 1
+        if budget.done % 50 == 0 or budget.done == 1:
+            log(f"vae step {budget.done}: loss {loss.item():.4f} l1 {parts['l1']:.4f} kl {parts['kl']:.1f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    res.vae_steps, res.vae_seconds = budget.done, time.perf_counter() - t0
+    res.vae_eval = (res.vae_eval[0], vae_eval())
+    vae.eval().requires_grad_(False)
+
+    # latent statistics over the data → config (rebuild the VAE with them, load the weights)
+    raw = encode_all(vae, clips)
+    flat = torch.cat([r.flatten(1) for r in raw], dim=1)  # (16, total)
+    mean, std = flat.mean(1), flat.std(1).clamp_min(1e-4)
+    res.latents_mean, res.latents_std = [float(v) for v in mean], [float(v) for v in std]
+    vae_config = {**VAE_CONFIG, "latents_mean": res.latents_mean, "latents_std": res.latents_std}
+    sd = vae.state_dict()
+    vae = AutoencoderKLWan(**vae_config)
+    vae.load_state_dict(sd)
+    vae.eval().requires_grad_(False)
+    for c, r in zip(clips, raw):
+        c.latents = (r - mean[:, None, None, None]) / std[:, None, None, None]
+    with torch.no_grad():  # held-out reconstruction through the normalised path
+        errs = []
+        for c in held_out:
+            z = c.latents[None] * std[None, :, None, None, None] + mean[None, :, None, None, None]
+            xh = vae.decode(z).sample.clamp(-1, 1)
+            errs.append(float((xh - c.frames[None].float()).abs().mean() / 2.0))
+        res.recon_l1 = float(np.mean(errs))
+    log(f"vae done: {res.vae_steps} steps, held-out L1 {res.recon_l1:.4f} (0-1 scale)")
+
+    # ---- c. transformer
+    conditioner = CaptionConditioner(text_encoder, tokenizer, SETTINGS.text_len)
+    state = install_training_processors(transformer)
+    transformer.train().requires_grad_(True)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.dit_lr, weight_decay=0.01)
+    remaining = total_s - (time.perf_counter() - t_start) - 20.0
+    budget = _Budget(cfg.steps_dit, remaining)
+    warm = 50 if cfg.steps_dit is None else max(1, min(50, cfg.steps_dit // 5))
+    n = cfg.clip_chunks
+    fixed = sample_dit_batch(clips, np.random.default_rng(cfg.seed + 3), torch.Generator().manual_seed(cfg.seed + 4),
+                             cfg, conditioner)
+
+    def dit_eval() -> float:
+        lat, ts, mask, target, caps, rope, grp = fixed
+        tpf = (lat.shape[3] // 2) * (lat.shape[4] // 2)
+        with torch.no_grad():
+            pred = dit_forward(transformer, state, lat, ts, mask, rope, caps, conditioner, grp, n, tpf)
+        return F.mse_loss(pred[:, :, CHUNK + n * CHUNK :], target).item()
+
+    res.dit_eval = (dit_eval(), float("nan"))
+    t0 = time.perf_counter()
+    while budget.more():
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg.dit_lr, budget.done, budget.progress(), warm)
+        lat, ts, mask, target, caps, rope, grp = sample_dit_batch(train_clips, rng, gen, cfg, conditioner)
+        tpf = (lat.shape[3] // 2) * (lat.shape[4] // 2)
+        pred = dit_forward(transformer, state, lat, ts, mask, rope, caps, conditioner, grp, n, tpf)
+        loss = F.mse_loss(pred[:, :, CHUNK + n * CHUNK :], target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        res.dit_losses.append(loss.item())
+        budget.done += 1
+        if budget.done % 50 == 0 or budget.done == 1:
+            log(f"transformer step {budget.done}: loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    res.dit_steps, res.dit_seconds = budget.done, time.perf_counter() - t0
+    res.dit_eval = (res.dit_eval[0], dit_eval())
+    transformer.eval().requires_grad_(False)
+    # back to the stock processors: the saved model carries no training state
+    transformer.set_attn_processor(WanAttnProcessor())
+
+    write_miniature(out, modules=(transformer, vae, text_encoder), name="miniature",
+                    extra={"vae": vae_config, "training": {"config": cfg.to_dict(), "vae_steps": res.vae_steps,
+                                                           "transformer_steps": res.dit_steps,
+                                                           "vae_eval": list(res.vae_eval), "dit_eval": list(res.dit_eval)}})
+    write_loss_png(out / "loss.png", res)
+    (out / "MODEL_CARD.md").write_text(model_card(cfg, res, command))
+    log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
+    return res
+
+
+def _smooth(values: list[float], k: int) -> list[float]:
+    if not values:
+        return []
+    k = max(1, min(k, len(values)))
+    c = np.cumsum(np.insert(np.asarray(values, float), 0, 0.0))
+    return list((c[k:] - c[:-k]) / k)
+
+
+def write_loss_png(path: Path, res: TrainResult, size: tuple[int, int] = (720, 300)) -> None:
+    """Two panels (VAE, transformer): raw loss (light) and moving average (dark), log-scaled y."""
+    from PIL import Image, ImageDraw
+
+    W, H = size
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    panels = [("VAE loss (L1+MSE+KL)", res.vae_losses), ("transformer flow MSE", res.dit_losses)]
+    pw = W // 2
+    for p, (title, vals) in enumerate(panels):
+        x0, y0, x1, y1 = p * pw + 50, 25, p * pw + pw - 10, H - 30
+        d.rectangle([x0, y0, x1, y1], outline="black")
+        d.text((x0, 5), title, fill="black")
+        if not vals:
+            continue
+        logs = np.log10(np.maximum(np.asarray(vals, float), 1e-6))
+        lo, hi = float(logs.min()), float(logs.max())
+        hi = hi if hi > lo else lo + 1.0
+
+        def pt(i, v, n=len(vals)):
+            return (x0 + (x1 - x0) * i / max(n - 1, 1), y1 - (y1 - y0) * (v - lo) / (hi - lo))
+
+        d.line([pt(i, v) for i, v in enumerate(logs)], fill=(170, 190, 235), width=1)
+        sm = np.log10(np.maximum(_smooth(vals, max(1, len(vals) // 30)), 1e-6))
+        off = len(vals) - len(sm)
+        d.line([pt(i + off, v) for i, v in enumerate(sm)], fill=(20, 40, 160), width=2)
+        d.text((x0 - 45, y0), f"{10 ** hi:.3g}", fill="black")
+        d.text((x0 - 45, y1 - 10), f"{10 ** lo:.3g}", fill="black")
+        d.text((x0, y1 + 5), "step 0", fill="black")
+        d.text((x1 - 60, y1 + 5), f"step {len(vals)}", fill="black")
+    img.save(path)
+
+
+def _tail(vals: list[float], k: int = 50) -> float:
+    return float(np.mean(vals[-k:])) if vals else float("nan")
+
+
+def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> str:
+    from slotgen.models.miniature import TEXT_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
+
+    cmd = command or "slotgen train-miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    repro = (f"slotgen train-miniature --out DIR --seed {cfg.seed} --steps-vae {res.vae_steps} "
+             f"--steps-dit {res.dit_steps} --minutes {cfg.minutes:g}")
+    return f"""# Model card: slotgen miniature (trained on the shape world)
+
+Produced by `{cmd}`.
+
+Exact re-run (explicit step counts make the run independent of machine speed; the learning-rate
+schedule then follows steps, so the numbers can differ slightly from a time-budgeted run):
+`{repro}`
+
+## Architecture (unchanged miniature configs; loading path unchanged)
+
+- transformer: diffusers `WanTransformer3DModel` {json.dumps(TRANSFORMER_CONFIG)}
+- VAE: `AutoencoderKLWan` {json.dumps(VAE_CONFIG)} + learned `latents_mean`/`latents_std`
+- text encoder: `UMT5EncoderModel` {json.dumps(TEXT_CONFIG)}, **random init, frozen** (seed {cfg.seed}):
+  each vocabulary word has its own random embedding and the transformer learns to read these features.
+- 64×64 video at 16 fps; 3 latent frames per chunk (9 video frames for the first chunk, 12 later).
+
+## Data
+
+{cfg.episodes} seeded episodes of the shape world (`slotgen.world.exit_return_episode`, seeds
+`{cfg.seed}·100000 + i`): 1–3 entities (35 % of multi-entity episodes with a same-kind "similar"
+companion), absence gaps 0–{cfg.max_gap} video frames, captions from the world grammar. The last
+{max(2, cfg.episodes // 20)} episodes are held out for the VAE reconstruction number.
+
+## Training
+
+| stage | steps | seconds | batch | lr | final loss (mean of last 50 steps) |
+|---|---|---|---|---|---|
+| VAE (L1 + MSE + {cfg.kl_weight:g}·KL, {cfg.vae_frames}-frame clips) | {res.vae_steps} | {res.vae_seconds:.0f} | {cfg.vae_batch} | {cfg.vae_lr:g} | {_tail(res.vae_losses):.4f} |
+| transformer (flow MSE, causal chunks) | {res.dit_steps} | {res.dit_seconds:.0f} | {cfg.dit_batch} | {cfg.dit_lr:g} | {_tail(res.dit_losses):.4f} |
+
+- VAE held-out reconstruction: mean |x − x̂| = {res.recon_l1:.4f} (pixel range 0–1).
+- Loss on a fixed seeded batch, before → after: VAE {res.vae_eval[0]:.4f} → {res.vae_eval[1]:.4f};
+  transformer {res.dit_eval[0]:.4f} → {res.dit_eval[1]:.4f}.
+- Transformer objective: clips of {cfg.clip_chunks} chunks; a sequence is `[relocated chunk ; clean
+  chunks ; noisy chunks]` with a block-causal mask (noisy chunk j sees the relocated chunk, clean chunks
+  < j and itself; RoPE positions of clean chunk j), per-token timesteps (0 for clean), σ from the engine's
+  schedule (1, .9375, .8333, .625) or uniform with probability {cfg.uniform_sigma_prob}; with probability
+  {cfg.relocate_prob} an earlier chunk is relocated before the clip with up to {cfg.token_drop:.0%} of its
+  tokens masked out (what sink/bank/slot memory hands back). Each chunk reads its own caption (the one in
+  force at its first video frame).
+- Optimiser AdamW, warm-up 50 steps, cosine decay to 5 %, grad-norm clip 1.0, {cfg.threads} CPU threads.
+- Latent statistics: mean {np.round(res.latents_mean, 3).tolist()}, std {np.round(res.latents_std, 3).tolist()}.
+- Data rendering: {res.data_seconds:.0f} s.
+
+Loss curves: `loss.png`. Training config: {json.dumps(cfg.to_dict())}
+"""
