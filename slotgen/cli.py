@@ -220,6 +220,78 @@ def bench_speed(
     Console(width=200).print(table)
 
 
+@app.command("train-miniature")
+@user_errors
+def train_miniature_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder for the trained miniature (config, weights, MODEL_CARD.md, loss.png)."),
+    minutes: float = typer.Option(50.0, "--minutes", help="Wall-clock budget of both stages (ignored for a stage with explicit steps)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds data, init, noise and batches."),
+    steps_vae: Optional[int] = typer.Option(None, "--steps-vae", help="Exact VAE steps (reproducible) instead of the time budget."),
+    steps_dit: Optional[int] = typer.Option(None, "--steps-dit", help="Exact transformer steps instead of the time budget."),
+    episodes: Optional[int] = typer.Option(None, "--episodes", help="World episodes in the dataset (default 128)."),
+    dit_batch: Optional[int] = typer.Option(None, "--dit-batch", help="Transformer batch size (default 8)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train the miniature on the shape world: VAE, latent statistics, then the causal chunk transformer."""
+    from slotgen.train.miniature import TrainConfig, train_miniature
+
+    if minutes <= 0:
+        raise SlotgenError(f"--minutes must be positive, got {minutes}")
+    for name, v in (("--steps-vae", steps_vae), ("--steps-dit", steps_dit), ("--episodes", episodes), ("--dit-batch", dit_batch)):
+        if v is not None and v < (4 if name == "--episodes" else 1):
+            raise SlotgenError(f"{name} is too small: {v}")
+    cfg = TrainConfig(minutes=minutes, seed=seed, steps_vae=steps_vae, steps_dit=steps_dit)
+    if episodes is not None:
+        cfg.episodes = episodes
+    if dit_batch is not None:
+        cfg.dit_batch = dit_batch
+    import shlex as _shlex
+
+    command = "slotgen " + " ".join(_shlex.quote(a) for a in sys.argv[1:])
+    train_miniature(cfg, out, log=(lambda m: None) if quiet else (lambda m: print(m, flush=True)), command=command)
+    print(f"wrote {out}")
+
+
+@bench_app.command("identity")
+@user_errors
+def bench_identity(
+    episodes: int = typer.Option(4, "--episodes", help="Seeded episodes per gap (plus as many similar-companion ones)."),
+    gaps: str = typer.Option("12,36,72", "--gaps", help="Absence gaps in video frames (multiples of 12)."),
+    policies: str = typer.Option("window,sink,bank,slot", "--policies", help="Comma-separated memory policies."),
+    model: str = typer.Option("miniature", "--model", help="'miniature' or a miniature-format folder."),
+    seed: int = typer.Option(0, "--seed", help="First episode seed; the storyboard seed is the same for every policy."),
+    similar: bool = typer.Option(True, "--similar/--no-similar", help="Also run two-entity similar episodes (leakage)."),
+    purity: bool = typer.Option(True, "--purity/--no-purity", help="Slot purity (ARI) on ground-truth clips."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every number as JSON."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Plot identity recall vs gap per policy."),
+) -> None:
+    """Identity persistence: exit-and-return episodes rendered with every policy on the same seeds and noise."""
+    from slotgen.bench.identity import print_report, run_identity_bench, write_plot
+    from slotgen.memory.config import MEMORY_POLICIES
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    for n in names:
+        if n not in MEMORY_POLICIES:
+            raise SlotgenError(f"--policies: unknown policy {n!r}; expected some of {', '.join(MEMORY_POLICIES)}")
+    try:
+        gap_list = [int(g) for g in gaps.split(",") if g.strip()]
+    except ValueError:
+        raise SlotgenError(f"--gaps: expected frames like 12,36,72, got {gaps!r}") from None
+    if not gap_list or any(g < 0 for g in gap_list):
+        raise SlotgenError(f"--gaps: expected non-negative frame counts, got {gaps!r}")
+    if episodes < 1:
+        raise SlotgenError(f"--episodes must be at least 1, got {episodes}")
+    result = run_identity_bench(names, gap_list, episodes, model=model, seed=seed, similar=similar, purity=purity,
+                                progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print_report(result)
+    if json_out is not None:
+        import json as _json
+
+        json_out.write_text(_json.dumps(result, indent=2) + "\n")
+    if png is not None:
+        write_plot(result, png)
+
+
 def main() -> None:  # pragma: no cover - console entry
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     app()
