@@ -115,6 +115,7 @@ def render(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output video (.mp4; .mkv = lossless FFV1). Default: <storyboard>.mp4"),
     lossless: Optional[Path] = typer.Option(None, "--lossless", help="Also write a lossless FFV1 .mkv copy (bit-exact frames)."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Write memory statistics and timings as JSON (for `slotgen inspect`)."),
+    snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Write a snapshot at the end, to continue the story with `slotgen resume` (an interrupted render writes <output>.snapshot.pt anyway)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the storyboard's seed."),
     model: Optional[str] = typer.Option(None, "--model", help="Override the model: 'miniature' or a local folder."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
@@ -132,10 +133,13 @@ def render(
     write_every: Optional[int] = typer.Option(None, "--write-every", help="bank: write a frame every N chunks."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Render a storyboard to an MP4, streaming chunk by chunk (progress on stderr)."""
-    from slotgen.render import Renderer, write_stats
+    """Render a storyboard to an MP4, streaming chunk by chunk (progress on stderr).
+
+    Ctrl-C (SIGINT) or SIGTERM finishes the current chunk, closes a playable video with every frame so
+    far, writes a snapshot and prints the command that resumes it (exit code 130).
+    """
+    from slotgen.render import Renderer, stream_to_files
     from slotgen.storyboard import load_storyboard
-    from slotgen.video.writer import open_writer
 
     sb = load_storyboard(storyboard)
     mem = memory_overrides(sb, memory, window=window, sink=sink, slots=slots, iters=iters, top_r=top_r, top_k=top_k,
@@ -146,31 +150,172 @@ def render(
     if overrides:
         sb = sb.with_overrides(**overrides)
     output = output or Path(Path(storyboard).stem + ".mp4")
+    _check_outputs(output, lossless, stats, snapshot)
 
-    renderer = Renderer(sb, device=device)
-    for w in renderer.warnings():
-        print(f"warning: {w}", file=sys.stderr)
-    writers = [open_writer(output, sb.fps, renderer.size)]
-    if lossless is not None:
-        writers.append(open_writer(lossless, sb.fps, renderer.size))
-    progress, on_chunk = _progress_callbacks(quiet, renderer.total_chunks(), sb.total_frames)
-    try:
+    with _interruptible():
+        renderer = Renderer(sb, device=device)
+        for w in renderer.warnings():
+            print(f"warning: {w}", file=sys.stderr)
+        report = _run_streaming(quiet, renderer, lambda on_chunk, stop: stream_to_files(
+            renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot=snapshot))
+    _report(report, renderer, quiet, output)
+
+
+def _check_outputs(*paths: Optional[Path]) -> None:
+    """Fail before rendering (not after minutes of work) when an output cannot be written."""
+    from slotgen.atomic import check_output_path
+
+    given = [p for p in paths if p is not None]
+    for p in given:
+        check_output_path(p)
+    resolved = [p.resolve() for p in given]
+    if len(set(resolved)) != len(resolved):
+        raise SlotgenError("two outputs name the same file")
+
+
+class _interruptible:
+    """Ctrl-C before or after the render proper (model loading, joining videos): exit 130, one line."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            print("interrupted: aborted, nothing was written", file=sys.stderr)
+            raise typer.Exit(130)
+        return False
+
+
+def _run_streaming(quiet: bool, renderer, run):
+    """``run(on_chunk, should_stop)`` with a progress bar and SIGINT/SIGTERM caught for its duration."""
+    import signal as _signal
+
+    from slotgen.render import InterruptGuard
+
+    def notice(signum: int) -> None:
+        name = _signal.Signals(signum).name
+        print(f"{chr(10) if err_console.is_terminal else ''}{name}: finishing the current chunk, then saving the video and a snapshot "
+              f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+    progress, on_chunk = _progress_callbacks(quiet, renderer.total_chunks(), renderer.storyboard.total_frames)
+    with InterruptGuard(notice) as guard:
         if progress is not None:
             with progress:
-                report = renderer.stream(writers, on_chunk=on_chunk)
-        else:
-            report = renderer.stream(writers)
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    paths = [str(w.close()) for w in writers]
-    if stats is not None:
-        write_stats(stats, renderer, report)
-        paths.append(str(stats))
+                return run(on_chunk, guard)
+        return run(on_chunk, guard)
+
+
+def _report(report, renderer, quiet: bool, output: Path, resume_cmd: Optional[list[str]] = None) -> None:
+    import shlex
+
+    fps = renderer.storyboard.fps
+    if report.interrupted:
+        done = report.first_frame + report.frames
+        print(f"interrupted: wrote {', '.join(report.outputs)} ({report.frames} new frames; {done} of "
+              f"{report.total_frames} frames of the story, {done / fps:.2f}s) and snapshot {report.snapshot}",
+              file=sys.stderr)
+        if resume_cmd is None:
+            snap = report.snapshot
+            if output.suffix.lower() == ".mp4":
+                resume_cmd = ["slotgen", "resume", snap, "-o", str(output), "--append", "--snapshot", snap]
+            else:
+                rest = output.with_name(output.stem + ".rest" + output.suffix)
+                resume_cmd = ["slotgen", "resume", snap, "-o", str(rest), "--snapshot", snap]
+        print("resume with: " + " ".join(shlex.quote(a) for a in resume_cmd), file=sys.stderr, flush=True)
+        raise typer.Exit(130)
     if not quiet:
-        print(f"wrote {', '.join(paths)}: {report.frames} frames ({report.frames / sb.fps:.2f}s at {sb.fps} fps), "
-              f"{report.chunks} chunks in {report.elapsed:.1f}s", file=sys.stderr)
+        extra = f", snapshot {report.snapshot}" if report.snapshot else ""
+        where = f" after frame {report.first_frame} (story now {report.total_frames / fps:.2f}s)" if report.first_frame else ""
+        print(f"wrote {', '.join(report.outputs)}{extra}: {report.frames} frames ({report.frames / fps:.2f}s at {fps} fps)"
+              f"{where}, {len(report.chunk_seconds)} chunks in {report.elapsed:.1f}s", file=sys.stderr)
+
+
+# flags `slotgen render` takes that a resume must not change: they come from the snapshot
+_FIXED_ON_RESUME = {"seed": "the seed", "memory": "the memory policy", "fps": "the frame rate",
+                    "resolution": "the resolution", **{k: "the memory configuration" for k in MEMORY_OPTION_NAMES
+                                                        if k not in ("memory",)}}
+
+
+@app.command()
+@user_errors
+def resume(
+    snapshot: Path = typer.Argument(..., help="Snapshot written by `slotgen render --snapshot` (or by an interrupted render)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where the continuation goes (.mp4; .mkv = lossless). With --append: the joined video."),
+    storyboard: Optional[Path] = typer.Option(None, "--storyboard", "-s", help="More prompts (YAML); its times count from the END of the snapshot's storyboard."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Continue with this prompt (with --duration)."),
+    duration: Optional[str] = typer.Option(None, "--duration", "-d", help="How long --prompt lasts, e.g. 10s or 1m30s."),
+    append: bool = typer.Option(False, "--append", help="Write a copy of the original video (recorded in the snapshot) followed by the continuation to -o."),
+    append_to: Optional[Path] = typer.Option(None, "--append-to", help="The original video to join (implies --append)."),
+    lossless: Optional[Path] = typer.Option(None, "--lossless", help="Also write the continuation as lossless FFV1 .mkv."),
+    new_snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Snapshot the end of the continuation (to extend the story again). May be the input snapshot."),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="Write memory statistics and timings as JSON."),
+    model: Optional[str] = typer.Option(None, "--model", help="Where the snapshot's model is now (its weights digest must match)."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    seed: Optional[int] = typer.Option(None, "--seed", hidden=True),
+    memory: Optional[str] = typer.Option(None, "--memory", hidden=True),
+    fps: Optional[str] = typer.Option(None, "--fps", hidden=True),
+    resolution: Optional[str] = typer.Option(None, "--resolution", hidden=True),
+    window: Optional[str] = typer.Option(None, "--window", hidden=True),
+    sink: Optional[str] = typer.Option(None, "--sink", hidden=True),
+    slots: Optional[str] = typer.Option(None, "--slots", hidden=True),
+    iters: Optional[str] = typer.Option(None, "--iters", hidden=True),
+    top_r: Optional[str] = typer.Option(None, "--top-r", hidden=True),
+    top_k: Optional[str] = typer.Option(None, "--top-k", hidden=True),
+    budget: Optional[str] = typer.Option(None, "--budget", hidden=True),
+    w_text: Optional[str] = typer.Option(None, "--w-text", hidden=True),
+    w_vis: Optional[str] = typer.Option(None, "--w-vis", hidden=True),
+    bank_frames: Optional[str] = typer.Option(None, "--bank-frames", hidden=True),
+    write_every: Optional[str] = typer.Option(None, "--write-every", hidden=True),
+) -> None:
+    """Continue a snapshot: more prompts (--storyboard or --prompt/--duration), bit-identical to one long render.
+
+    Seed, memory configuration, frame rate, resolution and sampler come from the snapshot. Without
+    new prompts, an interrupted render's snapshot finishes its own storyboard.
+    """
+    from slotgen.render import Renderer, append_source, continuation, continue_to_files
+    from slotgen.snapshot import load_snapshot
+    from slotgen.timeparse import parse_time
+
+    fixed = {"seed": seed, "memory": memory, "fps": fps, "resolution": resolution, "window": window, "sink": sink,
+             "slots": slots, "iters": iters, "top_r": top_r, "top_k": top_k, "budget": budget, "w_text": w_text,
+             "w_vis": w_vis, "bank_frames": bank_frames, "write_every": write_every}
+    for name, value in fixed.items():
+        if value is not None:
+            raise SlotgenError(f"--{name.replace('_', '-')} cannot change on resume: {_FIXED_ON_RESUME[name]} comes "
+                               f"from the snapshot (render a new story to change it)")
+    if output is None:
+        raise SlotgenError("resume needs -o/--output: where to write the continuation (with --append: the joined video)")
+    dur = None
+    if duration is not None:
+        try:
+            dur = parse_time(duration)
+        except ValueError as e:
+            raise SlotgenError(f"--duration: {e}") from None
+    more = None
+    if storyboard is not None:
+        from slotgen.storyboard import load_storyboard
+
+        more = load_storyboard(storyboard)
+    _check_outputs(output, lossless, stats, new_snapshot)
+
+    snap = load_snapshot(snapshot)
+    combined = continuation(snap, storyboard=more, prompt=prompt, duration=dur)
+    original = append_source(snap, append, append_to, output)
+    with _interruptible():
+        renderer = Renderer.from_snapshot(snap, combined, device=device, model=model)
+        for w in renderer.warnings():
+            print(f"warning: {w}", file=sys.stderr)
+        report = _run_streaming(quiet, renderer, lambda on_chunk, stop: continue_to_files(
+            renderer, output, lossless=lossless, original=original, on_chunk=on_chunk, should_stop=stop,
+            stats=stats, snapshot_out=new_snapshot))
+    cmd = None
+    if report.interrupted:
+        rest = output if original is not None else output.with_name(output.stem + ".rest" + output.suffix)
+        cmd = ["slotgen", "resume", report.snapshot, "-o", str(rest)]
+        cmd += ["--append"] if original is not None else []
+        cmd += ["--snapshot", report.snapshot]
+    _report(report, renderer, quiet, output, cmd)
 
 
 @bench_app.command("speed")
