@@ -89,8 +89,8 @@ def _progress_callbacks(quiet: bool, total_chunks: int, total_frames: int):
     if quiet or not err_console.is_terminal:
         return None, None
     progress = Progress(
-        TextColumn("[bold]{task.fields[prompt]}", table_column=None),
-        BarColumn(),
+        TextColumn("[bold]{task.fields[prompt]}"),
+        BarColumn(bar_width=16),
         TextColumn("chunk"),
         MofNCompleteColumn(),
         TextColumn("{task.fields[video]:.1f}s video"),
@@ -102,7 +102,8 @@ def _progress_callbacks(quiet: bool, total_chunks: int, total_frames: int):
     task = progress.add_task("render", total=total_chunks, prompt="", video=0.0, gfps=0.0)
 
     def on_chunk(ev) -> None:
-        text = ev.prompt if len(ev.prompt) <= 40 else ev.prompt[:39] + "…"
+        width = max(12, err_console.width - 70)  # leave room for the numeric columns
+        text = ev.prompt if len(ev.prompt) <= width else ev.prompt[: width - 1] + "…"
         progress.update(task, completed=ev.chunk + 1, prompt=text, video=ev.video_seconds_done, gfps=ev.generation_fps)
 
     return progress, on_chunk
@@ -363,6 +364,30 @@ def bench_speed(
     if json_out is not None:
         json_out.write_text(_json.dumps(rows, indent=2) + "\n")
     Console(width=200).print(table)
+
+
+@app.command()
+@user_errors
+def inspect(
+    source: Path = typer.Argument(..., help="A snapshot (.pt) or a --stats JSON written by `slotgen render`."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Draw the last chunk's token→slot map and retrieved items (slot policy)."),
+) -> None:
+    """Dump memory statistics: per layer slots, items, tokens held, budget use, age, hits, relevance."""
+    import json as _json
+
+    from slotgen.inspect import build_report, load_stats, report_table, write_png
+
+    stats, _ = load_stats(source)
+    report = build_report(stats, str(source))
+    if png is not None:
+        write_png(stats, png)
+    if json_out:
+        print(_json.dumps(report, indent=2))
+    else:
+        Console(width=160).print(report_table(report))
+        if png is not None:
+            print(f"wrote {png}", file=sys.stderr)
 
 
 @app.command("train-miniature")
