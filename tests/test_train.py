@@ -76,3 +76,50 @@ def test_unknown_words_warn_by_name():
     assert len(warnings) == 1
     assert "'dances'" in warnings[0] and "'zebra'" in warnings[0] and "'near'" in warnings[0]
     assert "'circle'" not in warnings[0]
+
+
+def test_training_forward_reproduces_the_engine_stream():
+    """Noisy chunk j of the full-sequence training forward == the engine predicting chunk j after
+    committing clean chunks < j (each with its own caption): the objective trains what the engine runs."""
+    from slotgen.engine.generator import EngineOptions, StreamingEngine
+    from slotgen.memory import WindowMemory
+    from slotgen.models.miniature import load_miniature
+    from slotgen.train.miniature import CaptionConditioner, dit_forward, install_training_processors
+
+    torch.manual_seed(0)
+    bundle = load_miniature()
+    clips = build_dataset(1, seed=1, max_gap=0)
+    clip = clips[0]
+    clip.latents = torch.randn(16, 1 + (clip.frames.shape[1] - 1) // 4, 8, 8)
+    clip.chunk_captions = ["a red circle enters from the left on a blue background", "a blue background",
+                           "a green square stays on a white background", "a red star moves up on a gray background",
+                           *clip.chunk_captions[4:]]
+    cfg = TrainConfig(dit_batch=1, relocate_prob=0.0, clip_chunks=4, uniform_sigma_prob=0.0)
+    rng = np.random.default_rng(5)
+    tr = bundle.transformer
+    cond = CaptionConditioner(bundle.text_encoder, bundle.tokenizer, bundle.settings.text_len)
+    # a clip with a single episode always samples it; pick s = 0 by giving the clip exactly n chunks
+    n = cfg.clip_chunks
+    clip.latents = clip.latents[:, : n * CHUNK]
+    clip.chunk_captions = clip.chunk_captions[:n]
+    lat, ts, mask, target, caps, rope, grp = sample_dit_batch([clip], rng, torch.Generator().manual_seed(0), cfg, cond)
+    state = install_training_processors(tr)
+    with torch.no_grad():
+        full = dit_forward(tr, state, lat, ts, mask, rope, caps, cond, grp, n, 16)
+
+    policy = WindowMemory(len(tr.blocks), window=10_000)
+    engine = StreamingEngine(bundle, policy, EngineOptions(seed=0, fps=16, width=64, height=64, steps=4, shift=5.0))
+    from slotgen.memory.base import ChunkContext
+
+    R = CHUNK
+    for j in range(n):
+        emb = engine.text.embeds(clip.chunk_captions[j])
+        policy.begin_chunk(ChunkContext(j, j * CHUNK, CHUNK, j, clip.chunk_captions[j]))
+        engine.state.epoch += 1
+        noisy = lat[:, :, R + n * CHUNK + j * CHUNK : R + n * CHUNK + (j + 1) * CHUNK]
+        tau = float(ts[0, (R + n * CHUNK + j * CHUNK) * 16])
+        out = engine._forward(noisy, tau, j * CHUNK, emb, commit=False)
+        engine._forward(lat[:, :, R + j * CHUNK : R + (j + 1) * CHUNK], 0.0, j * CHUNK, emb, commit=True)
+        policy.end_chunk()
+        ref = full[:, :, R + n * CHUNK + j * CHUNK : R + n * CHUNK + (j + 1) * CHUNK]
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
