@@ -119,6 +119,7 @@ def render(
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Write a snapshot at the end, to continue the story with `slotgen resume` (an interrupted render writes <output>.snapshot.pt anyway)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the storyboard's seed."),
     model: Optional[str] = typer.Option(None, "--model", help="Override the model: 'miniature' or a local folder."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Causal generator weights for a Wan2.1 folder (Self-Forcing .pt, LongLive base+LoRA folder, diffusers transformer); see docs/REAL_MODEL.md."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory policy: window, sink, bank, slot."),
     window: Optional[int] = typer.Option(None, "--window", help="Local window in latent frames."),
@@ -139,6 +140,7 @@ def render(
     Ctrl-C (SIGINT) or SIGTERM finishes the current chunk, closes a playable video with every frame so
     far, writes a snapshot and prints the command that resumes it (exit code 130).
     """
+    from slotgen.models import load_model
     from slotgen.render import Renderer, stream_to_files
     from slotgen.storyboard import load_storyboard
 
@@ -154,7 +156,8 @@ def render(
     _check_outputs(output, lossless, stats, snapshot)
 
     with _interruptible():
-        renderer = Renderer(sb, device=device)
+        bundle = load_model(sb.model, device=device, checkpoint=checkpoint) if checkpoint is not None else None
+        renderer = Renderer(sb, bundle=bundle, device=device)
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
         report = _run_streaming(quiet, renderer, lambda on_chunk, stop: stream_to_files(
@@ -251,6 +254,7 @@ def resume(
     new_snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Snapshot the end of the continuation (to extend the story again). May be the input snapshot."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Write memory statistics and timings as JSON."),
     model: Optional[str] = typer.Option(None, "--model", help="Where the snapshot's model is now (its weights digest must match)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The causal checkpoint the render used (Wan2.1 folders)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     seed: Optional[int] = typer.Option(None, "--seed", hidden=True),
@@ -304,7 +308,12 @@ def resume(
     combined = continuation(snap, storyboard=more, prompt=prompt, duration=dur)
     original = append_source(snap, append, append_to, output)
     with _interruptible():
-        renderer = Renderer.from_snapshot(snap, combined, device=device, model=model)
+        bundle = None
+        if checkpoint is not None:
+            from slotgen.models import load_model
+
+            bundle = load_model(model or snap.model["spec"], device=device, checkpoint=checkpoint)
+        renderer = Renderer.from_snapshot(snap, combined, bundle=bundle, device=device, model=model)
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
         report = _run_streaming(quiet, renderer, lambda on_chunk, stop: continue_to_files(

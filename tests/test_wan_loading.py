@@ -629,3 +629,32 @@ def test_fingerprint_samples_large_files_and_full_mode_reads_everything(tmp_path
     data[200 * 1024] ^= 1  # between sampled blocks: only the full hash sees it
     path.write_bytes(data)
     assert fingerprint_file(path) == sampled and fingerprint_file(path, "full") != full
+
+
+def test_cli_render_and_resume_with_a_self_forcing_checkpoint(tiny_folder, tmp_path):
+    """`slotgen render --model FOLDER --checkpoint CKPT` and `resume --checkpoint` work end to end."""
+    from typer.testing import CliRunner
+
+    from slotgen.cli import app
+    from slotgen.video.writer import read_video
+
+    ckpt = self_forcing_file(tmp_path / "self_forcing_dmd.pt", tiny_transformer(11))
+    story = tmp_path / "s.yaml"
+    story.write_text(f"duration: {21 / 16}\nfps: 16\nresolution: {WIDTH}x{HEIGHT}\nmodel: {json.dumps(str(tiny_folder))}\n"
+                     "prompts:\n  - prompt: a red circle moves left\n")
+    runner = CliRunner()
+    args = ["render", str(story), "-o", str(tmp_path / "a.mkv"), "--snapshot", str(tmp_path / "a.pt"), "--quiet"]
+    res = runner.invoke(app, args + ["--checkpoint", str(ckpt)])
+    assert res.exit_code == 0, res.output
+    plain = runner.invoke(app, ["render", str(story), "-o", str(tmp_path / "p.mkv"), "--quiet"])
+    assert plain.exit_code == 0, plain.output
+    # the checkpoint's weights, not the folder's, drew the video
+    assert not np.array_equal(read_video(tmp_path / "a.mkv"), read_video(tmp_path / "p.mkv"))
+    # resuming needs the same weights: without the checkpoint the digest differs (clear one-line error)
+    more = ["resume", str(tmp_path / "a.pt"), "-o", str(tmp_path / "b.mkv"), "-p", "a red circle moves left",
+            "-d", "0.75s", "--quiet"]
+    res = runner.invoke(app, more)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    res = runner.invoke(app, more + ["--checkpoint", str(ckpt)])
+    assert res.exit_code == 0, res.output
+    assert len(read_video(tmp_path / "b.mkv")) == 12
