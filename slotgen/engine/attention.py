@@ -102,20 +102,29 @@ class StreamingAttnProcessor:
         self.state = state
         self.rope = rope
         self._cache_epoch = -1
-        self._cache: tuple | None = None  # (roped memory K, memory V, memory positions) for this epoch
+        self._cache: tuple | None = None  # (K buffer, V buffer, chunk positions, memory rows) for this epoch
 
-    def _memory(self, chunk_frames: torch.Tensor, chunk_hw: torch.Tensor, dtype: torch.dtype):
-        """Roped memory K/V and the chunk's positions; memory part cached until the epoch changes."""
+    def _memory(self, chunk_frames: torch.Tensor, chunk_hw: torch.Tensor, like: torch.Tensor):
+        """K/V buffers with the roped memory rows filled in, and the chunk's positions.
+
+        Built once per epoch (a chunk's memory does not change between its denoising steps and its
+        commit pass): buffers of shape (B, M + N, H, D) whose first M rows hold the roped memory K and
+        the memory V, so each call only copies the chunk's own N rows in (no per-step concatenation).
+        """
         st = self.state
-        if self._cache_epoch != st.epoch or self._cache is None:
+        n = chunk_frames.numel()
+        if self._cache_epoch != st.epoch or self._cache is None or self._cache[0].shape[1] - self._cache[3] != n:
             mem = st.memory.read(self.layer) if st.memory is not None else None
             mem_pos, chunk_pos = assign_positions(mem.frames if mem is not None else None, chunk_frames)
-            k_mem = v_mem = None
+            m = 0 if mem is None else mem.num_tokens
+            B, _, H, D = like.shape
+            K = like.new_empty(B, m + n, H, D)  # (B, M + N, H, D)
+            V = like.new_empty(B, m + n, H, D)
             if mem is not None:
                 cos, sin = self.rope(mem_pos, mem.hw)
-                k_mem = apply_rope(mem.k.to(dtype), cos, sin)  # (B, M, H, D)
-                v_mem = mem.v.to(dtype)
-            self._cache = (k_mem, v_mem, chunk_pos)
+                K[:, :m] = apply_rope(mem.k.to(like.dtype), cos, sin)  # roped memory keys
+                V[:, :m] = mem.v.to(like.dtype)
+            self._cache = (K, V, chunk_pos, m)
             self._cache_epoch = st.epoch
         return self._cache
 
@@ -126,14 +135,11 @@ class StreamingAttnProcessor:
         k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))  # (B, N, H, D) un-roped
         v = attn.to_v(x).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
 
-        k_mem, v_mem, chunk_pos = self._memory(st.frames, st.hw, k.dtype)
+        K, V, chunk_pos, m = self._memory(st.frames, st.hw, k)
         cos, sin = self.rope(chunk_pos, st.hw)
-        q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if k_mem is not None:
-            K = torch.cat([k_mem, k_r], dim=1)  # (B, M + N, H, D)
-            V = torch.cat([v_mem, v], dim=1)
-        else:
-            K, V = k_r, v
+        q_r = apply_rope(q, cos, sin)
+        K[:, m:] = apply_rope(k, cos, sin)  # (B, M + N, H, D): [memory ; chunk]
+        V[:, m:] = v
 
         out = F.scaled_dot_product_attention(q_r.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2))  # (B, H, N, D)
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # (B, N, H·D)
