@@ -91,3 +91,24 @@ def test_cli_inspect_table_json_png(stats_files, tmp_path):
     bad.write_text("{}")
     res = runner.invoke(app, ["inspect", str(bad)])
     assert res.exit_code == 2 and "slotgen stats" in res.output
+
+
+def test_cli_inspect_reads_a_snapshot(tmp_path):
+    """`slotgen inspect snap.pt` shows the same memory as the render's --stats JSON."""
+    story = tmp_path / "s.yaml"
+    story.write_text(STORY.format(policy="slot"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["render", str(story), "-o", str(tmp_path / "v.mp4"), "--snapshot", str(tmp_path / "s.pt"),
+                              "--stats", str(tmp_path / "s.json"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    from_snap = runner.invoke(app, ["inspect", str(tmp_path / "s.pt"), "--json"])
+    from_stats = runner.invoke(app, ["inspect", str(tmp_path / "s.json"), "--json"])
+    assert from_snap.exit_code == 0, from_snap.output
+    a, b = json.loads(from_snap.stdout), json.loads(from_stats.stdout)
+    jsonschema.validate(a, REPORT_SCHEMA)
+    assert a["layers"] == b["layers"] and a["bytes"] == b["bytes"]
+    res = runner.invoke(app, ["inspect", str(tmp_path / "s.pt"), "--png", str(tmp_path / "snap.png")])
+    assert res.exit_code == 0 and (tmp_path / "snap.png").stat().st_size > 0
+    (tmp_path / "broken.pt").write_bytes(b"not a snapshot")
+    res = runner.invoke(app, ["inspect", str(tmp_path / "broken.pt")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
