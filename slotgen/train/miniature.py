@@ -56,10 +56,13 @@ class TrainConfig:
     episodes: int = 128  # world episodes in the dataset
     max_gap: int = 24  # longest absence gap (video frames) of a training episode; longer absences are
     # trained through relocated context (an earlier chunk placed right before the clip)
-    vae_batch: int = 2
-    vae_frames: int = 17  # 5 latent frames: the causal caches are trained across several chunks (5-frame
-    # clips left long videos drifting: a held-out L1 of 0.35 over whole episodes)
+    vae_batch: int = 6
+    vae_frames: int = 5
+    vae_long_every: int = 3  # every n-th VAE step uses long clips instead (caches across several chunks:
+    vae_long_frames: int = 17  # 5-frame clips alone left long videos drifting, held-out L1 0.35)
+    vae_long_batch: int = 2
     vae_lr: float = 2e-3
+    vae_noise: Optional[float] = None  # None: sample the posterior; a number: z = mean + noise · N(0, 1)
     kl_weight: float = 1e-6
     dit_batch: int = 8
     dit_lr: float = 1e-3
@@ -196,9 +199,11 @@ def vae_batch(clips: list[WorldClip], rng: np.random.Generator, batch: int, fram
     return torch.stack(out)  # (B, 3, frames, H, W)
 
 
-def vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator, noise: Optional[float] = None
+             ) -> tuple[torch.Tensor, dict]:
     posterior = vae.encode(x).latent_dist
-    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    scale = posterior.std if noise is None else noise
+    z = posterior.mean + scale * torch.randn(posterior.mean.shape, generator=generator)
     x_hat = vae.decoder_forward(z) if hasattr(vae, "decoder_forward") else _decode_train(vae, z)
     rec_l1 = (x_hat - x).abs().mean()
     rec_mse = F.mse_loss(x_hat, x)
@@ -439,7 +444,8 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
 
     def vae_eval() -> float:
         with torch.no_grad():
-            return vae_loss(vae, vae_fixed, cfg.kl_weight, torch.Generator().manual_seed(cfg.seed + 2))[0].item()
+            return vae_loss(vae, vae_fixed, cfg.kl_weight, torch.Generator().manual_seed(cfg.seed + 2),
+                            cfg.vae_noise)[0].item()
 
     vae.train().requires_grad_(True)
     res.vae_eval = (vae_eval(), float("nan"))
@@ -450,8 +456,11 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     while budget.more():
         for g in opt.param_groups:
             g["lr"] = _lr(cfg.vae_lr, budget.done, budget.progress(), warm)
-        x = vae_batch(train_clips, rng, cfg.vae_batch, cfg.vae_frames)
-        loss, parts = vae_loss(vae, x, cfg.kl_weight, gen)
+        if cfg.vae_long_every and budget.done % cfg.vae_long_every == cfg.vae_long_every - 1:
+            x = vae_batch(train_clips, rng, cfg.vae_long_batch, cfg.vae_long_frames)
+        else:
+            x = vae_batch(train_clips, rng, cfg.vae_batch, cfg.vae_frames)
+        loss, parts = vae_loss(vae, x, cfg.kl_weight, gen, cfg.vae_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -616,7 +625,7 @@ companion), absence gaps 0–{cfg.max_gap} video frames, captions from the world
 
 | stage | steps | seconds | batch | lr | final loss (mean of last 50 steps) |
 |---|---|---|---|---|---|
-| VAE (L1 + MSE + {cfg.kl_weight:g}·KL, {cfg.vae_frames}-frame clips) | {res.vae_steps} | {res.vae_seconds:.0f} | {cfg.vae_batch} | {cfg.vae_lr:g} | {_tail(res.vae_losses):.4f} |
+| VAE (L1 + MSE + {cfg.kl_weight:g}·KL, z sampled from the posterior, {cfg.vae_frames}-frame clips ×{cfg.vae_batch}, every {cfg.vae_long_every}rd step {cfg.vae_long_frames}-frame clips ×{cfg.vae_long_batch}) | {res.vae_steps} | {res.vae_seconds:.0f} | {cfg.vae_batch} | {cfg.vae_lr:g} | {_tail(res.vae_losses):.4f} |
 | transformer (flow MSE, causal chunks) | {res.dit_steps} | {res.dit_seconds:.0f} | {cfg.dit_batch} | {cfg.dit_lr:g} | {_tail(res.dit_losses):.4f} |
 
 - VAE held-out reconstruction: mean |x − x̂| = {res.recon_l1:.4f} (pixel range 0–1).
