@@ -362,13 +362,14 @@ def bench_speed(
     base = {r["video_s"]: r for r in rows if r["policy"] == names[0]}
     table = Table(title=f"slotgen bench speed — {rows[0]['model']} on {device} at {rows[0]['resolution']}")
     for col in ("policy", "video s", "wall s", "×realtime", "gen fps", "chunk ms p50", "p95", "vs " + names[0],
-                "drift", "peak RSS MB", "memory MB"):
+                "drift", "peak RSS MB", "RSS growth", "memory MB"):
         table.add_column(col, justify="right")
     for r in rows:
         ratio = r["chunk_ms_median"] / base[r["video_s"]]["chunk_ms_median"]
         table.add_row(r["policy"], f"{r['video_s']:.1f}", f"{r['wall_s']:.2f}", f"{r['realtime_x']:.2f}",
                       f"{r['gen_fps']:.1f}", f"{r['chunk_ms_median']:.1f}", f"{r['chunk_ms_p95']:.1f}", f"{ratio:.3f}",
                       "-" if r["drift"] is None else f"{r['drift']:.3f}", f"{r['peak_rss_mb']:.0f}",
+                      "-" if r.get("rss_growth") is None else f"{r['rss_growth']:.3f}",
                       f"{r['memory_bytes'] / 2**20:.2f}")
     if json_out is not None:
         json_out.write_text(_json.dumps(rows, indent=2) + "\n")

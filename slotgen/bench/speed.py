@@ -11,6 +11,8 @@ Numbers reported per run:
   chunk_ms_median / chunk_ms_p95
   drift             median chunk latency of the last minute / of the first minute (flat ⇒ ≈ 1.0)
   peak_rss_mb       ru_maxrss of the worker process; peak_gpu_mb on CUDA
+  rss_growth        resident memory after the last chunk / after the first minute of chunks (same
+                    process, so allocator noise between runs cancels; bounded memory ⇒ ≈ 1.0)
 """
 
 from __future__ import annotations
@@ -62,6 +64,15 @@ def percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def resident_mb() -> float:
+    """Current resident set size of this process in MB (Linux /proc; NaN elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def run_worker(policy: str, duration: float, model: str, device: str, resolution: str | None, fps: int | None,
                chunks: int | None, steps: int | None) -> dict:
     """One measured render in this process (called inside the subprocess)."""
@@ -82,16 +93,23 @@ def run_worker(policy: str, duration: float, model: str, device: str, resolution
     renderer = Renderer(sb, bundle=bundle, device=device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    per_min = max(1, round(60 * sb.fps / (bundle.settings.vae_stride_t * bundle.settings.chunk_frames)))
+    rss: dict[str, float] = {}
+
+    def on_chunk(ev) -> None:
+        if ev.chunk + 1 == per_min:
+            rss["first_min"] = resident_mb()
+        rss["end"] = resident_mb()
+
     with tempfile.TemporaryDirectory() as tmp:
         writer = open_writer(Path(tmp) / "bench.mp4", sb.fps, renderer.size)
         t0 = time.perf_counter()
-        report = renderer.stream([writer])
+        report = renderer.stream([writer], on_chunk=on_chunk)
         writer.close()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     lat = report.chunk_seconds
-    per_min = max(1, round(60 * sb.fps / (bundle.settings.vae_stride_t * bundle.settings.chunk_frames)))
     first, last = lat[1 : 1 + per_min], lat[-per_min:]  # chunk 0 is shorter and warms caches
     out = {
         "policy": policy,
@@ -108,6 +126,7 @@ def run_worker(policy: str, duration: float, model: str, device: str, resolution
         "chunk_ms_p95": 1000 * percentile(lat, 0.95),
         "drift": (statistics.median(last) / statistics.median(first)) if len(lat) > 2 * per_min else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_growth": (rss["end"] / rss["first_min"]) if "first_min" in rss and len(lat) > per_min else None,
         "memory_bytes": renderer.policy.nbytes(),
     }
     if device.startswith("cuda"):
