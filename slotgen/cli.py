@@ -328,6 +328,19 @@ def resume(
     _report(report, renderer, quiet, output, cmd)
 
 
+def policy_list(text: str) -> list[str]:
+    """``--policies window,slot`` → ["window", "slot"], each a known memory policy."""
+    from slotgen.memory.config import MEMORY_POLICIES
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    for n in names:
+        if n not in MEMORY_POLICIES:
+            raise SlotgenError(f"--policies: unknown policy {n!r}; expected some of {', '.join(MEMORY_POLICIES)}")
+    if not names:
+        raise SlotgenError("--policies: name at least one memory policy")
+    return names
+
+
 @bench_app.command("speed")
 @user_errors
 def bench_speed(
@@ -347,12 +360,8 @@ def bench_speed(
     from rich.table import Table
 
     from slotgen.bench.speed import run_speed_bench
-    from slotgen.memory.config import MEMORY_POLICIES
 
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    for n in names:
-        if n not in MEMORY_POLICIES:
-            raise SlotgenError(f"--policies: unknown policy {n!r}; expected some of {', '.join(MEMORY_POLICIES)}")
+    names = policy_list(policies)
     try:
         durations = [float(d) for d in duration.split(",")]
     except ValueError:
@@ -447,12 +456,8 @@ def bench_identity(
 ) -> None:
     """Identity persistence: exit-and-return episodes rendered with every policy on the same seeds and noise."""
     from slotgen.bench.identity import print_report, run_identity_bench, write_plot
-    from slotgen.memory.config import MEMORY_POLICIES
 
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    for n in names:
-        if n not in MEMORY_POLICIES:
-            raise SlotgenError(f"--policies: unknown policy {n!r}; expected some of {', '.join(MEMORY_POLICIES)}")
+    names = policy_list(policies)
     try:
         gap_list = [int(g) for g in gaps.split(",") if g.strip()]
     except ValueError:
