@@ -25,7 +25,7 @@ fit the model's RoPE table (``rope_max_seq_len``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,6 @@ class StreamState:
     hw: torch.Tensor | None = None  # (N, 2) grid cell of each chunk token
     commit: bool = False  # True on the timestep-0 pass whose K/V is written to memory
     epoch: int = 0  # bumped by the engine whenever memory may have changed (new chunk)
-    # statistics collected for free during the commit pass: attention mass on memory rows per layer
-    attn_to_memory: dict[int, float] = field(default_factory=dict)
 
 
 class RopeTable:

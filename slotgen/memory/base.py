@@ -47,9 +47,6 @@ class KVBlock:
         """Rows at ``index`` (a 1-D long tensor or boolean mask over N)."""
         return KVBlock(self.k[:, index], self.v[:, index], self.frames[index], self.hw[index])
 
-    def frames_mask(self, lo: int, hi: int) -> torch.Tensor:
-        return (self.frames >= lo) & (self.frames < hi)
-
     @staticmethod
     def cat(blocks: list["KVBlock"]) -> "KVBlock | None":
         blocks = [b for b in blocks if b is not None and b.num_tokens > 0]
