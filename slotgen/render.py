@@ -153,6 +153,7 @@ class Renderer:
         ``should_stop`` is polled after every chunk (an interrupt finishes the current chunk first).
         """
         total = self.storyboard.total_frames
+        total_chunks = self.total_chunks()
         start = self.frames_emitted
         t0 = time.perf_counter()
         chunk_seconds: list[float] = []
@@ -175,7 +176,7 @@ class Renderer:
             chunk_seconds.append(res.seconds)
             prompt_chunks.append(res.prompt_index)
             if on_chunk is not None:
-                on_chunk(ChunkEvent(res.chunk, self.total_chunks(), res.prompt_index, res.prompt, self.frames_emitted,
+                on_chunk(ChunkEvent(res.chunk, total_chunks, res.prompt_index, res.prompt, self.frames_emitted,
                                     total, self.storyboard.fps, res.seconds, time.perf_counter() - t0,
                                     res.recached_frames))
             if should_stop is not None and should_stop() and self.frames_emitted < total:
@@ -200,7 +201,7 @@ def write_stats(path: str | Path, renderer: Renderer, report: RenderReport) -> N
         "chunks": report.chunks,
         "chunk_seconds": report.chunk_seconds,
         "prompt_chunks": report.prompt_chunks,
-        "memory": renderer.policy.stats(),
+        "memory": report.memory_stats,  # the policy's stats() taken when the stream ended
     }
     atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
 
