@@ -419,6 +419,8 @@ def train_miniature_cmd(
     steps_dit: Optional[int] = typer.Option(None, "--steps-dit", help="Exact transformer steps instead of the time budget."),
     episodes: Optional[int] = typer.Option(None, "--episodes", help="World episodes in the dataset (default 128)."),
     dit_batch: Optional[int] = typer.Option(None, "--dit-batch", help="Transformer batch size (default 8)."),
+    vae_from: Optional[Path] = typer.Option(None, "--vae-from", help="Reuse the VAE of a trained miniature folder "
+                                            "and train only the transformer (same seed: same transformer run)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train the miniature on the shape world: VAE, latent statistics, then the causal chunk transformer."""
@@ -434,6 +436,10 @@ def train_miniature_cmd(
         cfg.episodes = episodes
     if dit_batch is not None:
         cfg.dit_batch = dit_batch
+    if vae_from is not None:
+        if not (vae_from / "weights.safetensors").is_file():
+            raise SlotgenError(f"--vae-from {vae_from}: no weights.safetensors there (expected a trained miniature folder)")
+        cfg.vae_from = str(vae_from)
     import shlex as _shlex
 
     command = "slotgen " + " ".join(_shlex.quote(a) for a in sys.argv[1:])

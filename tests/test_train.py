@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from slotgen.cli import app
+from slotgen.errors import SlotgenError
 from slotgen.train.miniature import (CHUNK, TrainConfig, build_dataset, chunk_first_frame, sample_dit_batch,
                                      train_miniature)
 
@@ -123,3 +124,68 @@ def test_training_forward_reproduces_the_engine_stream():
         policy.end_chunk()
         ref = full[:, :, R + n * CHUNK + j * CHUNK : R + n * CHUNK + (j + 1) * CHUNK]
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_vae_batches_weight_entities_and_markings_and_tile_entity_crops():
+    from slotgen.train.miniature import _tile, vae_batch
+
+    clips = build_dataset(3, seed=2, max_gap=0)
+    clip = clips[0]
+    assert clip.pixel_class.shape == (1, *clip.frames.shape[1:])
+    assert set(clip.pixel_class.unique().tolist()) <= {0, 1, 2} and (clip.pixel_class == 2).any()
+    rng = np.random.default_rng(0)
+    x, w = vae_batch(clips, rng, 2, 5, class_weights=(1.0, 5.0, 15.0))
+    assert x.shape == (2, 3, 5, 64, 64) and w.shape == (2, 1, 5, 64, 64)
+    assert set(w.unique().tolist()) <= {1.0, 5.0, 15.0}
+    # entity-centred crops: almost every crop holds entity pixels (weights > 1) when entities are on stage
+    crops, cw = vae_batch(clips, np.random.default_rng(1), 16, 5, class_weights=(1.0, 5.0, 15.0), crop=32)
+    assert crops.shape == (16, 3, 5, 32, 32)
+    assert (cw.amax(dim=(1, 2, 3, 4)) > 1).float().mean() >= 0.75
+    # mosaics: 2×2 crops laid out row by row, pixel for pixel
+    tiles = torch.arange(4 * 2 * 3 * 4 * 4, dtype=torch.float32).reshape(4, 2, 3, 4, 4)
+    m = _tile(tiles, 2)
+    assert m.shape == (1, 2, 3, 8, 8)
+    assert torch.equal(m[0, :, :, :4, :4], tiles[0]) and torch.equal(m[0, :, :, :4, 4:], tiles[1])
+    assert torch.equal(m[0, :, :, 4:, :4], tiles[2]) and torch.equal(m[0, :, :, 4:, 4:], tiles[3])
+    mos, mw = vae_batch(clips, np.random.default_rng(1), 8, 5, crop=32, mosaic=2)
+    assert mos.shape == (2, 3, 5, 64, 64) and mw.shape == (2, 1, 5, 64, 64)
+
+
+def test_vae_loss_is_a_pixel_weighted_mean():
+    from diffusers import AutoencoderKLWan
+
+    from slotgen.models.miniature import VAE_CONFIG
+    from slotgen.train.miniature import _decode_train, vae_loss
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**VAE_CONFIG)
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    w = torch.ones(1, 1, 5, 16, 16)
+    w[..., :4, :4] = 30.0  # a heavy corner
+    with torch.no_grad():
+        loss, parts = vae_loss(vae, x, w, 0.0, torch.Generator().manual_seed(0), noise=0.0)
+        err = _decode_train(vae, vae.encode(x).latent_dist.mean) - x
+        expected = ((err.abs() + err.pow(2)) * w).sum() / (w.sum() * 3)
+        plain = (err.abs() + err.pow(2)).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert parts["plain_l1"] == pytest.approx(float(err.abs().mean()), rel=1e-5)
+    assert abs(float(expected) - float(plain)) > 1e-3  # the weights matter
+
+
+def test_vae_from_reuses_the_vae_and_trains_the_same_transformer(tmp_path):
+    """Stages draw from their own streams: skipping stage a with the VAE of a same-seed run gives the
+    very same transformer (so a transformer-only retrain reproduces the one-command run)."""
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(minutes=5, seed=1, steps_vae=3, steps_dit=4, episodes=4, vae_batch=4, dit_batch=2)
+    train_miniature(cfg, tmp_path / "full", log=lambda m: None, command="test")
+    cfg2 = TrainConfig(**{**cfg.to_dict(), "vae_from": str(tmp_path / "full")})
+    res2 = train_miniature(cfg2, tmp_path / "reuse", log=lambda m: None, command="test")
+    a, b = load_file(str(tmp_path / "full" / "weights.safetensors")), load_file(str(tmp_path / "reuse" / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert res2.vae_steps == 3  # taken from the source run's log, for the model card
+    assert "reused from" in (tmp_path / "reuse" / "MODEL_CARD.md").read_text()
+    with pytest.raises(SlotgenError):
+        train_miniature(TrainConfig(**{**cfg.to_dict(), "vae_from": str(tmp_path)}), tmp_path / "x", log=lambda m: None)

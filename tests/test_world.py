@@ -300,13 +300,16 @@ def test_compliance_fails_for_a_wrong_shape_and_for_no_motion():
     protagonist = episode.entities[0]
     other_shape = next(s for s in SHAPES if s != protagonist.shape)
     wrong = replace(episode, entities=(replace(protagonist, shape=other_shape),))
-    assert analyse_episode(render_episode(wrong).frames, episode).compliance == 0.0
+    wrong_report = analyse_episode(render_episode(wrong).frames, episode)
+    assert wrong_report.compliance == 0.0 and wrong_report.presence == 0.0
 
     still = replace(episode, segments=tuple(
         Segment("stay", 0, None, s.frames) if s.action == "move" else s for s in episode.segments))
     report = analyse_episode(render_episode(still).frames, episode)
     assert report.compliance_by_action["move"] == 0.0
     assert report.compliance_by_action["stay"] == 1.0
+    # presence only asks for the prompted kind: a still entity is present, it just does not comply
+    assert report.presence == 1.0 and report.compliance < 1.0
 
 
 def test_duplicates_and_vanishings_are_counted():

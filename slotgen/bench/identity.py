@@ -40,7 +40,7 @@ POLICY_MEMORY = {
     "bank": {"policy": "bank"},
     "slot": {"policy": "slot"},
 }
-TABLE_METRICS = ("identity_recall", "leakage", "compliance", "duplicate_rate", "vanish_rate", "flicker_proxy")
+TABLE_METRICS = ("identity_recall", "leakage", "compliance", "presence", "duplicate_rate", "vanish_rate", "flicker_proxy")
 PAIRED_METRICS = ("identity_recall", "leakage", "compliance")
 CHANCE_RECALL = 1.0 / 9.0
 CELL_COVER = 0.20  # an entity labels a token cell when it covers at least this fraction of it
@@ -220,7 +220,8 @@ def run_identity_bench(policies: list[str], gaps: list[int], episodes: int, mode
             reports[p].append(rep)
             rows.append({"policy": p, "gap": item["gap"], "seed": item["seed"], "kind": item["kind"],
                          **{m: getattr(rep, m) for m in ("identity_recall", "size_recall", "marking_recall", "leakage",
-                                                         "compliance", "duplicate_rate", "vanish_rate", "flicker_proxy")},
+                                                         "compliance", "presence", "duplicate_rate", "vanish_rate",
+                                                         "flicker_proxy")},
                          "seconds": time.perf_counter() - t})
         progress(f"episode {k + 1}/{len(eps)} (gap {item['gap']}, {item['kind']}) done, "
                  f"{time.perf_counter() - t0:.0f} s")
@@ -277,7 +278,8 @@ def print_report(result: dict) -> None:
     table = Table(title=f"slotgen bench identity — {result['model']} ({result['digest'][:12]}), window "
                         f"{result['window_latent_frames']} latent frames = {result['window_video_frames']} video frames; "
                         f"chance recall {result['chance_recall']:.2f}")
-    for col in ("policy", "gap", "n", "identity recall", "leakage", "compliance", "duplicates", "vanishings", "flicker"):
+    for col in ("policy", "gap", "n", "identity recall", "leakage", "compliance", "presence", "duplicates", "vanishings",
+                "flicker"):
         table.add_column(col, justify="right")
     for p in result["policies"]:
         for key in [*map(str, result["gaps"]), "all"]:

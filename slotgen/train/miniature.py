@@ -39,6 +39,8 @@ import torch.nn.functional as F
 
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+from slotgen.errors import SlotgenError
+
 SCHEDULE_SIGMAS = (1.0, 0.9375, 0.8333333, 0.625)  # FlowSchedule(4, 5.0).sigmas()
 CHUNK = 3  # latent frames per chunk
 STRIDE_T = 4
@@ -56,14 +58,23 @@ class TrainConfig:
     episodes: int = 128  # world episodes in the dataset
     max_gap: int = 24  # longest absence gap (video frames) of a training episode; longer absences are
     # trained through relocated context (an earlier chunk placed right before the clip)
-    vae_batch: int = 6
+    vae_batch: int = 24
     vae_frames: int = 5
+    vae_crop: Optional[int] = 32  # entity-centred crops for the short clips (long clips stay whole frames),
+    vae_mosaic: int = 2  # tiled 2×2 into 64×64 mosaics (vae_batch counts crops)
     vae_long_every: int = 3  # every n-th VAE step uses long clips instead (caches across several chunks:
     vae_long_frames: int = 17  # 5-frame clips alone left long videos drifting, held-out L1 0.35)
     vae_long_batch: int = 2
     vae_lr: float = 2e-3
-    vae_noise: Optional[float] = None  # None: sample the posterior; a number: z = mean + noise · N(0, 1)
+    vae_noise: Optional[float] = 0.0  # None: sample the posterior; a number: z = mean + noise · N(0, 1). Posterior
+    # sampling (std ≈ 1 early on, as the KL weight is tiny) drowned the entities in noise: a deterministic code
     kl_weight: float = 1e-6
+    vae_entity_weight: float = 4.0  # extra reconstruction weight on entity pixels (world label maps): entities
+    vae_marking_weight: float = 10.0  # cover ~5 % of a frame, and an unweighted loss reconstructed only the
+    # background (2026-11-25 run: 0 % entity presence); markings (the hidden traits) get more still
+    vae_from: Optional[str] = None  # a trained miniature folder whose VAE (and latent statistics) to reuse:
+    # stage a is skipped. Every stage draws from its own seeded streams, so a run with vae_from = the output
+    # of a run with the same seed and VAE settings trains the transformer exactly as that run did.
     dit_batch: int = 8
     dit_lr: float = 1e-3
     clip_chunks: int = 4  # chunks per training clip (12 latent frames)
@@ -103,6 +114,7 @@ class WorldClip:
 
     frames: torch.Tensor
     chunk_captions: list[str]
+    pixel_class: Optional[torch.Tensor] = None  # (1, T, H, W) uint8: 0 background, 1 entity, 2 marking
     latents: Optional[torch.Tensor] = None  # (16, L, h, w) normalised, filled after the VAE stage
 
 
@@ -123,6 +135,7 @@ def random_episode(rng: np.random.Generator, seed: int, max_gap: int):
 def build_dataset(n: int, seed: int, max_gap: int) -> list[WorldClip]:
     from slotgen.world import render_episode
     from slotgen.world.grammar import episode_prompts
+    from slotgen.world.scene import MARKING_COLOURS
 
     rng = np.random.default_rng(seed)
     clips = []
@@ -131,13 +144,17 @@ def build_dataset(n: int, seed: int, max_gap: int) -> list[WorldClip]:
         rendered = render_episode(ep)
         frames = torch.from_numpy(rendered.frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0).half()
         T = frames.shape[1]
+        marking = np.zeros(rendered.truth.labels.shape, dtype=bool)
+        for rgb in MARKING_COLOURS.values():
+            marking |= (rendered.frames == np.asarray(rgb, np.uint8)).all(-1)
+        pixel_class = np.where(marking, 2, (rendered.truth.labels > 0).astype(np.uint8)).astype(np.uint8)
         cues = episode_prompts(ep)
         L = 1 + (T - 1) // STRIDE_T
         captions = []
         for c in range(L // CHUNK):
             f0 = chunk_first_frame(c)
             captions.append(next(cue.text for cue in cues if cue.start <= f0 < cue.end))
-        clips.append(WorldClip(frames, captions))
+        clips.append(WorldClip(frames, captions, torch.from_numpy(pixel_class)[None]))
     return clips
 
 
@@ -189,27 +206,80 @@ def install_training_processors(transformer) -> TrainState:
 # Stage a: VAE
 
 
-def vae_batch(clips: list[WorldClip], rng: np.random.Generator, batch: int, frames: int) -> torch.Tensor:
-    out = []
+def vae_batch(clips: list[WorldClip], rng: np.random.Generator, batch: int, frames: int,
+              class_weights: tuple[float, float, float] = (1.0, 1.0, 1.0), crop: Optional[int] = None,
+              mosaic: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of ``frames`` frames: pixels (B, 3, frames, S, S) and per-pixel loss weights
+    (B, 1, frames, S, S) looked up from each pixel's class (background, entity, marking).
+
+    With ``crop`` the window is a ``crop × crop`` square placed around a random entity visible in the
+    window's middle frame (jittered so the entity lands anywhere in the crop, partly cut included), or
+    anywhere when no entity is visible. The VAE is convolutional (its mid-block attention has no position
+    code), so crops train the same weights; entity-centred crops put ~6× more entity pixels into each
+    step than whole frames, where entities cover ~5 % of the pixels. With ``mosaic = g`` every g×g crops
+    are tiled into one frame-sized mosaic (``batch`` counts crops), so the VAE's mid-block attention
+    sees as many positions as on whole frames (crops alone taught it a colour shift on whole frames).
+    """
+    table = torch.tensor(class_weights)
+    if crop is not None and mosaic:
+        batch = -(-batch // mosaic**2) * mosaic**2  # whole mosaics
+    out, weights = [], []
     for _ in range(batch):
         clip = clips[int(rng.integers(len(clips)))]
-        T = clip.frames.shape[1]
+        _, T, H, W = clip.frames.shape
         s = int(rng.integers(0, T - frames + 1))
-        out.append(clip.frames[:, s : s + frames].float())
-    return torch.stack(out)  # (B, 3, frames, H, W)
+        y0 = x0 = 0
+        size_y, size_x = H, W
+        if crop is not None and crop < min(H, W):
+            size_y = size_x = crop
+            y0, x0 = _entity_crop(clip, s + frames // 2, crop, rng)
+        window = (slice(None), slice(s, s + frames), slice(y0, y0 + size_y), slice(x0, x0 + size_x))
+        out.append(clip.frames[window].float())
+        if clip.pixel_class is None:
+            weights.append(torch.ones(1, frames, size_y, size_x))
+        else:
+            weights.append(table[clip.pixel_class[window].long()])
+    x, wts = torch.stack(out), torch.stack(weights)
+    if crop is not None and mosaic:
+        x, wts = _tile(x, mosaic), _tile(wts, mosaic)
+    return x, wts
 
 
-def vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator, noise: Optional[float] = None
-             ) -> tuple[torch.Tensor, dict]:
+def _entity_crop(clip: WorldClip, frame: int, crop: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a crop around a random entity pixel of ``frame`` (jittered), or anywhere."""
+    _, _, H, W = clip.frames.shape
+    ys = xs = np.empty(0)
+    if clip.pixel_class is not None:
+        ys, xs = np.nonzero(clip.pixel_class[0, frame].numpy())
+    if len(ys) == 0:
+        return int(rng.integers(0, H - crop + 1)), int(rng.integers(0, W - crop + 1))
+    k = int(rng.integers(len(ys)))  # a random entity pixel: larger entities are picked more often
+    cy = int(ys[k]) + int(rng.integers(-crop // 3, crop // 3 + 1))
+    cx = int(xs[k]) + int(rng.integers(-crop // 3, crop // 3 + 1))
+    return int(np.clip(cy - crop // 2, 0, H - crop)), int(np.clip(cx - crop // 2, 0, W - crop))
+
+
+def _tile(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B·grid², C, T, s, s) → (B, C, T, grid·s, grid·s): crops laid out row by row into mosaics."""
+    n, C, T, s, _ = x.shape
+    x = x.reshape(n // grid**2, grid, grid, C, T, s, s)  # (B, gy, gx, C, T, s, s)
+    return x.permute(0, 3, 4, 1, 5, 2, 6).reshape(n // grid**2, C, T, grid * s, grid * s)
+
+
+def vae_loss(vae, x: torch.Tensor, weights: torch.Tensor, kl_weight: float, generator: torch.Generator,
+             noise: Optional[float] = None) -> tuple[torch.Tensor, dict]:
+    """Weighted L1 + MSE reconstruction (weights (B, 1, T, H, W) broadcast over RGB) + kl_weight · KL."""
     posterior = vae.encode(x).latent_dist
     scale = posterior.std if noise is None else noise
     z = posterior.mean + scale * torch.randn(posterior.mean.shape, generator=generator)
-    x_hat = vae.decoder_forward(z) if hasattr(vae, "decoder_forward") else _decode_train(vae, z)
-    rec_l1 = (x_hat - x).abs().mean()
-    rec_mse = F.mse_loss(x_hat, x)
+    x_hat = _decode_train(vae, z)
+    err = x_hat - x  # (B, 3, T, H, W)
+    norm = weights.sum() * x.shape[1]
+    rec_l1 = (err.abs() * weights).sum() / norm
+    rec_mse = (err.pow(2) * weights).sum() / norm
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
     loss = rec_l1 + rec_mse + kl_weight * kl
-    return loss, {"l1": rec_l1.item(), "mse": rec_mse.item(), "kl": kl.item()}
+    return loss, {"l1": rec_l1.item(), "mse": rec_mse.item(), "kl": kl.item(), "plain_l1": err.abs().mean().item()}
 
 
 def _decode_train(vae, z: torch.Tensor) -> torch.Tensor:
@@ -422,8 +492,9 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     total_s = cfg.minutes * 60.0
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    # one seeded stream per stage, so skipping stage a (vae_from) leaves stage c's draws unchanged
+    rng_vae, gen_vae = np.random.default_rng([cfg.seed, 1]), torch.Generator().manual_seed(cfg.seed * 1000 + 1)
+    rng_dit, gen_dit = np.random.default_rng([cfg.seed, 2]), torch.Generator().manual_seed(cfg.seed * 1000 + 2)
     out = Path(out)
     res = TrainResult(out=out)
 
@@ -437,42 +508,53 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     held_out = clips[-max(2, cfg.episodes // 20):]
     train_clips = clips[: len(clips) - len(held_out)] or clips
     res.data_seconds = time.perf_counter() - t_start
+    class_weights = (1.0, 1.0 + cfg.vae_entity_weight, 1.0 + cfg.vae_entity_weight + cfg.vae_marking_weight)
 
     # ---- a. VAE
     eval_rng = np.random.default_rng(cfg.seed + 1)
-    vae_fixed = vae_batch(clips, eval_rng, cfg.vae_batch, cfg.vae_frames)
+    vae_fixed = vae_batch(clips, eval_rng, min(cfg.vae_batch, 6), cfg.vae_frames, class_weights)
 
     def vae_eval() -> float:
         with torch.no_grad():
-            return vae_loss(vae, vae_fixed, cfg.kl_weight, torch.Generator().manual_seed(cfg.seed + 2),
+            return vae_loss(vae, *vae_fixed, cfg.kl_weight, torch.Generator().manual_seed(cfg.seed + 2),
                             cfg.vae_noise)[0].item()
 
-    vae.train().requires_grad_(True)
-    res.vae_eval = (vae_eval(), float("nan"))
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    budget = _Budget(cfg.steps_vae, cfg.vae_fraction * total_s - res.data_seconds)
-    warm = 50 if cfg.steps_vae is None else max(1, min(50, cfg.steps_vae // 5))
-    t0 = time.perf_counter()
-    while budget.more():
-        for g in opt.param_groups:
-            g["lr"] = _lr(cfg.vae_lr, budget.done, budget.progress(), warm)
-        if cfg.vae_long_every and budget.done % cfg.vae_long_every == cfg.vae_long_every - 1:
-            x = vae_batch(train_clips, rng, cfg.vae_long_batch, cfg.vae_long_frames)
-        else:
-            x = vae_batch(train_clips, rng, cfg.vae_batch, cfg.vae_frames)
-        loss, parts = vae_loss(vae, x, cfg.kl_weight, gen, cfg.vae_noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        res.vae_losses.append(loss.item())
-        budget.done += 1
-        if budget.done % 50 == 0 or budget.done == 1:
-            log(f"vae step {budget.done}: loss {loss.item():.4f} l1 {parts['l1']:.4f} kl {parts['kl']:.1f} "
-                f"({time.perf_counter() - t0:.0f} s)")
-    res.vae_steps, res.vae_seconds = budget.done, time.perf_counter() - t0
-    res.vae_eval = (res.vae_eval[0], vae_eval())
-    vae.eval().requires_grad_(False)
+    if cfg.vae_from is not None:
+        vae = load_trained_vae(cfg.vae_from)
+        source = json.loads((Path(cfg.vae_from) / "training_log.json").read_text()) \
+            if (Path(cfg.vae_from) / "training_log.json").is_file() else {}
+        res.vae_losses = list(source.get("vae_losses", []))  # the source run's curve, for the card
+        res.vae_steps, res.vae_seconds = int(source.get("vae_steps", 0)), float(source.get("vae_seconds", 0.0))
+        res.vae_eval = (vae_eval(), vae_eval())
+        log(f"vae: reusing {cfg.vae_from} (stage a skipped)")
+    else:
+        vae.train().requires_grad_(True)
+        res.vae_eval = (vae_eval(), float("nan"))
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        budget = _Budget(cfg.steps_vae, cfg.vae_fraction * total_s - res.data_seconds)
+        warm = 50 if cfg.steps_vae is None else max(1, min(50, cfg.steps_vae // 5))
+        t0 = time.perf_counter()
+        while budget.more():
+            for g in opt.param_groups:
+                g["lr"] = _lr(cfg.vae_lr, budget.done, budget.progress(), warm)
+            if cfg.vae_long_every and budget.done % cfg.vae_long_every == cfg.vae_long_every - 1:
+                x, wts = vae_batch(train_clips, rng_vae, cfg.vae_long_batch, cfg.vae_long_frames, class_weights)
+            else:
+                x, wts = vae_batch(train_clips, rng_vae, cfg.vae_batch, cfg.vae_frames, class_weights, cfg.vae_crop,
+                                   cfg.vae_mosaic)
+            loss, parts = vae_loss(vae, x, wts, cfg.kl_weight, gen_vae, cfg.vae_noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            res.vae_losses.append(loss.item())
+            budget.done += 1
+            if budget.done % 50 == 0 or budget.done == 1:
+                log(f"vae step {budget.done}: loss {loss.item():.4f} l1 {parts['l1']:.4f} "
+                    f"plain l1 {parts['plain_l1']:.4f} kl {parts['kl']:.1f} ({time.perf_counter() - t0:.0f} s)")
+        res.vae_steps, res.vae_seconds = budget.done, time.perf_counter() - t0
+        res.vae_eval = (res.vae_eval[0], vae_eval())
+        vae.eval().requires_grad_(False)
 
     # latent statistics over the data → config (rebuild the VAE with them, load the weights)
     raw = encode_all(vae, clips)
@@ -519,7 +601,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     while budget.more():
         for g in opt.param_groups:
             g["lr"] = _lr(cfg.dit_lr, budget.done, budget.progress(), warm)
-        lat, ts, mask, target, caps, rope, grp = sample_dit_batch(train_clips, rng, gen, cfg, conditioner)
+        lat, ts, mask, target, caps, rope, grp = sample_dit_batch(train_clips, rng_dit, gen_dit, cfg, conditioner)
         tpf = (lat.shape[3] // 2) * (lat.shape[4] // 2)
         pred = dit_forward(transformer, state, lat, ts, mask, rope, caps, conditioner, grp, n, tpf)
         loss = F.mse_loss(pred[:, :, CHUNK + n * CHUNK :], target)
@@ -542,9 +624,37 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
                                                            "transformer_steps": res.dit_steps,
                                                            "vae_eval": list(res.vae_eval), "dit_eval": list(res.dit_eval)}})
     write_loss_png(out / "loss.png", res)
+    (out / "training_log.json").write_text(json.dumps({
+        "vae_steps": res.vae_steps, "vae_seconds": res.vae_seconds, "dit_steps": res.dit_steps,
+        "dit_seconds": res.dit_seconds, "vae_losses": res.vae_losses, "dit_losses": res.dit_losses}) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card(cfg, res, command))
     log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
     return res
+
+
+def load_trained_vae(folder: str | Path):
+    """The VAE of a trained miniature folder (weights only; latent statistics are recomputed from the data,
+    which gives the same numbers for the same VAE and dataset)."""
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file
+
+    from slotgen.models.miniature import VAE_CONFIG
+
+    root = Path(folder)
+    path = root / "weights.safetensors"
+    if not path.is_file():
+        raise SlotgenError(f"--vae-from {root}: no weights.safetensors there (expected a trained miniature folder)")
+    tensors = load_file(str(path))
+    sd = {k[len("vae."):]: v for k, v in tensors.items() if k.startswith("vae.")}
+    config = json.loads((root / "config.json").read_text()).get("vae", VAE_CONFIG) if (root / "config.json").is_file() \
+        else VAE_CONFIG
+    config = {k: v for k, v in config.items() if k not in ("latents_mean", "latents_std")}
+    vae = AutoencoderKLWan(**config)
+    missing, unexpected = vae.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise SlotgenError(f"--vae-from {path}: VAE weights do not match the miniature config "
+                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return vae.eval().requires_grad_(False)
 
 
 def _smooth(values: list[float], k: int) -> list[float]:
@@ -598,6 +708,13 @@ def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> st
     cmd = command or "slotgen train-miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     repro = (f"slotgen train-miniature --out DIR --seed {cfg.seed} --steps-vae {res.vae_steps} "
              f"--steps-dit {res.dit_steps} --minutes {cfg.minutes:g}")
+    vae_desc = (f"pixel-weighted L1 + MSE (background 1, entity {1 + cfg.vae_entity_weight:g}, marking "
+                f"{1 + cfg.vae_entity_weight + cfg.vae_marking_weight:g}) + {cfg.kl_weight:g}·KL, z sampled from the "
+                f"posterior, {cfg.vae_frames}-frame clips ×{cfg.vae_batch}"
+                + (f" as entity-centred {cfg.vae_crop}×{cfg.vae_crop} crops" if cfg.vae_crop else "")
+                + f", every {cfg.vae_long_every}rd step whole {cfg.vae_long_frames}-frame clips ×{cfg.vae_long_batch}")
+    if cfg.vae_from:
+        vae_desc += f"; **reused from `{cfg.vae_from}`** (a run with the same seed and VAE settings)"
     return f"""# Model card: slotgen miniature (trained on the shape world)
 
 Produced by `{cmd}`.
@@ -625,7 +742,7 @@ companion), absence gaps 0–{cfg.max_gap} video frames, captions from the world
 
 | stage | steps | seconds | batch | lr | final loss (mean of last 50 steps) |
 |---|---|---|---|---|---|
-| VAE (L1 + MSE + {cfg.kl_weight:g}·KL, z sampled from the posterior, {cfg.vae_frames}-frame clips ×{cfg.vae_batch}, every {cfg.vae_long_every}rd step {cfg.vae_long_frames}-frame clips ×{cfg.vae_long_batch}) | {res.vae_steps} | {res.vae_seconds:.0f} | {cfg.vae_batch} | {cfg.vae_lr:g} | {_tail(res.vae_losses):.4f} |
+| VAE ({vae_desc}) | {res.vae_steps} | {res.vae_seconds:.0f} | {cfg.vae_batch} | {cfg.vae_lr:g} | {_tail(res.vae_losses):.4f} |
 | transformer (flow MSE, causal chunks) | {res.dit_steps} | {res.dit_seconds:.0f} | {cfg.dit_batch} | {cfg.dit_lr:g} | {_tail(res.dit_losses):.4f} |
 
 - VAE held-out reconstruction: mean |x − x̂| = {res.recon_l1:.4f} (pixel range 0–1).

@@ -451,6 +451,8 @@ class EpisodeReport:
             the actor is detected with its prompted colour and shape and, in ``move`` segments, its
             centroid moved the prompted way since ``max(segment start − 1, t − MOTION_LAG)``.
         compliance_by_action: the same per action.
+        presence: fraction of the same judged frames in which the actor is detected with its prompted
+            colour and shape (compliance without the motion test).
         judged_frames: frames counted by ``compliance``.
         duplicate_rate: fraction of settled frames (every entity scripted fully inside or fully
             outside) in which some kind has more detections than scripted entities inside.
@@ -467,6 +469,7 @@ class EpisodeReport:
     marking_recall: Optional[float]
     leakage: Optional[float]
     compliance: Optional[float]
+    presence: Optional[float]
     compliance_by_action: dict[str, float]
     judged_frames: int
     duplicate_rate: Optional[float]
@@ -480,6 +483,7 @@ class EpisodeReport:
         return {
             "frames": self.frames, "identity_recall": self.identity_recall, "size_recall": self.size_recall,
             "marking_recall": self.marking_recall, "leakage": self.leakage, "compliance": self.compliance,
+            "presence": self.presence,
             "compliance_by_action": dict(self.compliance_by_action), "judged_frames": self.judged_frames,
             "duplicate_rate": self.duplicate_rate, "vanish_rate": self.vanish_rate,
             "settled_frames": self.settled_frames, "flicker_proxy": self.flicker_proxy,
@@ -487,7 +491,7 @@ class EpisodeReport:
         }
 
 
-METRICS: tuple[str, ...] = ("identity_recall", "size_recall", "marking_recall", "leakage", "compliance",
+METRICS: tuple[str, ...] = ("identity_recall", "size_recall", "marking_recall", "leakage", "compliance", "presence",
                             "duplicate_rate", "vanish_rate", "flicker_proxy")
 """Per-episode scalar metrics that :func:`aggregate` summarises."""
 
@@ -545,10 +549,13 @@ def _return_events(episode: Episode, matched: Sequence[Mapping[int, Detection]])
     return events
 
 
-def _compliance(episode: Episode, matched: Sequence[Mapping[int, Detection]]) -> tuple[list[bool], dict[str, list[bool]]]:
+def _compliance(episode: Episode, matched: Sequence[Mapping[int, Detection]]
+                ) -> tuple[list[bool], dict[str, list[bool]], list[bool]]:
+    """Per judged frame: complies (kind and motion); per action; present (kind only)."""
     trajectory = episode.trajectory
     starts = episode.segment_starts
     judged: list[bool] = []
+    present: list[bool] = []
     by_action: dict[str, list[bool]] = {}
     for index, segment in enumerate(episode.segments):
         actor = segment.entity
@@ -558,6 +565,7 @@ def _compliance(episode: Episode, matched: Sequence[Mapping[int, Detection]]) ->
             if not trajectory.inside[t, actor]:
                 continue
             ok = actor in matched[t]
+            present.append(ok)
             if ok and segment.action == "move":
                 assert segment.direction is not None
                 ref = max(starts[index] - 1, t - MOTION_LAG)
@@ -570,7 +578,7 @@ def _compliance(episode: Episode, matched: Sequence[Mapping[int, Detection]]) ->
                     ok = along >= MIN_MOTION_PIXELS and across <= along
             judged.append(ok)
             by_action.setdefault(segment.action, []).append(ok)
-    return judged, by_action
+    return judged, by_action, present
 
 
 def _counts(episode: Episode, detections: Sequence[Sequence[Detection]]) -> tuple[list[bool], list[bool]]:
@@ -643,7 +651,7 @@ def analyse_episode(frames: np.ndarray, episode: Episode) -> EpisodeReport:
     matched = [associate(detections[t], episode, t) for t in range(len(frames))]
 
     events = _return_events(episode, matched)
-    judged, by_action = _compliance(episode, matched)
+    judged, by_action, present = _compliance(episode, matched)
     duplicates, vanished = _counts(episode, detections)
     leaks = [float(e.leaked) for e in events if e.leaked is not None]
     return EpisodeReport(
@@ -653,6 +661,7 @@ def analyse_episode(frames: np.ndarray, episode: Episode) -> EpisodeReport:
         marking_recall=_mean([float(e.marking_recalled) for e in events]),
         leakage=_mean(leaks),
         compliance=_mean([float(ok) for ok in judged]),
+        presence=_mean([float(ok) for ok in present]),
         compliance_by_action={action: float(np.mean(oks)) for action, oks in by_action.items()},
         judged_frames=len(judged),
         duplicate_rate=_mean([float(d) for d in duplicates]),
