@@ -48,8 +48,11 @@ def test_mp4_has_exact_frames_and_size(tmp_path, miniature):
     assert rep.frames == want
     mp4, mkv = read_video(tmp_path / "out.mp4"), read_video(tmp_path / "out.mkv")
     assert mp4.shape == mkv.shape == (want, 64, 64, 3)
-    # the MP4 is a lossy encoding of exactly the lossless frames
-    assert np.abs(mp4.astype(int) - mkv.astype(int)).mean() < 12
+    # the MP4 is a lossy encoding of exactly the lossless frames: far closer to them than to the same
+    # frames one step out of order (the absolute error depends on how noisy the model's frames are)
+    err = np.abs(mp4.astype(int) - mkv.astype(int)).mean()
+    shifted = np.abs(mp4[1:].astype(int) - mkv[:-1].astype(int)).mean()
+    assert err < 24 and err < 0.5 * shifted, (err, shifted)
 
 
 def test_same_seed_same_frames_other_seed_differs(tmp_path, miniature):

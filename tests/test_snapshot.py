@@ -157,7 +157,10 @@ def test_cli_render_snapshot_resume_append_chain(miniature, tmp_path, monkeypatc
     # --append copies the original video (same encoder settings: a stream copy) and adds the continuation
     joined = read_video("abc.mp4")
     assert np.array_equal(joined[:36], read_video("ab.mp4"))
-    assert np.abs(joined.astype(int) - pieces.astype(int)).mean() < 16  # H.264 at 32x32 is lossy
+    # H.264 at 32x32 is lossy: the joined MP4 must be far closer to the exact pieces than to them out of step
+    err = np.abs(joined.astype(int) - pieces.astype(int)).mean()
+    shifted = np.abs(joined[1:].astype(int) - pieces[:-1].astype(int)).mean()
+    assert err < 32 and err < 0.5 * shifted, (err, shifted)
 
 
 # -- the combined timeline -------------------------------------------------------------------------------

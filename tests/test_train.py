@@ -25,7 +25,7 @@ def test_chunk_geometry_matches_the_engine():
 def test_training_mask_is_block_causal():
     clips = build_dataset(2, seed=3, max_gap=0)
     for c in clips:
-        c.latents = torch.zeros(16, 1 + (c.frames.shape[1] - 1) // 4, 8, 8)
+        c.latents = torch.zeros(16, 1 + (c.frames.shape[1] - 1) // 4, 16, 16)  # 4× spatial VAE
     cfg = TrainConfig(dit_batch=2, relocate_prob=1.0, token_drop=0.0)
     lat, ts, mask, target, caps, rope, grp = sample_dit_batch(clips, np.random.default_rng(0), torch.Generator(),
                                                               cfg, None)
@@ -91,7 +91,7 @@ def test_training_forward_reproduces_the_engine_stream():
     bundle = load_miniature()
     clips = build_dataset(1, seed=1, max_gap=0)
     clip = clips[0]
-    clip.latents = torch.randn(16, 1 + (clip.frames.shape[1] - 1) // 4, 8, 8)
+    clip.latents = torch.randn(16, 1 + (clip.frames.shape[1] - 1) // 4, 16, 16)  # 4× spatial VAE
     clip.chunk_captions = ["a red circle enters from the left on a blue background", "a blue background",
                            "a green square stays on a white background", "a red star moves up on a gray background",
                            *clip.chunk_captions[4:]]

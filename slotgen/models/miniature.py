@@ -5,8 +5,11 @@ the package, so rendering works offline on any laptop. The weights file is produ
 ``python -m slotgen.models.miniature --out slotgen/models/assets/miniature`` (random init with a fixed
 seed); a trained miniature replaces the file without changing this loading path.
 
-Sizes (64×64 video, 16 fps): VAE 8× spatial / 4× temporal → 8×8 latents → 4×4 = 16 tokens per latent
-frame; transformer dim 64 (4 heads × 16), 4 layers; UMT5 encoder d_model 32, 32 text tokens.
+Sizes (64×64 video, 16 fps): VAE 4× spatial / 4× temporal → 16×16 latents → patch 4 → 4×4 = 16 tokens
+per latent frame (each token covers 16×16 pixels, as in Wan2.1's 8× VAE + patch 2); transformer dim 64
+(4 heads × 16), 4 layers; UMT5 encoder d_model 32, 32 text tokens. The miniature compresses 4× in space,
+not 8× like Wan: an 8× VAE this small did not learn to draw the world's entities within the training
+budget (see docs/MINIATURE.md), while the token grid, and so the whole engine and memory, is the same.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ VOCABULARY = (
 ).split()
 
 TRANSFORMER_CONFIG = dict(
-    patch_size=[1, 2, 2],
+    patch_size=[1, 4, 4],
     num_attention_heads=4,
     attention_head_dim=16,
     in_channels=16,
@@ -57,7 +60,7 @@ TRANSFORMER_CONFIG = dict(
     eps=1e-6,
     rope_max_seq_len=1024,
 )
-VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True])
 TEXT_CONFIG = dict(
     d_model=32,
     d_kv=8,
@@ -71,7 +74,7 @@ TEXT_CONFIG = dict(
     eos_token_id=1,
     decoder_start_token_id=0,
 )
-SETTINGS = ModelSettings(steps=4, shift=5.0, chunk_frames=3, fps=16, resolution=(64, 64), text_len=32)
+SETTINGS = ModelSettings(steps=4, shift=5.0, chunk_frames=3, fps=16, resolution=(64, 64), text_len=32, vae_stride_s=4)
 
 
 def build_tokenizer(vocabulary: list[str]):

@@ -44,6 +44,7 @@ from slotgen.errors import SlotgenError
 SCHEDULE_SIGMAS = (1.0, 0.9375, 0.8333333, 0.625)  # FlowSchedule(4, 5.0).sigmas()
 CHUNK = 3  # latent frames per chunk
 STRIDE_T = 4
+PATCH = 4  # transformer patch side (TRANSFORMER_CONFIG patch_size (1, 4, 4)); checked in train_miniature
 
 
 @dataclass
@@ -80,7 +81,7 @@ class TrainConfig:
     clip_chunks: int = 4  # chunks per training clip (12 latent frames)
     relocate_prob: float = 0.5  # chance a sample gets an earlier chunk as relocated context
     token_drop: float = 0.5  # max fraction of relocated-context tokens dropped (sparse retrieval)
-    uniform_sigma_prob: float = 0.2
+    uniform_sigma_prob: float = 0.4  # σ ~ U(0.02, 1) instead of the schedule: also fits longer sampler schedules
     threads: int = 1  # 1 thread: on a shared 2-core machine OpenMP spin contention makes 2 threads ~5x slower
 
     def to_dict(self) -> dict:
@@ -354,7 +355,7 @@ def sample_dit_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torc
         if s > 0 and rng.random() < cfg.relocate_prob:
             reloc = int(rng.integers(0, s))
         seqs.append((clip, chunks, reloc))
-    th, tw = h // 2, w // 2
+    th, tw = h // PATCH, w // PATCH
     tpf = th * tw
     R = CHUNK  # relocated frames (always reserved, masked out when absent)
     Ftot = R + 2 * n * CHUNK
@@ -502,6 +503,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     config = {"transformer": TRANSFORMER_CONFIG, "vae": VAE_CONFIG,
               "text_encoder": {**TEXT_CONFIG, "vocab_size": len(tokenizer.get_vocab())}}
     transformer, vae, text_encoder = build_modules(config)
+    assert tuple(transformer.config.patch_size[1:]) == (PATCH, PATCH), transformer.config.patch_size
 
     log(f"data: rendering {cfg.episodes} world episodes")
     clips = build_dataset(cfg.episodes, cfg.seed, cfg.max_gap)
@@ -591,7 +593,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
 
     def dit_eval() -> float:
         lat, ts, mask, target, caps, rope, grp = fixed
-        tpf = (lat.shape[3] // 2) * (lat.shape[4] // 2)
+        tpf = (lat.shape[3] // PATCH) * (lat.shape[4] // PATCH)
         with torch.no_grad():
             pred = dit_forward(transformer, state, lat, ts, mask, rope, caps, conditioner, grp, n, tpf)
         return F.mse_loss(pred[:, :, CHUNK + n * CHUNK :], target).item()
@@ -602,7 +604,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
         for g in opt.param_groups:
             g["lr"] = _lr(cfg.dit_lr, budget.done, budget.progress(), warm)
         lat, ts, mask, target, caps, rope, grp = sample_dit_batch(train_clips, rng_dit, gen_dit, cfg, conditioner)
-        tpf = (lat.shape[3] // 2) * (lat.shape[4] // 2)
+        tpf = (lat.shape[3] // PATCH) * (lat.shape[4] // PATCH)
         pred = dit_forward(transformer, state, lat, ts, mask, rope, caps, conditioner, grp, n, tpf)
         loss = F.mse_loss(pred[:, :, CHUNK + n * CHUNK :], target)
         opt.zero_grad(set_to_none=True)
