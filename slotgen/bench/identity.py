@@ -3,7 +3,7 @@
 Protocol (all definitions fixed in this file before any results were looked at):
 
 * Episodes: for every gap g in ``gaps`` and i < ``episodes``, ``exit_return_episode(seed + i, g)``
-  (one entity) and, with ``similar``, ``exit_return_episode(seed + i, g, n_entities=2, similar=True)``
+  (one entity; seed defaults to 1000, outside the default training run's episode seeds 0..127) and, with ``similar``, ``exit_return_episode(seed + i, g, n_entities=2, similar=True)``
   (a same-kind companion with different hidden traits: the attribute-leakage test).
 * Every policy renders every episode from the same storyboard (the world grammar's captions, storyboard
   seed = episode seed), so every policy sees the same per-(seed, chunk) noise. Policies: ``window``
@@ -196,7 +196,7 @@ def slot_purity(bundle, episodes: list, slot_memory: Optional[dict] = None) -> d
 # driver
 
 
-def run_identity_bench(policies: list[str], gaps: list[int], episodes: int, model: str = "miniature", seed: int = 0,
+def run_identity_bench(policies: list[str], gaps: list[int], episodes: int, model: str = "miniature", seed: int = 1000,
                        similar: bool = True, purity: bool = True, bundle=None,
                        progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Render and score every (episode, policy); returns a JSON-able dict (see module docstring)."""

@@ -709,7 +709,7 @@ def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> st
 
     cmd = command or "slotgen train-miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     repro = (f"slotgen train-miniature --out DIR --seed {cfg.seed} --steps-vae {res.vae_steps} "
-             f"--steps-dit {res.dit_steps} --minutes {cfg.minutes:g}")
+             f"--steps-dit {res.dit_steps} --minutes {cfg.minutes:g} --threads {cfg.threads}")
     vae_desc = (f"pixel-weighted L1 + MSE (background 1, entity {1 + cfg.vae_entity_weight:g}, marking "
                 f"{1 + cfg.vae_entity_weight + cfg.vae_marking_weight:g}) + {cfg.kl_weight:g}·KL, z sampled from the "
                 f"posterior, {cfg.vae_frames}-frame clips ×{cfg.vae_batch}"
