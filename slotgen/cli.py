@@ -421,6 +421,8 @@ def train_miniature_cmd(
     dit_batch: Optional[int] = typer.Option(None, "--dit-batch", help="Transformer batch size (default 8)."),
     vae_from: Optional[Path] = typer.Option(None, "--vae-from", help="Reuse the VAE of a trained miniature folder "
                                             "and train only the transformer (same seed: same transformer run)."),
+    vae_warm_frames: int = typer.Option(0, "--vae-warm-frames", help="0 or 1+4k: long VAE steps train 8 frames after "
+                                        "this many warm-up frames (frames deep inside a video; 0 = off)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads (1 is fastest on a busy 2-core machine; "
                                 "2 is ~1.6x faster on an idle one). It changes float rounding: bit-exact re-runs need the same value."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -441,6 +443,9 @@ def train_miniature_cmd(
     if threads < 1:
         raise SlotgenError(f"--threads must be at least 1, got {threads}")
     cfg.threads = threads
+    if vae_warm_frames < 0 or (vae_warm_frames and (vae_warm_frames - 1) % 4):
+        raise SlotgenError(f"--vae-warm-frames must be 0 or 1 + 4k (e.g. 33, 49), got {vae_warm_frames}")
+    cfg.vae_warm_frames = vae_warm_frames
     if vae_from is not None:
         if not (vae_from / "weights.safetensors").is_file():
             raise SlotgenError(f"--vae-from {vae_from}: no weights.safetensors there (expected a trained miniature folder)")

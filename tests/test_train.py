@@ -66,6 +66,10 @@ def test_tiny_training_run_learns_and_writes_a_loadable_miniature(tmp_path):
 def test_cli_rejects_bad_budgets(tmp_path):
     r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--minutes", "0"])
     assert r.exit_code == 2 and "--minutes" in (r.stderr if hasattr(r, "stderr") else r.output)
+    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--vae-warm-frames", "8"])
+    assert r.exit_code == 2 and "1 + 4k" in (r.stderr if hasattr(r, "stderr") else r.output)
+    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--vae-from", str(tmp_path)])
+    assert r.exit_code == 2 and "weights.safetensors" in (r.stderr if hasattr(r, "stderr") else r.output)
 
 
 def test_unknown_words_warn_by_name():
@@ -189,3 +193,36 @@ def test_vae_from_reuses_the_vae_and_trains_the_same_transformer(tmp_path):
     assert "reused from" in (tmp_path / "reuse" / "MODEL_CARD.md").read_text()
     with pytest.raises(SlotgenError):
         train_miniature(TrainConfig(**{**cfg.to_dict(), "vae_from": str(tmp_path)}), tmp_path / "x", log=lambda m: None)
+
+
+def test_warm_cache_reconstruction_equals_the_tail_of_one_long_pass():
+    """Training frames deep inside a video: the warm-cache pass reproduces one long encode/decode."""
+    from diffusers import AutoencoderKLWan
+
+    from slotgen.models.miniature import VAE_CONFIG
+    from slotgen.train.miniature import _decode_train, warm_cache_reconstruct
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**VAE_CONFIG)
+    warm, x = torch.rand(1, 3, 9, 32, 32) * 2 - 1, torch.rand(1, 3, 8, 32, 32) * 2 - 1
+    with torch.no_grad():
+        long_mu = vae.encode(torch.cat([warm, x], 2)).latent_dist.mean  # (1, 16, 5, 8, 8)
+        long_out = _decode_train(vae, long_mu)
+    out, mu = warm_cache_reconstruct(vae, warm, x)
+    assert mu.requires_grad and out.requires_grad  # the gradient flows through the x part only
+    torch.testing.assert_close(mu.detach(), long_mu[:, :, 3:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.detach(), long_out[:, :, 9:], rtol=1e-5, atol=1e-5)
+    # and it is not the same as starting x from an empty cache
+    with torch.no_grad():
+        cold = _decode_train(vae, vae.encode(torch.cat([x[:, :, :1], x], 2)).latent_dist.mean)[:, :, 1:]
+    assert (cold - out.detach()).abs().max() > 1e-3
+
+
+def test_warm_cache_vae_steps_train(tmp_path):
+    cfg = TrainConfig(minutes=5, seed=0, steps_vae=6, steps_dit=1, episodes=4, vae_batch=4, dit_batch=2,
+                      vae_long_every=2, vae_warm_frames=9)
+    res = train_miniature(cfg, tmp_path / "warm", log=lambda m: None, command="test")
+    assert res.vae_steps == 6 and all(np.isfinite(res.vae_losses))
+    assert res.vae_eval[1] < res.vae_eval[0]
+    with pytest.raises(SlotgenError, match="1 \\+ 4k"):
+        train_miniature(TrainConfig(**{**cfg.to_dict(), "vae_warm_frames": 8}), tmp_path / "bad", log=lambda m: None)

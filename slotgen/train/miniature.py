@@ -66,6 +66,9 @@ class TrainConfig:
     vae_long_every: int = 3  # every n-th VAE step uses long clips instead (caches across several chunks:
     vae_long_frames: int = 17  # 5-frame clips alone left long videos drifting, held-out L1 0.35)
     vae_long_batch: int = 2
+    vae_warm_frames: int = 0  # 1 + 4k > 0: the long steps instead train 8 frames that follow this many warm-up
+    # frames (caches filled under no_grad: warm_cache_reconstruct), i.e. frames deep inside a video.
+    # 0 (the default, as in the recorded runs) = off. The recorded 4× VAE drifts past its 17-frame clips.
     vae_lr: float = 2e-3
     vae_noise: Optional[float] = 0.0  # None: sample the posterior; a number: z = mean + noise · N(0, 1). Posterior
     # sampling (std ≈ 1 early on, as the KL weight is tiny) drowned the entities in noise: a deterministic code
@@ -295,6 +298,54 @@ def _decode_train(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs, dim=2)
 
 
+def warm_vae_loss(vae, warm: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, kl_weight: float
+                  ) -> tuple[torch.Tensor, dict]:
+    """:func:`vae_loss` for frames after a warm-up (deterministic code; the KL term reduces to 0.5·μ²)."""
+    x_hat, mu = warm_cache_reconstruct(vae, warm, x)
+    err = x_hat - x
+    norm = weights.sum() * x.shape[1]
+    rec_l1 = (err.abs() * weights).sum() / norm
+    rec_mse = (err.pow(2) * weights).sum() / norm
+    kl = 0.5 * mu.pow(2).mean()
+    loss = rec_l1 + rec_mse + kl_weight * kl
+    return loss, {"l1": rec_l1.item(), "mse": rec_mse.item(), "kl": kl.item(), "plain_l1": err.abs().mean().item()}
+
+
+def warm_cache_reconstruct(vae, warm: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reconstruct ``x`` as frames that come *after* ``warm`` in one causal video: (x̂, posterior means).
+
+    ``warm`` (B, 3, 1 + 4k, H, W) runs through encoder and decoder under ``no_grad`` only to fill their
+    causal caches; ``x`` (B, 3, 4m, H, W) then runs with gradients, continuing those caches (truncated
+    backprop through time). x̂ equals the last 4m frames of encoding and decoding ``cat(warm, x)`` in
+    one pass (tested), so training sees the cache states of frames deep inside a video — which plain
+    clips, always starting from an empty cache, never show (the drift recorded in docs/MINIATURE.md).
+    """
+    assert (warm.shape[2] - 1) % 4 == 0 and x.shape[2] % 4 == 0, (warm.shape, x.shape)
+    vae.clear_cache()
+
+    def encode_group(frames: torch.Tensor) -> torch.Tensor:
+        vae._enc_conv_idx = [0]
+        return vae.encoder(frames, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx)
+
+    def decode_frame(z_frame: torch.Tensor, first: bool) -> torch.Tensor:
+        vae._conv_idx = [0]
+        return vae.decoder(z_frame, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=first)
+
+    with torch.no_grad():  # warm-up: fill encoder caches, then decoder caches with the warm latents
+        enc = [encode_group(warm[:, :, :1])]
+        enc += [encode_group(warm[:, :, 1 + 4 * i : 5 + 4 * i]) for i in range((warm.shape[2] - 1) // 4)]
+        warm_mu = vae.quant_conv(torch.cat(enc, 2)).chunk(2, dim=1)[0]  # (B, z, 1 + k, h, w)
+        warm_z = vae.post_quant_conv(warm_mu)
+        for i in range(warm_z.shape[2]):
+            decode_frame(warm_z[:, :, i : i + 1], i == 0)
+    enc = torch.cat([encode_group(x[:, :, 4 * i : 4 * i + 4]) for i in range(x.shape[2] // 4)], 2)
+    mu = vae.quant_conv(enc).chunk(2, dim=1)[0]  # (B, z, m, h, w)
+    z = vae.post_quant_conv(mu)
+    out = torch.cat([decode_frame(z[:, :, i : i + 1], False) for i in range(z.shape[2])], 2)
+    vae.clear_cache()
+    return out, mu
+
+
 @torch.no_grad()
 def encode_clip(vae, frames: torch.Tensor) -> torch.Tensor:
     """(3, T, H, W) in [-1, 1] → raw posterior means (16, L, h, w)."""
@@ -489,6 +540,8 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     from slotgen.models.miniature import (SETTINGS, TEXT_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, VOCABULARY,
                                           build_modules, build_tokenizer, write_miniature)
 
+    if cfg.vae_warm_frames and (cfg.vae_warm_frames - 1) % 4:
+        raise SlotgenError(f"vae_warm_frames must be 0 or 1 + 4k, got {cfg.vae_warm_frames}")
     t_start = time.perf_counter()
     total_s = cfg.minutes * 60.0
     torch.set_num_threads(cfg.threads)
@@ -539,12 +592,18 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
         while budget.more():
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg.vae_lr, budget.done, budget.progress(), warm)
-            if cfg.vae_long_every and budget.done % cfg.vae_long_every == cfg.vae_long_every - 1:
-                x, wts = vae_batch(train_clips, rng_vae, cfg.vae_long_batch, cfg.vae_long_frames, class_weights)
+            long_step = cfg.vae_long_every and budget.done % cfg.vae_long_every == cfg.vae_long_every - 1
+            if long_step and cfg.vae_warm_frames:
+                W = cfg.vae_warm_frames
+                x, wts = vae_batch(train_clips, rng_vae, cfg.vae_long_batch, W + 8, class_weights)
+                loss, parts = warm_vae_loss(vae, x[:, :, :W], x[:, :, W:], wts[:, :, W:], cfg.kl_weight)
             else:
-                x, wts = vae_batch(train_clips, rng_vae, cfg.vae_batch, cfg.vae_frames, class_weights, cfg.vae_crop,
-                                   cfg.vae_mosaic)
-            loss, parts = vae_loss(vae, x, wts, cfg.kl_weight, gen_vae, cfg.vae_noise)
+                if long_step:
+                    x, wts = vae_batch(train_clips, rng_vae, cfg.vae_long_batch, cfg.vae_long_frames, class_weights)
+                else:
+                    x, wts = vae_batch(train_clips, rng_vae, cfg.vae_batch, cfg.vae_frames, class_weights,
+                                       cfg.vae_crop, cfg.vae_mosaic)
+                loss, parts = vae_loss(vae, x, wts, cfg.kl_weight, gen_vae, cfg.vae_noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
