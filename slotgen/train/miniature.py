@@ -276,12 +276,16 @@ def vae_loss(vae, x: torch.Tensor, weights: torch.Tensor, kl_weight: float, gene
     posterior = vae.encode(x).latent_dist
     scale = posterior.std if noise is None else noise
     z = posterior.mean + scale * torch.randn(posterior.mean.shape, generator=generator)
-    x_hat = _decode_train(vae, z)
-    err = x_hat - x  # (B, 3, T, H, W)
-    norm = weights.sum() * x.shape[1]
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+    return _weighted_loss(_decode_train(vae, z) - x, weights, kl, kl_weight)
+
+
+def _weighted_loss(err: torch.Tensor, weights: torch.Tensor, kl: torch.Tensor, kl_weight: float
+                   ) -> tuple[torch.Tensor, dict]:
+    """Pixel-weighted mean L1 + MSE of ``err`` (B, 3, T, H, W) with weights (B, 1, T, H, W), + kl_weight · kl."""
+    norm = weights.sum() * err.shape[1]
     rec_l1 = (err.abs() * weights).sum() / norm
     rec_mse = (err.pow(2) * weights).sum() / norm
-    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
     loss = rec_l1 + rec_mse + kl_weight * kl
     return loss, {"l1": rec_l1.item(), "mse": rec_mse.item(), "kl": kl.item(), "plain_l1": err.abs().mean().item()}
 
@@ -302,13 +306,7 @@ def warm_vae_loss(vae, warm: torch.Tensor, x: torch.Tensor, weights: torch.Tenso
                   ) -> tuple[torch.Tensor, dict]:
     """:func:`vae_loss` for frames after a warm-up (deterministic code; the KL term reduces to 0.5·μ²)."""
     x_hat, mu = warm_cache_reconstruct(vae, warm, x)
-    err = x_hat - x
-    norm = weights.sum() * x.shape[1]
-    rec_l1 = (err.abs() * weights).sum() / norm
-    rec_mse = (err.pow(2) * weights).sum() / norm
-    kl = 0.5 * mu.pow(2).mean()
-    loss = rec_l1 + rec_mse + kl_weight * kl
-    return loss, {"l1": rec_l1.item(), "mse": rec_mse.item(), "kl": kl.item(), "plain_l1": err.abs().mean().item()}
+    return _weighted_loss(x_hat - x, weights, 0.5 * mu.pow(2).mean(), kl_weight)
 
 
 def warm_cache_reconstruct(vae, warm: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -694,28 +692,11 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
 
 
 def load_trained_vae(folder: str | Path):
-    """The VAE of a trained miniature folder (weights only; latent statistics are recomputed from the data,
-    which gives the same numbers for the same VAE and dataset)."""
-    from diffusers import AutoencoderKLWan
-    from safetensors.torch import load_file
+    """The VAE of a trained miniature folder, through the regular loading path (latent statistics are
+    recomputed from the data afterwards, which gives the same numbers for the same VAE and dataset)."""
+    from slotgen.models.miniature import load_miniature
 
-    from slotgen.models.miniature import VAE_CONFIG
-
-    root = Path(folder)
-    path = root / "weights.safetensors"
-    if not path.is_file():
-        raise SlotgenError(f"--vae-from {root}: no weights.safetensors there (expected a trained miniature folder)")
-    tensors = load_file(str(path))
-    sd = {k[len("vae."):]: v for k, v in tensors.items() if k.startswith("vae.")}
-    config = json.loads((root / "config.json").read_text()).get("vae", VAE_CONFIG) if (root / "config.json").is_file() \
-        else VAE_CONFIG
-    config = {k: v for k, v in config.items() if k not in ("latents_mean", "latents_std")}
-    vae = AutoencoderKLWan(**config)
-    missing, unexpected = vae.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise SlotgenError(f"--vae-from {path}: VAE weights do not match the miniature config "
-                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    return vae.eval().requires_grad_(False)
+    return load_miniature(folder).vae.eval().requires_grad_(False)
 
 
 def _smooth(values: list[float], k: int) -> list[float]:
