@@ -66,6 +66,8 @@ def test_tiny_training_run_learns_and_writes_a_loadable_miniature(tmp_path):
 def test_cli_rejects_bad_budgets(tmp_path):
     r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--minutes", "0"])
     assert r.exit_code == 2 and "--minutes" in (r.stderr if hasattr(r, "stderr") else r.output)
+    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--threads", "0"])
+    assert r.exit_code == 2 and "--threads" in (r.stderr if hasattr(r, "stderr") else r.output)
     r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--vae-warm-frames", "8"])
     assert r.exit_code == 2 and "1 + 4k" in (r.stderr if hasattr(r, "stderr") else r.output)
     r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--vae-from", str(tmp_path)])
