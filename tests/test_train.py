@@ -7,12 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from slotgen.cli import app
+from slotgen.models.miniature import VAE_CONFIG
 from slotgen.errors import SlotgenError
 from slotgen.train.miniature import (CHUNK, TrainConfig, build_dataset, chunk_first_frame, sample_dit_batch,
                                      train_miniature)
+
+
+Z = VAE_CONFIG["z_dim"]  # latent channels of the miniature
 
 
 def test_chunk_geometry_matches_the_engine():
@@ -25,9 +30,9 @@ def test_chunk_geometry_matches_the_engine():
 def test_training_mask_is_block_causal():
     clips = build_dataset(2, seed=3, max_gap=0)
     for c in clips:
-        c.latents = torch.zeros(16, 1 + (c.frames.shape[1] - 1) // 4, 16, 16)  # 4× spatial VAE
+        c.latents = torch.zeros(Z, 1 + (c.frames.shape[1] - 1) // 4, 16, 16)  # 4× spatial VAE
     cfg = TrainConfig(dit_batch=2, relocate_prob=1.0, token_drop=0.0)
-    lat, ts, mask, target, caps, rope, grp = sample_dit_batch(clips, np.random.default_rng(0), torch.Generator(),
+    lat, ts, mask, target, loss_w, caps, rope, grp = sample_dit_batch(clips, np.random.default_rng(0), torch.Generator(),
                                                               cfg, None)
     n, tpf = cfg.clip_chunks, 16
     g = grp.repeat_interleave(tpf)
@@ -55,7 +60,7 @@ def test_tiny_training_run_learns_and_writes_a_loadable_miniature(tmp_path):
     for name in ("config.json", "tokenizer.json", "weights.safetensors", "MODEL_CARD.md", "loss.png"):
         assert (tmp_path / "mini" / name).is_file()
     config = json.loads((tmp_path / "mini" / "config.json").read_text())
-    assert len(config["vae"]["latents_std"]) == 16
+    assert len(config["vae"]["latents_std"]) == Z
     from slotgen.models.miniature import load_miniature
 
     bundle = load_miniature(tmp_path / "mini")
@@ -97,7 +102,7 @@ def test_training_forward_reproduces_the_engine_stream():
     bundle = load_miniature()
     clips = build_dataset(1, seed=1, max_gap=0)
     clip = clips[0]
-    clip.latents = torch.randn(16, 1 + (clip.frames.shape[1] - 1) // 4, 16, 16)  # 4× spatial VAE
+    clip.latents = torch.randn(Z, 1 + (clip.frames.shape[1] - 1) // 4, 16, 16)  # 4× spatial VAE
     clip.chunk_captions = ["a red circle enters from the left on a blue background", "a blue background",
                            "a green square stays on a white background", "a red star moves up on a gray background",
                            *clip.chunk_captions[4:]]
@@ -109,7 +114,7 @@ def test_training_forward_reproduces_the_engine_stream():
     n = cfg.clip_chunks
     clip.latents = clip.latents[:, : n * CHUNK]
     clip.chunk_captions = clip.chunk_captions[:n]
-    lat, ts, mask, target, caps, rope, grp = sample_dit_batch([clip], rng, torch.Generator().manual_seed(0), cfg, cond)
+    lat, ts, mask, target, loss_w, caps, rope, grp = sample_dit_batch([clip], rng, torch.Generator().manual_seed(0), cfg, cond)
     state = install_training_processors(tr)
     with torch.no_grad():
         full = dit_forward(tr, state, lat, ts, mask, rope, caps, cond, grp, n, 16)
@@ -228,3 +233,39 @@ def test_warm_cache_vae_steps_train(tmp_path):
     assert res.vae_eval[1] < res.vae_eval[0]
     with pytest.raises(SlotgenError, match="1 \\+ 4k"):
         train_miniature(TrainConfig(**{**cfg.to_dict(), "vae_warm_frames": 8}), tmp_path / "bad", log=lambda m: None)
+
+
+def test_entity_cells_mark_the_latent_cells_entities_touch():
+    from slotgen.train.miniature import latent_entity_cells
+
+    clip = build_dataset(1, seed=2, max_gap=0)[0]
+    T = clip.frames.shape[1]
+    cells = clip.entity_cells
+    assert torch.equal(cells, latent_entity_cells(clip.pixel_class))
+    assert cells.shape == (1 + (T - 1) // 4, 16, 16)  # one map per latent frame, 4×4-pixel cells
+    entity = clip.pixel_class[0].numpy() > 0
+    for f in range(T):  # every entity pixel of video frame f lies in a marked cell of its latent frame
+        lat = 0 if f == 0 else 1 + (f - 1) // 4
+        ys, xs = np.nonzero(entity[f])
+        assert bool(cells[lat, ys // 4, xs // 4].all())
+    assert 0.0 < cells.float().mean() < 0.5  # entities are small: most cells are background
+    empty = torch.zeros_like(clip.pixel_class)
+    assert not latent_entity_cells(empty).any()
+
+
+def test_flow_loss_weights_entity_cells():
+    from slotgen.train.miniature import weighted_mse
+
+    clips = build_dataset(2, seed=3, max_gap=0)
+    for c in clips:
+        c.latents = torch.zeros(Z, 1 + (c.frames.shape[1] - 1) // 4, 16, 16)
+    cfg = TrainConfig(dit_batch=2, dit_entity_weight=4.0)
+    _, _, _, target, loss_w, _, _, _ = sample_dit_batch(clips, np.random.default_rng(0), torch.Generator(), cfg,
+                                                        None)
+    assert loss_w.shape == (2, 1, target.shape[2], 16, 16)
+    assert set(loss_w.unique().tolist()) == {1.0, 5.0}
+    pred = torch.randn(target.shape)
+    assert torch.isclose(weighted_mse(pred, target, torch.ones_like(loss_w)), F.mse_loss(pred, target))
+    half = torch.zeros_like(loss_w)
+    half[..., :8] = 1.0
+    assert torch.isclose(weighted_mse(pred, target, half), F.mse_loss(pred[..., :8], target[..., :8]))

@@ -80,6 +80,7 @@ class TrainConfig:
     # stage a is skipped. Every stage draws from its own seeded streams, so a run with vae_from = the output
     # of a run with the same seed and VAE settings trains the transformer exactly as that run did.
     dit_batch: int = 8
+    dit_entity_weight: float = 4.0  # extra flow-loss weight on latent cells an entity touches (~10 % of cells)
     dit_lr: float = 1e-3
     clip_chunks: int = 4  # chunks per training clip (12 latent frames)
     relocate_prob: float = 0.5  # chance a sample gets an earlier chunk as relocated context
@@ -119,7 +120,19 @@ class WorldClip:
     frames: torch.Tensor
     chunk_captions: list[str]
     pixel_class: Optional[torch.Tensor] = None  # (1, T, H, W) uint8: 0 background, 1 entity, 2 marking
-    latents: Optional[torch.Tensor] = None  # (16, L, h, w) normalised, filled after the VAE stage
+    latents: Optional[torch.Tensor] = None  # (z, L, h, w) normalised, filled after the VAE stage
+    entity_cells: Optional[torch.Tensor] = None  # (L, H/4, W/4) bool: latent cells an entity touches
+
+
+def latent_entity_cells(pixel_class: torch.Tensor, stride_t: int = STRIDE_T, stride_s: int = 4) -> torch.Tensor:
+    """(1, T, H, W) pixel classes → (L, H/s, W/s) bool: the latent cells whose video frames (1 for the
+    first latent frame, 4 for each later one) show an entity pixel, dilated by one cell (edges, motion)."""
+    m = (pixel_class[0] > 0).float()  # (T, H, W)
+    T = m.shape[0]
+    groups = [m[:1]] + [m[1 + stride_t * i : 1 + stride_t * (i + 1)] for i in range((T - 1) // stride_t)]
+    g = torch.stack([x.amax(0) for x in groups])[:, None]  # (L, 1, H, W)
+    cells = F.max_pool2d(g, stride_s)  # (L, 1, H/s, W/s)
+    return F.max_pool2d(cells, 3, 1, 1)[:, 0] > 0
 
 
 def chunk_first_frame(chunk: int) -> int:
@@ -158,7 +171,8 @@ def build_dataset(n: int, seed: int, max_gap: int) -> list[WorldClip]:
         for c in range(L // CHUNK):
             f0 = chunk_first_frame(c)
             captions.append(next(cue.text for cue in cues if cue.start <= f0 < cue.end))
-        clips.append(WorldClip(frames, captions, torch.from_numpy(pixel_class)[None]))
+        pixel_class = torch.from_numpy(pixel_class)[None]
+        clips.append(WorldClip(frames, captions, pixel_class, entity_cells=latent_entity_cells(pixel_class)))
     return clips
 
 
@@ -346,7 +360,7 @@ def warm_cache_reconstruct(vae, warm: torch.Tensor, x: torch.Tensor) -> tuple[to
 
 @torch.no_grad()
 def encode_clip(vae, frames: torch.Tensor) -> torch.Tensor:
-    """(3, T, H, W) in [-1, 1] → raw posterior means (16, L, h, w)."""
+    """(3, T, H, W) in [-1, 1] → raw posterior means (z, L, h, w)."""
     return vae.encode(frames[None].float()).latent_dist.mean[0]
 
 
@@ -385,8 +399,9 @@ def token_coords(frame_positions: list[int], th: int, tw: int) -> tuple[torch.Te
 
 def sample_dit_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig,
                      text_embeds: Callable[[str], torch.Tensor]):
-    """Build one batch. Returns latents (B, C, Ftot, h, w), timesteps (B, N), embeds per chunk, masks,
-    target flow on noisy frames and a per-frame loss weight."""
+    """Build one batch. Returns latents (B, C, Ftot, h, w), timesteps (B, N), masks (B, 1, N, N), the target
+    flow on the noisy frames (B, C, n·CHUNK, h, w), its loss weights (B, 1, n·CHUNK, h, w: 1 + dit_entity_weight
+    on cells an entity touches), the captions per chunk, RoPE coordinates and frame group ids."""
     n = cfg.clip_chunks
     B = cfg.dit_batch
     seqs, ts, masks, targets, embeds_all, loss_masks = [], [], [], [], [], []
@@ -409,10 +424,11 @@ def sample_dit_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torc
     R = CHUNK  # relocated frames (always reserved, masked out when absent)
     Ftot = R + 2 * n * CHUNK
     N = Ftot * tpf
-    lat_batch = torch.zeros(B, 16, Ftot, h, w)
+    lat_batch = torch.zeros(B, C, Ftot, h, w)
     tsteps = torch.zeros(B, N)
     mask = torch.zeros(B, 1, N, N, dtype=torch.bool)
-    target = torch.zeros(B, 16, n * CHUNK, h, w)
+    target = torch.zeros(B, C, n * CHUNK, h, w)
+    loss_w = torch.ones(B, 1, n * CHUNK, h, w)  # flow-loss weight per latent cell of the noisy frames
     # frame-level "group" ids: reloc = 0, clean chunk i = 1 + i, noisy chunk j = 1 + n + j
     grp = torch.tensor([0] * R + [1 + i for i in range(n) for _ in range(CHUNK)]
                        + [1 + n + j for j in range(n) for _ in range(CHUNK)])
@@ -455,6 +471,9 @@ def sample_dit_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torc
         sig_f = torch.tensor(sig).repeat_interleave(CHUNK)[None, :, None, None]  # (1, nF, 1, 1)
         lat_batch[b, :, R + n * CHUNK :] = (1 - sig_f) * clean + sig_f * noise
         target[b] = noise - clean
+        if clip.entity_cells is not None:
+            cells = torch.cat([clip.entity_cells[c * CHUNK : (c + 1) * CHUNK] for c in chunks])  # (nF, h, w)
+            loss_w[b, 0] += cfg.dit_entity_weight * cells.float()
         tsteps[b, (R + n * CHUNK) * tpf :] = (torch.tensor(sig).repeat_interleave(CHUNK * tpf) * 1000.0)
         mask[b, 0] = m
         # captions: block 0 = relocated chunk's, block 1 + i = clip chunk i's (clean and noisy copies)
@@ -463,7 +482,12 @@ def sample_dit_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torc
     # RoPE positions: reloc frames 0..R-1, clean chunk i frames R + 3i.., noisy chunk j = clean chunk j
     pos = list(range(R)) + [R + f for f in range(n * CHUNK)] + [R + f for f in range(n * CHUNK)]
     t_pos, hw = token_coords(pos, th, tw)
-    return lat_batch, tsteps, mask, target, embeds, (t_pos, hw), grp
+    return lat_batch, tsteps, mask, target, loss_w, embeds, (t_pos, hw), grp
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of w · (pred − target)² with per-cell weights (B, 1, F, h, w) broadcast over channels."""
+    return ((pred - target).pow(2) * weights).sum() / (weights.sum() * pred.shape[1])
 
 
 class CaptionConditioner:
@@ -617,7 +641,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
 
     # latent statistics over the data → config (rebuild the VAE with them, load the weights)
     raw = encode_all(vae, clips)
-    flat = torch.cat([r.flatten(1) for r in raw], dim=1)  # (16, total)
+    flat = torch.cat([r.flatten(1) for r in raw], dim=1)  # (z, total)
     mean, std = flat.mean(1), flat.std(1).clamp_min(1e-4)
     res.latents_mean, res.latents_std = [float(v) for v in mean], [float(v) for v in std]
     vae_config = {**VAE_CONFIG, "latents_mean": res.latents_mean, "latents_std": res.latents_std}
@@ -649,21 +673,22 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
                              cfg, conditioner)
 
     def dit_eval() -> float:
-        lat, ts, mask, target, caps, rope, grp = fixed
+        lat, ts, mask, target, loss_w, caps, rope, grp = fixed
         tpf = (lat.shape[3] // PATCH) * (lat.shape[4] // PATCH)
         with torch.no_grad():
             pred = dit_forward(transformer, state, lat, ts, mask, rope, caps, conditioner, grp, n, tpf)
-        return F.mse_loss(pred[:, :, CHUNK + n * CHUNK :], target).item()
+        return weighted_mse(pred[:, :, CHUNK + n * CHUNK :], target, loss_w).item()
 
     res.dit_eval = (dit_eval(), float("nan"))
     t0 = time.perf_counter()
     while budget.more():
         for g in opt.param_groups:
             g["lr"] = _lr(cfg.dit_lr, budget.done, budget.progress(), warm)
-        lat, ts, mask, target, caps, rope, grp = sample_dit_batch(train_clips, rng_dit, gen_dit, cfg, conditioner)
+        lat, ts, mask, target, loss_w, caps, rope, grp = sample_dit_batch(train_clips, rng_dit, gen_dit, cfg,
+                                                                          conditioner)
         tpf = (lat.shape[3] // PATCH) * (lat.shape[4] // PATCH)
         pred = dit_forward(transformer, state, lat, ts, mask, rope, caps, conditioner, grp, n, tpf)
-        loss = F.mse_loss(pred[:, :, CHUNK + n * CHUNK :], target)
+        loss = weighted_mse(pred[:, :, CHUNK + n * CHUNK :], target, loss_w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
