@@ -423,11 +423,16 @@ def train_miniature_cmd(
                                             "and train only the transformer (same seed: same transformer run)."),
     vae_warm_frames: int = typer.Option(0, "--vae-warm-frames", help="0 or 1+4k: long VAE steps train 8 frames after "
                                         "this many warm-up frames (frames deep inside a video; 0 = off)."),
+    warm_steps: int = typer.Option(0, "--warm-steps", help="Stage b: fine-tune the VAE this many steps on frames after "
+                                   "1-49 warm-up frames (caches filled), against colour drift in long videos."),
+    warm_encoder: bool = typer.Option(True, "--warm-encoder/--warm-decoder-only", help="Stage b trains encoder and decoder, "
+                                      "or the decoder only (latents unchanged)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads (1 is fastest on a busy 2-core machine; "
                                 "2 is ~1.6x faster on an idle one). It changes float rounding: bit-exact re-runs need the same value."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Train the miniature on the shape world: VAE, latent statistics, then the causal chunk transformer."""
+    """Train the miniature on the shape world: VAE, optionally its decoder on warm caches, latent statistics,
+    then the causal chunk transformer."""
     from slotgen.train.miniature import TrainConfig, train_miniature
 
     if minutes <= 0:
@@ -446,6 +451,10 @@ def train_miniature_cmd(
     if vae_warm_frames < 0 or (vae_warm_frames and (vae_warm_frames - 1) % 4):
         raise SlotgenError(f"--vae-warm-frames must be 0 or 1 + 4k (e.g. 33, 49), got {vae_warm_frames}")
     cfg.vae_warm_frames = vae_warm_frames
+    if warm_steps < 0:
+        raise SlotgenError(f"--warm-steps must be 0 or more, got {warm_steps}")
+    cfg.warm_steps = warm_steps
+    cfg.warm_encoder = warm_encoder
     if vae_from is not None:
         if not (vae_from / "weights.safetensors").is_file():
             raise SlotgenError(f"--vae-from {vae_from}: no weights.safetensors there (expected a trained miniature folder)")

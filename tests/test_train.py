@@ -75,6 +75,8 @@ def test_cli_rejects_bad_budgets(tmp_path):
     assert r.exit_code == 2 and "--threads" in (r.stderr if hasattr(r, "stderr") else r.output)
     r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--vae-warm-frames", "8"])
     assert r.exit_code == 2 and "1 + 4k" in (r.stderr if hasattr(r, "stderr") else r.output)
+    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--warm-steps", "-1"])
+    assert r.exit_code == 2 and "--warm-steps" in (r.stderr if hasattr(r, "stderr") else r.output)
     r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--vae-from", str(tmp_path)])
     assert r.exit_code == 2 and "weights.safetensors" in (r.stderr if hasattr(r, "stderr") else r.output)
 
@@ -200,6 +202,22 @@ def test_vae_from_reuses_the_vae_and_trains_the_same_transformer(tmp_path):
     assert "reused from" in (tmp_path / "reuse" / "MODEL_CARD.md").read_text()
     with pytest.raises(SlotgenError):
         train_miniature(TrainConfig(**{**cfg.to_dict(), "vae_from": str(tmp_path)}), tmp_path / "x", log=lambda m: None)
+
+    # stage b on the decoder only (warm_encoder=False) changes only the decoder: encoder, latents and so
+    # the transformer stay exactly those of the run without it
+    cfg3 = TrainConfig(**{**cfg2.to_dict(), "warm_steps": 2, "warm_lengths": (1, 5), "warm_encoder": False})
+    res3 = train_miniature(cfg3, tmp_path / "decoder", log=lambda m: None, command="test")
+    c = load_file(str(tmp_path / "decoder" / "weights.safetensors"))
+    assert res3.warm_steps == 2 and len(res3.warm_losses) == 2
+    changed = {k for k in a if not torch.equal(a[k], c[k])}
+    assert changed and all(k.startswith(("vae.decoder.", "vae.post_quant_conv.")) for k in changed), sorted(changed)[:5]
+    log = json.loads((tmp_path / "decoder" / "training_log.json").read_text())
+    assert log["warm_steps"] == 2
+    res4 = train_miniature(TrainConfig(**{**cfg.to_dict(), "vae_from": str(tmp_path / "decoder")}), tmp_path / "chain",
+                           log=lambda m: None, command="test")
+    assert res4.warm_steps == 2  # the card of a run reusing that VAE reports its decoder stage
+    with pytest.raises(SlotgenError, match="1 \\+ 4k"):
+        train_miniature(TrainConfig(**{**cfg3.to_dict(), "warm_lengths": (4,)}), tmp_path / "y", log=lambda m: None)
 
 
 def test_warm_cache_reconstruction_equals_the_tail_of_one_long_pass():

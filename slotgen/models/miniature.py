@@ -52,8 +52,8 @@ TRANSFORMER_CONFIG = dict(
     patch_size=[1, 4, 4],
     num_attention_heads=4,
     attention_head_dim=64,
-    in_channels=8,
-    out_channels=8,
+    in_channels=16,
+    out_channels=16,
     text_dim=32,
     freq_dim=32,
     ffn_dim=512,
@@ -63,8 +63,8 @@ TRANSFORMER_CONFIG = dict(
     eps=1e-6,
     rope_max_seq_len=1024,
 )
-VAE_CONFIG = dict(base_dim=8, z_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
-                  latents_mean=[0.0] * 8, latents_std=[1.0] * 8)  # training replaces the latent statistics
+VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+                  latents_mean=[0.0] * 16, latents_std=[1.0] * 16)  # training replaces the latent statistics
 TEXT_CONFIG = dict(
     d_model=32,
     d_kv=8,

@@ -76,6 +76,12 @@ class TrainConfig:
     vae_entity_weight: float = 4.0  # extra reconstruction weight on entity pixels (world label maps): entities
     vae_marking_weight: float = 10.0  # cover ~5 % of a frame, and an unweighted loss reconstructed only the
     # background (2026-11-25 run: 0 % entity presence); markings (the hidden traits) get more still
+    warm_steps: int = 0  # stage b: fine-tune the VAE on frames deep inside videos: each step reconstructs 8 frames
+    # after a warm-up of warm_lengths frames (one of, drawn per step; 1 ≈ a cold start) that fills the causal
+    # caches under no_grad. Stage a's clips (≤ 17 frames, empty caches) left long videos drifting in colour.
+    warm_lengths: tuple[int, ...] = (1, 17, 33, 49)
+    warm_encoder: bool = True  # False: decoder only (encoder frozen: latents, and so the transformer, unchanged)
+    warm_lr: float = 5e-4
     vae_from: Optional[str] = None  # a trained miniature folder whose VAE (and latent statistics) to reuse:
     # stage a is skipped. Every stage draws from its own seeded streams, so a run with vae_from = the output
     # of a run with the same seed and VAE settings trains the transformer exactly as that run did.
@@ -96,6 +102,9 @@ class TrainConfig:
 class TrainResult:
     out: Path
     vae_losses: list[float] = field(default_factory=list)
+    warm_losses: list[float] = field(default_factory=list)
+    warm_steps: int = 0
+    warm_seconds: float = 0.0
     dit_losses: list[float] = field(default_factory=list)
     vae_steps: int = 0
     dit_steps: int = 0
@@ -358,6 +367,48 @@ def warm_cache_reconstruct(vae, warm: torch.Tensor, x: torch.Tensor) -> tuple[to
     return out, mu
 
 
+def finetune_warm(vae, clips: list[WorldClip], cfg: TrainConfig, class_weights: tuple[float, float, float],
+                  rng: np.random.Generator, log: Callable[[str], None] = print) -> list[float]:
+    """Stage b: train the VAE (or, with ``warm_encoder=False``, only ``post_quant_conv`` + decoder) on frames
+    that follow a warm-up of the causal caches.
+
+    Stage a trains on clips of ≤ 17 frames that start from empty caches, but a causal encoder/decoder
+    streaming a long video runs on caches filled by everything before: states stage a never shows (the
+    recorded 4× VAE drifts in colour after 20–40 frames). Each step draws a warm-up length from
+    ``cfg.warm_lengths`` and reconstructs the 8 frames after it (:func:`warm_vae_loss`, truncated
+    backpropagation: the warm-up runs under no_grad).
+    """
+    for w in cfg.warm_lengths:
+        if w < 1 or (w - 1) % 4:
+            raise SlotgenError(f"decoder warm-up lengths must be 1 + 4k, got {w}")
+    vae.requires_grad_(False)
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    if cfg.warm_encoder:
+        params += list(vae.encoder.parameters()) + list(vae.quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    vae.train()
+    opt = torch.optim.AdamW(params, lr=cfg.warm_lr, weight_decay=0.0)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(cfg.warm_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg.warm_lr, step, step / cfg.warm_steps, max(1, min(50, cfg.warm_steps // 5)))
+        warm = int(rng.choice(cfg.warm_lengths))
+        x, wts = vae_batch(clips, rng, cfg.vae_long_batch, warm + 8, class_weights)  # (B, 3, warm + 8, H, W)
+        loss, parts = warm_vae_loss(vae, x[:, :, :warm], x[:, :, warm:], wts[:, :, warm:], cfg.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0 or step == 0:
+            log(f"warm-cache step {step + 1}: loss {loss.item():.4f} plain l1 {parts['plain_l1']:.4f} "
+                f"(warm-up {warm} frames, {time.perf_counter() - t0:.0f} s)")
+    vae.eval().requires_grad_(False)
+    return losses
+
+
 @torch.no_grad()
 def encode_clip(vae, frames: torch.Tensor) -> torch.Tensor:
     """(3, T, H, W) in [-1, 1] → raw posterior means (z, L, h, w)."""
@@ -602,6 +653,8 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
             if (Path(cfg.vae_from) / "training_log.json").is_file() else {}
         res.vae_losses = list(source.get("vae_losses", []))  # the source run's curve, for the card
         res.vae_steps, res.vae_seconds = int(source.get("vae_steps", 0)), float(source.get("vae_seconds", 0.0))
+        res.warm_losses = list(source.get("warm_losses", []))  # and its stage b, if it had one
+        res.warm_steps, res.warm_seconds = int(source.get("warm_steps", 0)), float(source.get("warm_seconds", 0.0))
         res.vae_eval = (vae_eval(), vae_eval())
         log(f"vae: reusing {cfg.vae_from} (stage a skipped)")
     else:
@@ -638,6 +691,15 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
         res.vae_steps, res.vae_seconds = budget.done, time.perf_counter() - t0
         res.vae_eval = (res.vae_eval[0], vae_eval())
         vae.eval().requires_grad_(False)
+
+    # ---- b. decoder on warm caches (optional)
+    if cfg.warm_steps:
+        rng_warm = np.random.default_rng([cfg.seed, 3])
+        t0 = time.perf_counter()
+        losses = finetune_warm(vae, train_clips, cfg, class_weights, rng_warm, log)
+        res.warm_losses += losses  # after the source run's, with vae_from
+        res.warm_steps += len(losses)
+        res.warm_seconds += time.perf_counter() - t0
 
     # latent statistics over the data → config (rebuild the VAE with them, load the weights)
     raw = encode_all(vae, clips)
@@ -705,11 +767,13 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
 
     write_miniature(out, modules=(transformer, vae, text_encoder), name="miniature",
                     extra={"vae": vae_config, "training": {"config": cfg.to_dict(), "vae_steps": res.vae_steps,
+                                                           "warm_steps": res.warm_steps,
                                                            "transformer_steps": res.dit_steps,
                                                            "vae_eval": list(res.vae_eval), "dit_eval": list(res.dit_eval)}})
     write_loss_png(out / "loss.png", res)
     (out / "training_log.json").write_text(json.dumps({
-        "vae_steps": res.vae_steps, "vae_seconds": res.vae_seconds, "dit_steps": res.dit_steps,
+        "vae_steps": res.vae_steps, "vae_seconds": res.vae_seconds, "warm_steps": res.warm_steps,
+        "warm_seconds": res.warm_seconds, "warm_losses": res.warm_losses, "dit_steps": res.dit_steps,
         "dit_seconds": res.dit_seconds, "vae_losses": res.vae_losses, "dit_losses": res.dit_losses}) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card(cfg, res, command))
     log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
@@ -732,15 +796,18 @@ def _smooth(values: list[float], k: int) -> list[float]:
     return list((c[k:] - c[:-k]) / k)
 
 
-def write_loss_png(path: Path, res: TrainResult, size: tuple[int, int] = (720, 300)) -> None:
-    """Two panels (VAE, transformer): raw loss (light) and moving average (dark), log-scaled y."""
+def write_loss_png(path: Path, res: TrainResult, size: tuple[int, int] = (960, 300)) -> None:
+    """A panel per stage (VAE, decoder if trained, transformer): raw loss (light) and moving average (dark), log-scaled y."""
     from PIL import Image, ImageDraw
 
     W, H = size
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    panels = [("VAE loss (L1+MSE+KL)", res.vae_losses), ("transformer flow MSE", res.dit_losses)]
-    pw = W // 2
+    panels = [("VAE loss (L1+MSE+KL)", res.vae_losses)]
+    if res.warm_losses:
+        panels.append(("VAE on warm caches", res.warm_losses))
+    panels.append(("transformer flow MSE (weighted)", res.dit_losses))
+    pw = W // len(panels)
     for p, (title, vals) in enumerate(panels):
         x0, y0, x1, y1 = p * pw + 50, 25, p * pw + pw - 10, H - 30
         d.rectangle([x0, y0, x1, y1], outline="black")
@@ -774,7 +841,7 @@ def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> st
 
     cmd = command or "slotgen train-miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     repro = (f"slotgen train-miniature --out DIR --seed {cfg.seed} --steps-vae {res.vae_steps} "
-             f"--steps-dit {res.dit_steps} --minutes {cfg.minutes:g} --threads {cfg.threads}")
+             f"--warm-steps {res.warm_steps} --steps-dit {res.dit_steps} --minutes {cfg.minutes:g} --threads {cfg.threads}")
     vae_desc = (f"pixel-weighted L1 + MSE (background 1, entity {1 + cfg.vae_entity_weight:g}, marking "
                 f"{1 + cfg.vae_entity_weight + cfg.vae_marking_weight:g}) + {cfg.kl_weight:g}·KL, z sampled from the "
                 f"posterior, {cfg.vae_frames}-frame clips ×{cfg.vae_batch}"
@@ -810,7 +877,8 @@ companion), absence gaps 0–{cfg.max_gap} video frames, captions from the world
 | stage | steps | seconds | batch | lr | final loss (mean of last 50 steps) |
 |---|---|---|---|---|---|
 | VAE ({vae_desc}) | {res.vae_steps} | {res.vae_seconds:.0f} | {cfg.vae_batch} | {cfg.vae_lr:g} | {_tail(res.vae_losses):.4f} |
-| transformer (flow MSE, causal chunks) | {res.dit_steps} | {res.dit_seconds:.0f} | {cfg.dit_batch} | {cfg.dit_lr:g} | {_tail(res.dit_losses):.4f} |
+| VAE on warm caches (stage b: {'encoder and decoder' if cfg.warm_encoder else 'decoder only'}; 8 frames after a warm-up of {'/'.join(map(str, cfg.warm_lengths))} frames, same weighted loss) | {res.warm_steps} | {res.warm_seconds:.0f} | {cfg.vae_long_batch} | {cfg.warm_lr:g} | {_tail(res.warm_losses):.4f} |
+| transformer (flow MSE, entity cells ×{1 + cfg.dit_entity_weight:g}, causal chunks) | {res.dit_steps} | {res.dit_seconds:.0f} | {cfg.dit_batch} | {cfg.dit_lr:g} | {_tail(res.dit_losses):.4f} |
 
 - VAE held-out reconstruction: mean |x − x̂| = {res.recon_l1:.4f} (pixel range 0–1).
 - Loss on a fixed seeded batch, before → after: VAE {res.vae_eval[0]:.4f} → {res.vae_eval[1]:.4f};
