@@ -213,6 +213,8 @@ def test_vae_from_reuses_the_vae_and_trains_the_same_transformer(tmp_path):
     assert changed and all(k.startswith(("vae.decoder.", "vae.post_quant_conv.")) for k in changed), sorted(changed)[:5]
     log = json.loads((tmp_path / "decoder" / "training_log.json").read_text())
     assert log["warm_steps"] == 2
+    card = (tmp_path / "decoder" / "MODEL_CARD.md").read_text()
+    assert "--warm-steps 2 --warm-decoder-only" in card and "decoder only" in card
     res4 = train_miniature(TrainConfig(**{**cfg.to_dict(), "vae_from": str(tmp_path / "decoder")}), tmp_path / "chain",
                            log=lambda m: None, command="test")
     assert res4.warm_steps == 2  # the card of a run reusing that VAE reports its decoder stage

@@ -841,12 +841,20 @@ def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> st
 
     cmd = command or "slotgen train-miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     repro = (f"slotgen train-miniature --out DIR --seed {cfg.seed} --steps-vae {res.vae_steps} "
-             f"--warm-steps {res.warm_steps} --steps-dit {res.dit_steps} --minutes {cfg.minutes:g} --threads {cfg.threads}")
+             + (f"--vae-warm-frames {cfg.vae_warm_frames} " if cfg.vae_warm_frames else "")
+             + (f"--warm-steps {res.warm_steps} " if res.warm_steps else "")
+             + ("--warm-decoder-only " if res.warm_steps and not cfg.warm_encoder else "")
+             + f"--steps-dit {res.dit_steps} --minutes {cfg.minutes:g} --threads {cfg.threads}")
+    code = ("z sampled from the posterior" if cfg.vae_noise is None
+            else "z = posterior mean" + (f" + {cfg.vae_noise:g}·N(0, 1)" if cfg.vae_noise else ""))
+    long = (f"every {cfg.vae_long_every}rd step 8 frames after {cfg.vae_warm_frames} warm-up frames ×{cfg.vae_long_batch}"
+            if cfg.vae_warm_frames else
+            f"every {cfg.vae_long_every}rd step whole {cfg.vae_long_frames}-frame clips ×{cfg.vae_long_batch}")
     vae_desc = (f"pixel-weighted L1 + MSE (background 1, entity {1 + cfg.vae_entity_weight:g}, marking "
-                f"{1 + cfg.vae_entity_weight + cfg.vae_marking_weight:g}) + {cfg.kl_weight:g}·KL, z sampled from the "
-                f"posterior, {cfg.vae_frames}-frame clips ×{cfg.vae_batch}"
+                f"{1 + cfg.vae_entity_weight + cfg.vae_marking_weight:g}) + {cfg.kl_weight:g}·KL, {code}, "
+                f"{cfg.vae_frames}-frame clips ×{cfg.vae_batch}"
                 + (f" as entity-centred {cfg.vae_crop}×{cfg.vae_crop} crops" if cfg.vae_crop else "")
-                + f", every {cfg.vae_long_every}rd step whole {cfg.vae_long_frames}-frame clips ×{cfg.vae_long_batch}")
+                + f", {long}")
     if cfg.vae_from:
         vae_desc += f"; **reused from `{cfg.vae_from}`** (a run with the same seed and VAE settings)"
     return f"""# Model card: slotgen miniature (trained on the shape world)
@@ -860,7 +868,7 @@ schedule then follows steps, so the numbers can differ slightly from a time-budg
 ## Architecture (unchanged miniature configs; loading path unchanged)
 
 - transformer: diffusers `WanTransformer3DModel` {json.dumps(TRANSFORMER_CONFIG)}
-- VAE: `AutoencoderKLWan` {json.dumps(VAE_CONFIG)} + learned `latents_mean`/`latents_std`
+- VAE: `AutoencoderKLWan` {json.dumps({k: v for k, v in VAE_CONFIG.items() if not k.startswith('latents_')})} + learned `latents_mean`/`latents_std`
 - text encoder: `UMT5EncoderModel` {json.dumps(TEXT_CONFIG)}, **random init, frozen** (seed {cfg.seed}):
   each vocabulary word has its own random embedding and the transformer learns to read these features.
 - 64×64 video at 16 fps; 3 latent frames per chunk (9 video frames for the first chunk, 12 later).
