@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from slotgen.bench.identity import latent_to_video_frame, token_labels
+from slotgen.bench.identity import latent_to_video_frame, print_report, token_labels
 from slotgen.cli import app
 
 
-def test_bench_identity_end_to_end(tmp_path):
+def test_bench_identity_end_to_end(tmp_path, capsys):
     out_json, out_png = tmp_path / "id.json", tmp_path / "id.png"
     r = CliRunner().invoke(app, ["bench", "identity", "--episodes", "1", "--gaps", "0", "--policies", "window,slot",
                                  "--no-similar", "--no-purity", "--json", str(out_json), "--png", str(out_png)])
@@ -28,6 +28,12 @@ def test_bench_identity_end_to_end(tmp_path):
     assert doc["ground_truth"]["all"]["identity_recall"]["mean"] == 1.0  # the analyser sees the truth
     with Image.open(out_png) as im:
         assert im.size == (640, 400)
+    # the purity line is rounded like the table (a layer without enough tokens prints a dash)
+    doc["slot_purity"] = {"mean_ari": 0.0584831, "best_ari": 0.0965, "layers": [{"layer": 0, "ari": 0.0584831, "n": 16},
+                                                                                 {"layer": 1, "ari": None, "n": 0}]}
+    capsys.readouterr()
+    print_report(doc)
+    assert "mean 0.06, best 0.10; L0: 0.06 (n=16), L1: – (n=0)" in capsys.readouterr().out
 
 
 def test_bench_identity_rejects_unknown_policy():

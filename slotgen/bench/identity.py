@@ -298,9 +298,11 @@ def print_report(result: dict) -> None:
         console.print(t2)
     if "slot_purity" in result:
         sp = result["slot_purity"]
-        cells = ", ".join(f"L{x['layer']}: {'–' if x['ari'] is None else f'{x[chr(97)+chr(114)+chr(105)]:.2f}'} (n={x['n']})"
-                          for x in sp["layers"])
-        console.print(f"slot purity (ARI vs ground truth): mean {sp['mean_ari']}, best {sp['best_ari']}; {cells}")
+        def ari(v) -> str:
+            return "–" if v is None else f"{v:.2f}"
+
+        cells = ", ".join(f"L{x['layer']}: {ari(x['ari'])} (n={x['n']})" for x in sp["layers"])
+        console.print(f"slot purity (ARI vs ground truth): mean {ari(sp['mean_ari'])}, best {ari(sp['best_ari'])}; {cells}")
 
 
 def write_plot(result: dict, path, size: tuple[int, int] = (640, 400)) -> None:
