@@ -2,12 +2,16 @@
 
 Stages (see docs/MINIATURE.md for the model card):
 
-a. **VAE** – ``AutoencoderKLWan`` with the miniature config, trained on 9-frame world clips (causal
-   video, 1 + 4·2 frames) with L1 + MSE reconstruction and a tiny KL term. Afterwards the per-channel
+a. **VAE** – ``AutoencoderKLWan`` with the miniature config, trained on short world clips (5-frame
+   entity-centred crops tiled into mosaics; every third step whole 17-frame clips) with pixel-weighted
+   L1 + MSE reconstruction and a tiny KL term. Afterwards the per-channel
    mean/std of the posterior means over the dataset are stored as ``latents_mean``/``latents_std`` in
    the VAE config, so the engine's normalised latent space has roughly unit variance.
-b. **Text encoder** – the miniature UMT5 stays randomly initialised and frozen: each vocabulary word has
-   its own random embedding, and the transformer learns to read those features.
+b. **VAE on warm caches** (optional, ``warm_steps``) – 8 frames after a 1–49-frame warm-up that fills the
+   causal caches under no_grad, so long videos do not drift; with ``warm_encoder=False`` only the decoder
+   (the latents stay those of stage a). The **text encoder** (miniature UMT5) stays randomly initialised
+   and frozen: each vocabulary word has its own random embedding, and the transformer learns to read
+   those features.
 c. **Transformer** – the engine's causal chunk objective. Episodes are encoded once to normalised
    latents. A training sequence is ``[relocated context ; clean chunks s..s+n-1 ; noisy chunks]``:
    the clean half is the committed past (timestep 0), the noisy half holds every chunk j again,
@@ -19,7 +23,7 @@ c. **Transformer** – the engine's causal chunk objective. Episodes are encoded
    the clip, as sink/bank/slot memory hands it back; a random subset of its tokens is dropped by the
    mask (sparse, slot-like retrieval). Every chunk is conditioned on the caption in force at its first
    video frame (the engine's switch rule); the loss is MSE on the flow ``v = ε − x0`` of the noisy
-   tokens.
+   tokens, weighted up on the latent cells an entity touches.
 """
 
 from __future__ import annotations
@@ -380,7 +384,7 @@ def finetune_warm(vae, clips: list[WorldClip], cfg: TrainConfig, class_weights: 
     """
     for w in cfg.warm_lengths:
         if w < 1 or (w - 1) % 4:
-            raise SlotgenError(f"decoder warm-up lengths must be 1 + 4k, got {w}")
+            raise SlotgenError(f"warm-up lengths must be 1 + 4k, got {w}")
     vae.requires_grad_(False)
     params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
     if cfg.warm_encoder:
@@ -692,7 +696,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
         res.vae_eval = (res.vae_eval[0], vae_eval())
         vae.eval().requires_grad_(False)
 
-    # ---- b. decoder on warm caches (optional)
+    # ---- b. VAE on warm caches (optional)
     if cfg.warm_steps:
         rng_warm = np.random.default_rng([cfg.seed, 3])
         t0 = time.perf_counter()
