@@ -289,3 +289,24 @@ def test_flow_loss_weights_entity_cells():
     half = torch.zeros_like(loss_w)
     half[..., :8] = 1.0
     assert torch.isclose(weighted_mse(pred, target, half), F.mse_loss(pred[..., :8], target[..., :8]))
+
+
+def test_warm_stage_trains_the_encoder_unless_told_not_to():
+    from diffusers import AutoencoderKLWan
+
+    from slotgen.models.miniature import VAE_CONFIG
+    from slotgen.train.miniature import finetune_warm
+
+    clips = build_dataset(1, seed=4, max_gap=0)
+    for encoder in (True, False):
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(**VAE_CONFIG)
+        before = {k: v.clone() for k, v in vae.state_dict().items()}
+        cfg = TrainConfig(warm_steps=1, warm_lengths=(5,), warm_encoder=encoder, vae_long_batch=1)
+        losses = finetune_warm(vae, clips, cfg, (1.0, 5.0, 15.0), np.random.default_rng(0), log=lambda m: None)
+        assert len(losses) == 1 and np.isfinite(losses[0])
+        changed = {k.split(".")[0] for k, v in vae.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed == ({"encoder", "quant_conv", "decoder", "post_quant_conv"} if encoder
+                           else {"decoder", "post_quant_conv"})
+        assert not any(p.requires_grad for p in vae.parameters())  # left frozen, in eval mode
+        assert not vae.training
