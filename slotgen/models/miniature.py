@@ -3,7 +3,9 @@
 Everything is built from ``assets/miniature/config.json`` and loaded from ``weights.safetensors`` in
 the package, so rendering works offline on any laptop. The weights file is produced by
 ``python -m slotgen.models.miniature --out slotgen/models/assets/miniature`` (random init with a fixed
-seed); a trained miniature replaces the file without changing this loading path.
+seed); a trained miniature replaces the file without changing this loading path. The committed folder
+is still the random init of the session-2 configuration (dim-64 transformer, 2 MB): the configs below
+(dim 256, 16 MB) are written once a trained model is shipped (docs/MINIATURE.md).
 
 Sizes (64×64 video, 16 fps): VAE 4× spatial / 4× temporal, z_dim 8 → 8×16×16 latents → patch 4 → 4×4 = 16
 tokens per latent frame (each token covers 16×16 pixels, as in Wan2.1's 8× VAE + patch 2); transformer
