@@ -445,16 +445,9 @@ def train_miniature_cmd(
         cfg.episodes = episodes
     if dit_batch is not None:
         cfg.dit_batch = dit_batch
-    if threads < 1:
-        raise SlotgenError(f"--threads must be at least 1, got {threads}")
-    cfg.threads = threads
-    if vae_warm_frames < 0 or (vae_warm_frames and (vae_warm_frames - 1) % 4):
-        raise SlotgenError(f"--vae-warm-frames must be 0 or 1 + 4k (e.g. 33, 49), got {vae_warm_frames}")
-    cfg.vae_warm_frames = vae_warm_frames
-    if warm_steps < 0:
-        raise SlotgenError(f"--warm-steps must be 0 or more, got {warm_steps}")
-    cfg.warm_steps = warm_steps
-    cfg.warm_encoder = warm_encoder
+    cfg.threads, cfg.vae_warm_frames = threads, vae_warm_frames
+    cfg.warm_steps, cfg.warm_encoder = warm_steps, warm_encoder
+    cfg.validate()
     if vae_from is not None:
         if not (vae_from / "weights.safetensors").is_file():
             raise SlotgenError(f"--vae-from {vae_from}: no weights.safetensors there (expected a trained miniature folder)")

@@ -7,12 +7,12 @@ seed); a trained miniature replaces the file without changing this loading path.
 is still the random init of the session-2 configuration (dim-64 transformer, 2 MB): the configs below
 (dim 256, 16 MB) are written once a trained model is shipped (docs/MINIATURE.md).
 
-Sizes (64×64 video, 16 fps): VAE 4× spatial / 4× temporal, z_dim 8 → 8×16×16 latents → patch 4 → 4×4 = 16
+Sizes (64×64 video, 16 fps): VAE 4× spatial / 4× temporal, z_dim 16 → 16×16×16 latents → patch 4 → 4×4 = 16
 tokens per latent frame (each token covers 16×16 pixels, as in Wan2.1's 8× VAE + patch 2); transformer
 dim 256 (4 heads × 64), 4 layers; UMT5 encoder d_model 32, 32 text tokens. The miniature compresses 4×
 in space, not 8× like Wan: an 8× VAE this small did not learn to draw the world's entities within the
 training budget (see docs/MINIATURE.md), while the token grid, and so the whole engine and memory, is
-the same. The transformer is wider than a token's patch (8·4·4 = 128 values): a flow-matching model has
+the same. The transformer is as wide as a token's patch (16·4·4 = 256 values): a flow-matching model has
 to carry the noise of every patch value through its residual stream, and a dim-64 transformer on
 256-value patches (the session-2 miniature) never got below flow MSE ≈ 1 and drew noise.
 """

@@ -101,6 +101,18 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> None:
+        """Reject settings a run would only trip over later (after a long stage), with the CLI flag named."""
+        if self.threads < 1:
+            raise SlotgenError(f"--threads must be at least 1, got {self.threads}")
+        if self.vae_warm_frames < 0 or (self.vae_warm_frames and (self.vae_warm_frames - 1) % 4):
+            raise SlotgenError(f"--vae-warm-frames must be 0 or 1 + 4k (e.g. 33, 49), got {self.vae_warm_frames}")
+        if self.warm_steps < 0:
+            raise SlotgenError(f"--warm-steps must be 0 or more, got {self.warm_steps}")
+        bad = [w for w in self.warm_lengths if w < 1 or (w - 1) % 4]
+        if self.warm_steps and (bad or not self.warm_lengths):
+            raise SlotgenError(f"warm-up lengths must be 1 + 4k, got {list(self.warm_lengths)}")
+
 
 @dataclass
 class TrainResult:
@@ -382,9 +394,6 @@ def finetune_warm(vae, clips: list[WorldClip], cfg: TrainConfig, class_weights: 
     ``cfg.warm_lengths`` and reconstructs the 8 frames after it (:func:`warm_vae_loss`, truncated
     backpropagation: the warm-up runs under no_grad).
     """
-    for w in cfg.warm_lengths:
-        if w < 1 or (w - 1) % 4:
-            raise SlotgenError(f"warm-up lengths must be 1 + 4k, got {w}")
     vae.requires_grad_(False)
     params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
     if cfg.warm_encoder:
@@ -459,7 +468,7 @@ def sample_dit_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torc
     on cells an entity touches), the captions per chunk, RoPE coordinates and frame group ids."""
     n = cfg.clip_chunks
     B = cfg.dit_batch
-    seqs, ts, masks, targets, embeds_all, loss_masks = [], [], [], [], [], []
+    seqs = []
     h = w = None
     for _ in range(B):
         clip = clips[int(rng.integers(len(clips)))]
@@ -617,8 +626,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     from slotgen.models.miniature import (SETTINGS, TEXT_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, VOCABULARY,
                                           build_modules, build_tokenizer, write_miniature)
 
-    if cfg.vae_warm_frames and (cfg.vae_warm_frames - 1) % 4:
-        raise SlotgenError(f"vae_warm_frames must be 0 or 1 + 4k, got {cfg.vae_warm_frames}")
+    cfg.validate()  # before any stage runs: a bad stage-b setting must not surface after stage a
     t_start = time.perf_counter()
     total_s = cfg.minutes * 60.0
     torch.set_num_threads(cfg.threads)
