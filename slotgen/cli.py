@@ -419,6 +419,7 @@ def train_miniature_cmd(
     steps_dit: Optional[int] = typer.Option(None, "--steps-dit", help="Exact transformer steps instead of the time budget."),
     episodes: Optional[int] = typer.Option(None, "--episodes", help="World episodes in the dataset (default 128)."),
     dit_batch: Optional[int] = typer.Option(None, "--dit-batch", help="Transformer batch size (default 8)."),
+    vae_batch: Optional[int] = typer.Option(None, "--vae-batch", help="VAE batch size in 32x32 crops (default 24)."),
     vae_from: Optional[Path] = typer.Option(None, "--vae-from", help="Reuse the VAE of a trained miniature folder "
                                             "and train only the transformer (same seed: same transformer run)."),
     vae_warm_frames: int = typer.Option(0, "--vae-warm-frames", help="0 or 1+4k: long VAE steps train 8 frames after "
@@ -429,6 +430,8 @@ def train_miniature_cmd(
                                       "or the decoder only (latents unchanged)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads (1 is fastest on a busy 2-core machine; "
                                 "2 is ~1.6x faster on an idle one). It changes float rounding: bit-exact re-runs need the same value."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N. Batches and random draws stay on the CPU "
+                               "(seeded); on a GPU use larger --dit-batch/--vae-batch."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train the miniature on the shape world: VAE, optionally its decoder on warm caches, latent statistics,
@@ -437,7 +440,8 @@ def train_miniature_cmd(
 
     if minutes <= 0:
         raise SlotgenError(f"--minutes must be positive, got {minutes}")
-    for name, v in (("--steps-vae", steps_vae), ("--steps-dit", steps_dit), ("--episodes", episodes), ("--dit-batch", dit_batch)):
+    for name, v in (("--steps-vae", steps_vae), ("--steps-dit", steps_dit), ("--episodes", episodes), ("--dit-batch", dit_batch),
+                    ("--vae-batch", vae_batch)):
         if v is not None and v < (4 if name == "--episodes" else 1):
             raise SlotgenError(f"{name} is too small: {v}")
     cfg = TrainConfig(minutes=minutes, seed=seed, steps_vae=steps_vae, steps_dit=steps_dit)
@@ -445,6 +449,9 @@ def train_miniature_cmd(
         cfg.episodes = episodes
     if dit_batch is not None:
         cfg.dit_batch = dit_batch
+    if vae_batch is not None:
+        cfg.vae_batch = vae_batch
+    cfg.device = device
     cfg.threads, cfg.vae_warm_frames = threads, vae_warm_frames
     cfg.warm_steps, cfg.warm_encoder = warm_steps, warm_encoder
     cfg.validate()

@@ -65,7 +65,10 @@ def test_tiny_training_run_learns_and_writes_a_loadable_miniature(tmp_path):
 
     bundle = load_miniature(tmp_path / "mini")
     assert list(bundle.vae.config.latents_mean) == pytest.approx(res.latents_mean)
-    assert "Model card" in (tmp_path / "mini" / "MODEL_CARD.md").read_text()
+    card = (tmp_path / "mini" / "MODEL_CARD.md").read_text()
+    assert "Model card" in card
+    # the exact re-run line carries every non-default size, so the run can be repeated from the card
+    assert "--episodes 4 --vae-batch 2 --dit-batch 4" in card and "--device" not in card
 
 
 def test_cli_rejects_bad_budgets(tmp_path):
@@ -79,6 +82,18 @@ def test_cli_rejects_bad_budgets(tmp_path):
     assert r.exit_code == 2 and "--warm-steps" in (r.stderr if hasattr(r, "stderr") else r.output)
     r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--vae-from", str(tmp_path)])
     assert r.exit_code == 2 and "weights.safetensors" in (r.stderr if hasattr(r, "stderr") else r.output)
+    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--device", "tpu"])
+    assert r.exit_code == 2 and "--device" in (r.stderr if hasattr(r, "stderr") else r.output)
+    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--vae-batch", "0"])
+    assert r.exit_code == 2 and "--vae-batch" in (r.stderr if hasattr(r, "stderr") else r.output)
+    assert not (tmp_path / "x").exists()  # rejected before anything was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
+    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--device", "cuda"])
+    out = r.stderr if hasattr(r, "stderr") else r.output
+    assert r.exit_code == 2 and "--device cuda" in out and "no CUDA device" in out
 
 
 def test_unknown_words_warn_by_name():

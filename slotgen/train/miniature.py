@@ -97,6 +97,9 @@ class TrainConfig:
     token_drop: float = 0.5  # max fraction of relocated-context tokens dropped (sparse retrieval)
     uniform_sigma_prob: float = 0.4  # σ ~ U(0.02, 1) instead of the schedule: also fits longer sampler schedules
     threads: int = 1  # 1 thread: on a shared 2-core machine OpenMP spin contention makes 2 threads ~5x slower
+    device: str = "cpu"  # where the modules and batches live ("cuda", "cuda:1", ...). Data, batch sampling and
+    # every random draw stay on the CPU (seeded CPU generators), so a batch is the same on any device; only the
+    # arithmetic moves. CUDA kernels are not bit-reproducible run to run, so GPU runs repeat closely, not exactly.
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +108,18 @@ class TrainConfig:
         """Reject settings a run would only trip over later (after a long stage), with the CLI flag named."""
         if self.threads < 1:
             raise SlotgenError(f"--threads must be at least 1, got {self.threads}")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise SlotgenError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise SlotgenError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SlotgenError(f"--device {self.device}: this torch build sees no CUDA device "
+                               f"(torch {torch.__version__}, cuda available: False)")
+        for name, v in (("--vae-batch", self.vae_batch), ("--dit-batch", self.dit_batch)):
+            if v < 1:
+                raise SlotgenError(f"{name} must be at least 1, got {v}")
         if self.vae_warm_frames < 0 or (self.vae_warm_frames and (self.vae_warm_frames - 1) % 4):
             raise SlotgenError(f"--vae-warm-frames must be 0 or 1 + 4k (e.g. 33, 49), got {self.vae_warm_frames}")
         if self.warm_steps < 0:
@@ -314,7 +329,7 @@ def vae_loss(vae, x: torch.Tensor, weights: torch.Tensor, kl_weight: float, gene
     """Weighted L1 + MSE reconstruction (weights (B, 1, T, H, W) broadcast over RGB) + kl_weight · KL."""
     posterior = vae.encode(x).latent_dist
     scale = posterior.std if noise is None else noise
-    z = posterior.mean + scale * torch.randn(posterior.mean.shape, generator=generator)
+    z = posterior.mean + scale * torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device)
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
     return _weighted_loss(_decode_train(vae, z) - x, weights, kl, kl_weight)
 
@@ -409,6 +424,7 @@ def finetune_warm(vae, clips: list[WorldClip], cfg: TrainConfig, class_weights: 
             g["lr"] = _lr(cfg.warm_lr, step, step / cfg.warm_steps, max(1, min(50, cfg.warm_steps // 5)))
         warm = int(rng.choice(cfg.warm_lengths))
         x, wts = vae_batch(clips, rng, cfg.vae_long_batch, warm + 8, class_weights)  # (B, 3, warm + 8, H, W)
+        x, wts = to_device(cfg.device, x, wts)
         loss, parts = warm_vae_loss(vae, x[:, :, :warm], x[:, :, warm:], wts[:, :, warm:], cfg.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -425,7 +441,7 @@ def finetune_warm(vae, clips: list[WorldClip], cfg: TrainConfig, class_weights: 
 @torch.no_grad()
 def encode_clip(vae, frames: torch.Tensor) -> torch.Tensor:
     """(3, T, H, W) in [-1, 1] → raw posterior means (z, L, h, w)."""
-    return vae.encode(frames[None].float()).latent_dist.mean[0]
+    return vae.encode(frames[None].float().to(vae.device)).latent_dist.mean[0].cpu()
 
 
 @torch.no_grad()
@@ -438,7 +454,8 @@ def encode_all(vae, clips: list[WorldClip], batch: int = 8) -> list[torch.Tensor
     for idx in by_len.values():
         for k in range(0, len(idx), batch):
             group = idx[k : k + batch]
-            z = vae.encode(torch.stack([clips[i].frames.float() for i in group])).latent_dist.mean
+            frames = torch.stack([clips[i].frames.float() for i in group]).to(vae.device)
+            z = vae.encode(frames).latent_dist.mean.cpu()  # latents live on the CPU with the data
             for j, i in enumerate(group):
                 out[i] = z[j]
     return out  # type: ignore[return-value]
@@ -451,7 +468,8 @@ def encode_all(vae, clips: list[WorldClip], batch: int = 8) -> list[torch.Tensor
 def rope_for(transformer, t: torch.Tensor, hw: torch.Tensor):
     from slotgen.engine.attention import RopeTable
 
-    return RopeTable(transformer.rope)(t, hw)
+    dev = transformer.rope.freqs_cos.device
+    return RopeTable(transformer.rope)(t.to(dev), hw.to(dev))
 
 
 def token_coords(frame_positions: list[int], th: int, tw: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -566,8 +584,9 @@ class CaptionConditioner:
         if text not in self.cache:
             t = self.tok(text, max_length=self.len, padding="max_length", truncation=True, add_special_tokens=True,
                          return_attention_mask=True, return_tensors="pt")
-            h = self.te(t.input_ids, t.attention_mask).last_hidden_state
-            self.cache[text] = (h * t.attention_mask[..., None].to(h.dtype))[0]
+            ids, am = t.input_ids.to(self.te.device), t.attention_mask.to(self.te.device)
+            h = self.te(ids, am).last_hidden_state
+            self.cache[text] = (h * am[..., None].to(h.dtype))[0]
         return self.cache[text]
 
 
@@ -586,12 +605,17 @@ def dit_forward(transformer, state: TrainState, lat, tsteps, mask, rope, cond_ch
     Lt = embeds.shape[1] // (n + 1)
     blk_tok = caption_blocks(grp, n).repeat_interleave(tpf)  # (N,)
     blk_txt = torch.arange(n + 1).repeat_interleave(Lt)  # (L,)
-    state.cross_mask = (blk_tok[:, None] == blk_txt[None, :])[None, None].expand(lat.shape[0], 1, -1, -1)
+    state.cross_mask = (blk_tok[:, None] == blk_txt[None, :])[None, None].expand(lat.shape[0], 1, -1, -1).to(lat.device)
     return transformer(hidden_states=lat, timestep=tsteps, encoder_hidden_states=embeds, return_dict=False)[0]
 
 
 # ------------------------------------------------------------------------------------------------
 # Driver
+
+
+def to_device(device: str | torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Batches are built on the CPU from seeded CPU generators; this moves them to the training device."""
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
 class _Budget:
@@ -631,6 +655,10 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     total_s = cfg.minutes * 60.0
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda":  # TF32 matmuls/convolutions: the Hopper/Ampere fast path for fp32 training
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     # one seeded stream per stage, so skipping stage a (vae_from) leaves stage c's draws unchanged
     rng_vae, gen_vae = np.random.default_rng([cfg.seed, 1]), torch.Generator().manual_seed(cfg.seed * 1000 + 1)
     rng_dit, gen_dit = np.random.default_rng([cfg.seed, 2]), torch.Generator().manual_seed(cfg.seed * 1000 + 2)
@@ -640,8 +668,9 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     tokenizer = build_tokenizer(VOCABULARY)
     config = {"transformer": TRANSFORMER_CONFIG, "vae": VAE_CONFIG,
               "text_encoder": {**TEXT_CONFIG, "vocab_size": len(tokenizer.get_vocab())}}
-    transformer, vae, text_encoder = build_modules(config)
+    transformer, vae, text_encoder = build_modules(config)  # built on the CPU (same init on any device)
     assert tuple(transformer.config.patch_size[1:]) == (PATCH, PATCH), transformer.config.patch_size
+    transformer, vae, text_encoder = transformer.to(dev), vae.to(dev), text_encoder.to(dev)
 
     log(f"data: rendering {cfg.episodes} world episodes")
     clips = build_dataset(cfg.episodes, cfg.seed, cfg.max_gap)
@@ -652,7 +681,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
 
     # ---- a. VAE
     eval_rng = np.random.default_rng(cfg.seed + 1)
-    vae_fixed = vae_batch(clips, eval_rng, min(cfg.vae_batch, 6), cfg.vae_frames, class_weights)
+    vae_fixed = to_device(dev, *vae_batch(clips, eval_rng, min(cfg.vae_batch, 6), cfg.vae_frames, class_weights))
 
     def vae_eval() -> float:
         with torch.no_grad():
@@ -660,7 +689,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
                             cfg.vae_noise)[0].item()
 
     if cfg.vae_from is not None:
-        vae = load_trained_vae(cfg.vae_from)
+        vae = load_trained_vae(cfg.vae_from).to(dev)
         source = json.loads((Path(cfg.vae_from) / "training_log.json").read_text()) \
             if (Path(cfg.vae_from) / "training_log.json").is_file() else {}
         res.vae_losses = list(source.get("vae_losses", []))  # the source run's curve, for the card
@@ -683,6 +712,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
             if long_step and cfg.vae_warm_frames:
                 W = cfg.vae_warm_frames
                 x, wts = vae_batch(train_clips, rng_vae, cfg.vae_long_batch, W + 8, class_weights)
+                x, wts = to_device(dev, x, wts)
                 loss, parts = warm_vae_loss(vae, x[:, :, :W], x[:, :, W:], wts[:, :, W:], cfg.kl_weight)
             else:
                 if long_step:
@@ -690,6 +720,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
                 else:
                     x, wts = vae_batch(train_clips, rng_vae, cfg.vae_batch, cfg.vae_frames, class_weights,
                                        cfg.vae_crop, cfg.vae_mosaic)
+                x, wts = to_device(dev, x, wts)
                 loss, parts = vae_loss(vae, x, wts, cfg.kl_weight, gen_vae, cfg.vae_noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -722,15 +753,15 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     sd = vae.state_dict()
     vae = AutoencoderKLWan(**vae_config)
     vae.load_state_dict(sd)
-    vae.eval().requires_grad_(False)
+    vae = vae.to(dev).eval().requires_grad_(False)
     for c, r in zip(clips, raw):
         c.latents = (r - mean[:, None, None, None]) / std[:, None, None, None]
     with torch.no_grad():  # held-out reconstruction through the normalised path
         errs = []
         for c in held_out:
             z = c.latents[None] * std[None, :, None, None, None] + mean[None, :, None, None, None]
-            xh = vae.decode(z).sample.clamp(-1, 1)
-            errs.append(float((xh - c.frames[None].float()).abs().mean() / 2.0))
+            xh = vae.decode(z.to(dev)).sample.clamp(-1, 1)
+            errs.append(float((xh - c.frames[None].float().to(dev)).abs().mean() / 2.0))
         res.recon_l1 = float(np.mean(errs))
     log(f"vae done: {res.vae_steps} steps, held-out L1 {res.recon_l1:.4f} (0-1 scale)")
 
@@ -745,6 +776,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     n = cfg.clip_chunks
     fixed = sample_dit_batch(clips, np.random.default_rng(cfg.seed + 3), torch.Generator().manual_seed(cfg.seed + 4),
                              cfg, conditioner)
+    fixed = (*to_device(dev, *fixed[:5]), *fixed[5:])  # lat, ts, mask, target, loss_w on the device
 
     def dit_eval() -> float:
         lat, ts, mask, target, loss_w, caps, rope, grp = fixed
@@ -760,6 +792,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
             g["lr"] = _lr(cfg.dit_lr, budget.done, budget.progress(), warm)
         lat, ts, mask, target, loss_w, caps, rope, grp = sample_dit_batch(train_clips, rng_dit, gen_dit, cfg,
                                                                           conditioner)
+        lat, ts, mask, target, loss_w = to_device(dev, lat, ts, mask, target, loss_w)
         tpf = (lat.shape[3] // PATCH) * (lat.shape[4] // PATCH)
         pred = dit_forward(transformer, state, lat, ts, mask, rope, caps, conditioner, grp, n, tpf)
         loss = weighted_mse(pred[:, :, CHUNK + n * CHUNK :], target, loss_w)
@@ -776,6 +809,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     transformer.eval().requires_grad_(False)
     # back to the stock processors: the saved model carries no training state
     transformer.set_attn_processor(WanAttnProcessor())
+    transformer, vae, text_encoder = transformer.cpu(), vae.cpu(), text_encoder.cpu()  # saved from the CPU
 
     write_miniature(out, modules=(transformer, vae, text_encoder), name="miniature",
                     extra={"vae": vae_config, "training": {"config": cfg.to_dict(), "vae_steps": res.vae_steps,
@@ -856,7 +890,11 @@ def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> st
              + (f"--vae-warm-frames {cfg.vae_warm_frames} " if cfg.vae_warm_frames else "")
              + (f"--warm-steps {res.warm_steps} " if res.warm_steps else "")
              + ("--warm-decoder-only " if res.warm_steps and not cfg.warm_encoder else "")
-             + f"--steps-dit {res.dit_steps} --minutes {cfg.minutes:g} --threads {cfg.threads}")
+             + f"--steps-dit {res.dit_steps} --minutes {cfg.minutes:g} --threads {cfg.threads}"
+             + (f" --episodes {cfg.episodes}" if cfg.episodes != TrainConfig.episodes else "")
+             + (f" --vae-batch {cfg.vae_batch}" if cfg.vae_batch != TrainConfig.vae_batch else "")
+             + (f" --dit-batch {cfg.dit_batch}" if cfg.dit_batch != TrainConfig.dit_batch else "")
+             + (f" --device {cfg.device}" if cfg.device != "cpu" else ""))
     code = ("z sampled from the posterior" if cfg.vae_noise is None
             else "z = posterior mean" + (f" + {cfg.vae_noise:g}·N(0, 1)" if cfg.vae_noise else ""))
     long = (f"every {cfg.vae_long_every}rd step 8 frames after {cfg.vae_warm_frames} warm-up frames ×{cfg.vae_long_batch}"
