@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the miniature on one CUDA GPU, then score it: the prepared device run for issue 5.
 #
-#   scripts/gpu_train.sh [OUT_DIR] [MINUTES]     (defaults: $OUT/mini or out/mini, 6 minutes)
+#   scripts/gpu_train.sh [OUT_DIR] [MINUTES]     (defaults: $OUT/mini or out/mini, 5 minutes)
 #
 # Why a GPU: on the 2 CPU cores of a dev machine the transformer learns far too slowly (docs/MINIATURE.md,
 # session 4: after 2350 steps it still draws no entity free-running). One GPU gives the same recipe
@@ -10,7 +10,10 @@
 #
 # Steps: (1) a 5+5-step smoke run, so a device bug costs seconds, not the budget; (2) the run itself,
 # larger batches, more episodes; (3) `slotgen bench identity` on the result (2 episodes per gap, CPU
-# renders) as a first look. Everything lands in OUT_DIR (6 files) plus OUT_DIR/../identity.json.
+# renders) and a strip of frames of one unseen episode, ground truth over the model's (no MP4: the
+# device image lacks imageio-ffmpeg, whose 68 MB wheel cannot travel), as a first look. Everything lands
+# in OUT_DIR (6 files) plus OUT_DIR/../identity.json and OUT_DIR/../frames.png (8 files: what a device
+# call can bring back).
 #
 # The device image has torch but not diffusers: put its wheel in .whl/ first (on the dev machine,
 # network allowed):
@@ -21,7 +24,7 @@ set -euo pipefail
 
 out="${1:-${OUT:+$OUT/mini}}"
 out="${out:-out/mini}"
-minutes="${2:-6}"
+minutes="${2:-5}"
 threads="${GPU_TRAIN_THREADS:-8}"
 py="${PYTHON:-python3}"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -59,3 +62,29 @@ echo "== train: $minutes minutes on $device -> $out"
 echo "== bench identity (first look: 2 episodes per gap, CPU renders)"
 "$py" -m slotgen bench identity --model "$out" --episodes 2 --gaps 12,36 --no-purity \
   --json "$(dirname "$out")/identity.json"
+
+echo "== frames: ground truth (top) vs the model (bottom), unseen episode 1100, every 12th frame"
+"$py" - "$out" "$(dirname "$out")/frames.png" <<'PY'
+import sys
+
+import numpy as np
+from PIL import Image
+
+from slotgen.bench.identity import FrameCollector, memory_for
+from slotgen.models.miniature import load_miniature
+from slotgen.render import Renderer
+from slotgen.storyboard import parse_storyboard
+from slotgen.world import analyse_episode, episode_to_storyboard_yaml, exit_return_episode, render_episode
+
+folder, png = sys.argv[1], sys.argv[2]
+ep = exit_return_episode(1100, 12, n_entities=2)
+sb = parse_storyboard(episode_to_storyboard_yaml(ep, seed=1, memory=memory_for("slot")), "episode-1100")
+col = FrameCollector()
+Renderer(sb, bundle=load_miniature(folder)).stream([col])
+frames, truth = col.frames(), render_episode(ep).frames
+idx = list(range(4, min(len(frames), len(truth)), 12))
+strip = np.concatenate([np.concatenate([truth[i] for i in idx], 1), np.concatenate([frames[i] for i in idx], 1)], 0)
+Image.fromarray(strip).resize((strip.shape[1] * 2, strip.shape[0] * 2), Image.NEAREST).save(png)
+report = analyse_episode(frames, ep).to_dict()
+print({k: report[k] for k in ("presence", "compliance", "identity_recall")}, "->", png)
+PY
