@@ -404,6 +404,8 @@ def test_missing_transformer_weights_are_reported(folder_copy):
     ('{"steps": 0}', r"'steps' is 0, expected an integer >= 1"),
     ('{"shift": "big"}', r"'shift' is 'big', expected a number > 0"),
     ('{"resolution": [832]}', r"'resolution' is \[832\], expected \[width, height\]"),
+    ('{"sampler": "ddim"}', r"'sampler' is 'ddim', expected one of \['self_forcing', 'euler'\]"),
+    ('{"prediction": "eps"}', r"'prediction' is 'eps', expected one of \['flow', 'sample'\]"),
     ('{"vae_stride_s": 16}', r"compresses 4× in time and 8× in space but the settings say 4×/16×"),
     ('{"lora": "lora.pt"}', r"'lora' needs a 'checkpoint'"),
     ('{"lora_alpha": 0}', r"'lora_alpha' is 0, expected a number > 0"),

@@ -6,8 +6,8 @@ produces the video chunk by chunk along a *timeline* (a validated storyboard). F
 1. pick the prompt in force at the time of the chunk's first video frame; if it differs from the
    previous chunk's, do a LongLive KV re-cache: the policy drops its local window and the engine
    re-runs those clean latent frames with the new prompt at timestep 0 (commit passes);
-2. draw the chunk's noise from a generator seeded by (seed, c) and denoise with the few-step
-   Self-Forcing schedule, every step attending to ``[memory ; chunk]``;
+2. draw the chunk's noise from a generator seeded by (seed, c) and denoise with the model's sampler
+   (the few-step Self-Forcing schedule, or the Euler flow ODE), every step attending to ``[memory ; chunk]``;
 3. commit: run the clean chunk once more at timestep 0; that pass hands its K/V to the memory;
 4. decode the chunk's latents with the causal VAE cache kept across chunks and emit its frames.
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from slotgen.engine.attention import StreamState, install_streaming_processors
-from slotgen.engine.sampler import FlowSchedule, chunk_noise, sample_chunk
+from slotgen.engine.sampler import FlowSchedule, chunk_noise, sample_chunk, x0_predictor
 from slotgen.memory.base import ChunkContext, MemoryPolicy
 from slotgen.models.bundle import ModelBundle
 
@@ -140,7 +140,7 @@ class StreamingEngine:
         self.device, self.dtype = bundle.device, bundle.dtype
         s = bundle.settings
         self.geometry = ChunkGeometry(s.chunk_frames, s.vae_stride_t)
-        self.schedule = FlowSchedule(options.steps, options.shift)
+        self.schedule = FlowSchedule(options.steps, options.shift, s.sampler)
         self.latent_hw = (options.height // s.vae_stride_s, options.width // s.vae_stride_s)
         p = bundle.patch_size
         self.token_hw = (self.latent_hw[0] // p[1], self.latent_hw[1] // p[2])
@@ -220,8 +220,10 @@ class StreamingEngine:
         self.policy.begin_chunk(ctx)
         self.state.epoch += 1
         shape = (1, self.bundle.transformer.config.in_channels, F, *self.latent_hw)
-        noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c, self.schedule.steps)]
-        x0 = sample_chunk(lambda x, t: self._forward(x, t, frame_start, embeds, commit=False), noises, self.schedule)
+        noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c, self.schedule.noise_draws())]
+        predict = x0_predictor(lambda x, t: self._forward(x, t, frame_start, embeds, commit=False),
+                               self.bundle.settings.prediction)
+        x0 = sample_chunk(predict, noises, self.schedule)
         self._forward(x0, 0.0, frame_start, embeds, commit=True)  # commit pass: clean K/V → memory
         self.policy.end_chunk()
 

@@ -18,6 +18,8 @@ class ModelSettings:
 
     steps: int = 4  # few-step Self-Forcing schedule: timesteps 1000·(1 - i/steps)
     shift: float = 5.0  # sigma warp σ' = shift·σ / (1 + (shift - 1)·σ)
+    sampler: str = "self_forcing"  # or "euler": the flow ODE (engine/sampler.py)
+    prediction: str = "flow"  # what the transformer outputs: "flow" v = ε − x0 (Wan) or "sample" x0
     chunk_frames: int = 3  # latent frames generated per chunk
     fps: int = 16
     resolution: tuple[int, int] = (64, 64)  # (width, height) default
@@ -39,6 +41,14 @@ class ModelSettings:
             d["resolution"] = tuple(d["resolution"])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def __post_init__(self) -> None:
+        from slotgen.engine.sampler import PREDICTIONS, SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
 
 
 @dataclass

@@ -623,6 +623,11 @@ def read_folder_config(root: Path) -> FolderConfig:
     for key in ("shift", "lora_alpha"):
         if key in data and (not isinstance(data[key], (int, float)) or isinstance(data[key], bool) or data[key] <= 0):
             raise ModelError(f"{path}: '{key}' is {data[key]!r}, expected a number > 0")
+    from slotgen.engine.sampler import PREDICTIONS, SAMPLERS
+
+    for key, allowed in (("sampler", SAMPLERS), ("prediction", PREDICTIONS)):
+        if key in data and data[key] not in allowed:
+            raise ModelError(f"{path}: '{key}' is {data[key]!r}, expected one of {list(allowed)}")
     if "resolution" in data:
         r = data["resolution"]
         if not (isinstance(r, list) and len(r) == 2 and all(type(x) is int and x > 0 for x in r)):
