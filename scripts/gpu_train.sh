@@ -3,12 +3,11 @@
 #
 #   scripts/gpu_train.sh [OUT_DIR] [MINUTES]     (defaults: $OUT/mini or out/mini, 5 minutes)
 #
-# Why a GPU: on the 2 CPU cores of a dev machine the transformer learns far too slowly (docs/MINIATURE.md,
-# session 4: after 2350 steps it still draws no entity free-running). One GPU gives the same recipe
-# ~100x the samples in the same wall clock. Batches and every random draw stay on the CPU (seeded), so
+# Why a GPU: the 2 CPU cores of a dev machine give the recipe ~3,000 steps of batch 8 in its 55-minute
+# budget (docs/MINIATURE.md); one GPU gives it far more samples in the same wall clock. Batches and every random draw stay on the CPU (seeded), so
 # the data a run sees is the CPU run's; only the arithmetic moves (--device cuda, TF32).
 #
-# Steps: (1) a 5+5-step smoke run, so a device bug costs seconds, not the budget; (2) the run itself,
+# Steps: (1) a 5-step smoke run, so a device bug costs seconds, not the budget; (2) the run itself,
 # larger batches, more episodes; (3) `slotgen bench identity` on the result (2 episodes per gap, CPU
 # renders) and a strip of frames of one unseen episode, ground truth over the model's (no MP4: the
 # device image lacks imageio-ffmpeg, whose 68 MB wheel cannot travel), as a first look. Everything lands
@@ -18,7 +17,7 @@
 # The device image has torch but not diffusers: put its wheel in .whl/ first (on the dev machine,
 # network allowed):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
-# and carry .whl. Env: PYTHON (default python3), GPU_TRAIN_DIT_BATCH (64), GPU_TRAIN_VAE_BATCH (96),
+# and carry .whl. Env: PYTHON (default python3), GPU_TRAIN_BATCH (64),
 # GPU_TRAIN_EPISODES (256), GPU_TRAIN_THREADS (8, CPU threads for data and batches), GPU_TRAIN_DEVICE (cuda; "cpu" only to check this script's plumbing).
 set -euo pipefail
 
@@ -50,9 +49,9 @@ print(f"== torch {torch.__version__} (CUDA {torch.version.cuda}), diffusers {dif
       f"transformers {transformers.__version__}, GPU {torch.cuda.get_device_name()}")
 PY
 
-sizes=(--dit-batch "${GPU_TRAIN_DIT_BATCH:-64}" --vae-batch "${GPU_TRAIN_VAE_BATCH:-96}")
-echo "== smoke: 5 VAE + 5 transformer steps on $device"
-"$py" -m slotgen train-miniature --out /tmp/gpu_train_smoke --device "$device" --steps-vae 5 --steps-dit 5 \
+sizes=(--batch "${GPU_TRAIN_BATCH:-64}")
+echo "== smoke: 5 transformer steps on $device"
+"$py" -m slotgen train-miniature --out /tmp/gpu_train_smoke --device "$device" --steps 5 \
   --episodes 8 "${sizes[@]}" --threads "$threads" -q
 
 echo "== train: $minutes minutes on $device -> $out"

@@ -413,52 +413,27 @@ def inspect(
 @user_errors
 def train_miniature_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the trained miniature (config, weights, MODEL_CARD.md, loss.png)."),
-    minutes: float = typer.Option(50.0, "--minutes", help="Wall-clock budget of both stages (ignored for a stage with explicit steps)."),
+    minutes: float = typer.Option(55.0, "--minutes", help="Wall-clock budget, data included (ignored with --steps)."),
     seed: int = typer.Option(0, "--seed", help="Seeds data, init, noise and batches."),
-    steps_vae: Optional[int] = typer.Option(None, "--steps-vae", help="Exact VAE steps (reproducible) instead of the time budget."),
-    steps_dit: Optional[int] = typer.Option(None, "--steps-dit", help="Exact transformer steps instead of the time budget."),
-    episodes: Optional[int] = typer.Option(None, "--episodes", help="World episodes in the dataset (default 128)."),
-    dit_batch: Optional[int] = typer.Option(None, "--dit-batch", help="Transformer batch size (default 8)."),
-    vae_batch: Optional[int] = typer.Option(None, "--vae-batch", help="VAE batch size in 32x32 crops (default 24)."),
-    vae_from: Optional[Path] = typer.Option(None, "--vae-from", help="Reuse the VAE of a trained miniature folder "
-                                            "and train only the transformer (same seed: same transformer run)."),
-    vae_warm_frames: int = typer.Option(0, "--vae-warm-frames", help="0 or 1+4k: long VAE steps train 8 frames after "
-                                        "this many warm-up frames (frames deep inside a video; 0 = off)."),
-    warm_steps: int = typer.Option(0, "--warm-steps", help="Stage b: fine-tune the VAE this many steps on frames after "
-                                   "1-49 warm-up frames (caches filled), against colour drift in long videos."),
-    warm_encoder: bool = typer.Option(True, "--warm-encoder/--warm-decoder-only", help="Stage b trains encoder and decoder, "
-                                      "or the decoder only (latents unchanged)."),
-    threads: int = typer.Option(1, "--threads", help="CPU threads (1 is fastest on a busy 2-core machine; "
-                                "2 is ~1.6x faster on an idle one). It changes float rounding: bit-exact re-runs need the same value."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Exact transformer steps (reproducible) instead of the time budget."),
+    episodes: Optional[int] = typer.Option(None, "--episodes", help="World episodes in the dataset (default 256)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Sequences per step (default 8)."),
+    clip_chunks: Optional[int] = typer.Option(None, "--clip-chunks", help="Noisy chunks per sequence (default 4)."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads (2 on an idle 2-core machine; 1 next to another job). "
+                                "It changes float rounding: bit-exact re-runs need the same value."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N. Batches and random draws stay on the CPU "
-                               "(seeded); on a GPU use larger --dit-batch/--vae-batch."),
+                               "(seeded); on a GPU use a larger --batch."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Train the miniature on the shape world: VAE, optionally its decoder on warm caches, latent statistics,
-    then the causal chunk transformer."""
+    """Train the miniature's transformer on the shape world (causal chunks, x0-prediction, memory
+    handed back as relocated context); the VAE is the exact pixel code and the text encoder frozen."""
     from slotgen.train.miniature import TrainConfig, train_miniature
 
-    if minutes <= 0:
-        raise SlotgenError(f"--minutes must be positive, got {minutes}")
-    for name, v in (("--steps-vae", steps_vae), ("--steps-dit", steps_dit), ("--episodes", episodes), ("--dit-batch", dit_batch),
-                    ("--vae-batch", vae_batch)):
-        if v is not None and v < (4 if name == "--episodes" else 1):
-            raise SlotgenError(f"{name} is too small: {v}")
-    cfg = TrainConfig(minutes=minutes, seed=seed, steps_vae=steps_vae, steps_dit=steps_dit)
-    if episodes is not None:
-        cfg.episodes = episodes
-    if dit_batch is not None:
-        cfg.dit_batch = dit_batch
-    if vae_batch is not None:
-        cfg.vae_batch = vae_batch
-    cfg.device = device
-    cfg.threads, cfg.vae_warm_frames = threads, vae_warm_frames
-    cfg.warm_steps, cfg.warm_encoder = warm_steps, warm_encoder
+    cfg = TrainConfig(minutes=minutes, seed=seed, steps=steps, threads=threads, device=device)
+    for name, v in (("episodes", episodes), ("batch", batch), ("clip_chunks", clip_chunks)):
+        if v is not None:
+            setattr(cfg, name, v)
     cfg.validate()
-    if vae_from is not None:
-        if not (vae_from / "weights.safetensors").is_file():
-            raise SlotgenError(f"--vae-from {vae_from}: no weights.safetensors there (expected a trained miniature folder)")
-        cfg.vae_from = str(vae_from)
     import shlex as _shlex
 
     command = "slotgen " + " ".join(_shlex.quote(a) for a in sys.argv[1:])
@@ -473,7 +448,7 @@ def bench_identity(
     gaps: str = typer.Option("12,36,72", "--gaps", help="Absence gaps in video frames (multiples of 12)."),
     policies: str = typer.Option("window,sink,bank,slot", "--policies", help="Comma-separated memory policies."),
     model: str = typer.Option("miniature", "--model", help="'miniature' or a miniature-format folder."),
-    seed: int = typer.Option(1000, "--seed", help="First episode seed (default 1000: the default training run uses episode seeds 0..127); the storyboard seed is the same for every policy."),
+    seed: int = typer.Option(1000, "--seed", help="First episode seed (default 1000: the default training run uses episode seeds 0..255); the storyboard seed is the same for every policy."),
     similar: bool = typer.Option(True, "--similar/--no-similar", help="Also run two-entity similar episodes (leakage)."),
     purity: bool = typer.Option(True, "--purity/--no-purity", help="Slot purity (ARI) on ground-truth clips."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every number as JSON."),

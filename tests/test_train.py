@@ -1,4 +1,5 @@
-"""Training the miniature: a tiny seeded run learns (loss falls on fixed data) and writes a loadable folder."""
+"""Training the miniature: the objective trains what the engine runs, a tiny seeded run learns and writes a
+loadable folder, the exact VAE loses nothing, and bad settings are one-line errors."""
 
 from __future__ import annotations
 
@@ -7,93 +8,158 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from slotgen.cli import app
-from slotgen.models.miniature import VAE_CONFIG
-from slotgen.errors import SlotgenError
-from slotgen.train.miniature import (CHUNK, TrainConfig, build_dataset, chunk_first_frame, sample_dit_batch,
-                                     train_miniature)
+from slotgen.train.miniature import (CHUNK, TrainConfig, base_mask, build_dataset, chunk_first_frame, encode_clip,
+                                     sample_batch, train_miniature, x0_loss)
 
 
-Z = VAE_CONFIG["z_dim"]  # latent channels of the miniature
+def _out(r) -> str:
+    return r.stderr if hasattr(r, "stderr") else r.output
+
+
+def _with_latents(clips):
+    """Latents through the shipped (exact) VAE, as training encodes them."""
+    from slotgen.models.miniature import load_miniature
+    from slotgen.train.miniature import encode_all
+
+    for c, z in zip(clips, encode_all(load_miniature().vae, [c.frames for c in clips])):
+        c.latents = z
+    return clips
 
 
 def test_chunk_geometry_matches_the_engine():
     from slotgen.engine.generator import ChunkGeometry
+    from slotgen.models.miniature import SETTINGS
 
-    g = ChunkGeometry(3, 4)
-    assert [chunk_first_frame(c) for c in range(5)] == [g.first_frame(c) for c in range(5)]
+    g = ChunkGeometry(SETTINGS.chunk_frames, SETTINGS.vae_stride_t)
+    assert SETTINGS.chunk_frames == CHUNK
+    assert [chunk_first_frame(c) for c in range(6)] == [g.first_frame(c) for c in range(6)]
+
+
+def test_exact_vae_round_trips_every_pixel_of_a_world_video():
+    """encode → decode of a world episode gives back every uint8 pixel (the VAE is 'shown adequate'), frame
+    t's latent is frame t's pixels, and streaming decode chunk by chunk equals the one-shot decode."""
+    from slotgen.models.miniature import load_miniature
+    from slotgen.video.decoder import StreamingDecoder
+    from slotgen.world import exit_return_episode, render_episode
+
+    vae = load_miniature().vae
+    frames = render_episode(exit_return_episode(7, 12, n_entities=3)).frames  # (T, H, W, 3) uint8
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)  # (3, T, H, W)
+    from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
+    z = encode_clip(vae, x)
+    assert z.shape == (48, x.shape[1], 16, 16)
+    assert float((z - patchify(x[None], 4)[0]).abs().max()) < 1e-3  # latent t is frame t's 4×4 blocks
+    y = vae.decode(z[None]).sample[0]
+    back = ((y + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    assert np.array_equal(back, frames)
+    mean = torch.tensor(vae.config.latents_mean)[:, None, None, None]
+    std = torch.tensor(vae.config.latents_std)[:, None, None, None]
+    dec = StreamingDecoder(vae)
+    parts = [dec.decode_chunk(((z[:, i : i + 3] - mean) / std)[None]) for i in range(0, 30, 3)]
+    assert np.array_equal(np.concatenate(parts), frames[:30])
 
 
 def test_training_mask_is_block_causal():
-    clips = build_dataset(2, seed=3, max_gap=0)
-    for c in clips:
-        c.latents = torch.zeros(Z, 1 + (c.frames.shape[1] - 1) // 4, 16, 16)  # 4× spatial VAE
-    cfg = TrainConfig(dit_batch=2, relocate_prob=1.0, token_drop=0.0)
-    lat, ts, mask, target, loss_w, caps, rope, grp = sample_dit_batch(clips, np.random.default_rng(0), torch.Generator(),
-                                                              cfg, None)
+    clips = _with_latents(build_dataset(2, seed=3, max_gap=0))
+    cfg = TrainConfig(batch=2, relocate_prob=1.0, return_prob=0.0, token_drop=0.0)
+    b = sample_batch(clips, np.random.default_rng(0), torch.Generator(), cfg)
     n, tpf = cfg.clip_chunks, 16
-    g = grp.repeat_interleave(tpf)
-    m = mask[0, 0]
-    for j in range(n):  # noisy chunk j: clean chunks < j, itself, never a later clean chunk or other noisy chunk
+    g = b.groups.repeat_interleave(tpf)
+    m = b.mask[0, 0]
+    for j in range(n):  # noisy chunk j: clean chunks < j, itself, never a later clean chunk or another noisy chunk
         q = (g == 1 + n + j).nonzero()[0, 0]
-        seen = set(g[m[q]].tolist())
-        assert seen == {0} | {1 + i for i in range(j)} | {1 + n + j}
-        assert (ts[0, g == 1 + n + j] > 0).all()
-    assert (ts[0, g <= n] == 0).all()
-    # noisy chunk j has the temporal positions of clean chunk j
-    t_pos = rope[0]
-    for j in range(n):
+        assert set(g[m[q]].tolist()) == {0} | {1 + i for i in range(j)} | {1 + n + j}
+        assert (b.timesteps[0, g == 1 + n + j] > 0).all()
+    assert (b.timesteps[0, g <= n] == 0).all()
+    t_pos = b.rope[0]
+    for j in range(n):  # noisy chunk j has the temporal positions of clean chunk j
         assert torch.equal(t_pos[g == 1 + j], t_pos[g == 1 + n + j])
+    grp, base = base_mask(n, tpf)
+    assert torch.equal(grp, b.groups) and base.shape == m.shape
+
+
+def test_return_clips_relocate_a_chunk_with_the_protagonist_before_it_left():
+    """With return_prob 1 every sample covers the protagonist's return, and its relocated chunk is one in
+    which the protagonist was fully inside, before the leave: the trait copy the memory must make."""
+    clips = _with_latents(build_dataset(6, seed=4, max_gap=24))
+    for c in clips:
+        assert c.return_chunk is not None and c.before_chunks
+    cfg = TrainConfig(batch=16, return_prob=1.0, token_drop=0.0)
+    rng = np.random.default_rng(1)
+    b = sample_batch(clips, rng, torch.Generator().manual_seed(0), cfg)
+    n = cfg.clip_chunks
+    for caps in b.captions:
+        assert any("returns" in c for c in caps[1:]), caps  # a clip chunk shows the return
+        assert "leaves" not in caps[0] and "returns" not in caps[0]  # the relocated chunk is from before
+        assert len(caps) == n + 1
+
+
+def test_x0_loss_weights_entities_and_low_noise():
+    clips = _with_latents(build_dataset(2, seed=5, max_gap=0))
+    cfg = TrainConfig(batch=2)
+    b = sample_batch(clips, np.random.default_rng(2), torch.Generator().manual_seed(0), cfg)
+    assert float(x0_loss(b.x0.clone(), b)) == 0.0
+    pred = b.x0 + 0.1
+    expected = 0.01  # a uniform error: the weighted mean of a constant is the constant / weights' normaliser
+    assert float(x0_loss(pred, b)) == pytest.approx(expected, rel=1e-4)
+    # an error on entity pixels costs more than the same error on background pixels
+    near = (b.weight > 1).expand_as(pred)
+    e_ent = b.x0.clone()
+    e_ent[near] += 0.1
+    e_bg = b.x0.clone()
+    e_bg[~near] += 0.1
+    per_pixel_ent = float(x0_loss(e_ent, b)) / near.float().mean()
+    per_pixel_bg = float(x0_loss(e_bg, b)) / (~near).float().mean()
+    assert per_pixel_ent > 2 * per_pixel_bg
 
 
 def test_tiny_training_run_learns_and_writes_a_loadable_miniature(tmp_path):
-    cfg = TrainConfig(minutes=5, seed=0, steps_vae=12, steps_dit=24, episodes=4, vae_batch=2, dit_batch=4)
+    cfg = TrainConfig(minutes=5, seed=0, steps=30, episodes=4, batch=2, clip_chunks=2)
     res = train_miniature(cfg, tmp_path / "mini", log=lambda m: None, command="test")
-    assert res.vae_steps == 12 and res.dit_steps == 24
-    assert res.vae_eval[1] < res.vae_eval[0]
-    assert res.dit_eval[1] < res.dit_eval[0]
-    # noisy per-step losses: the last steps' mean is below the first steps'
-    assert np.mean(res.dit_losses[-5:]) < np.mean(res.dit_losses[:5])
-    for name in ("config.json", "tokenizer.json", "weights.safetensors", "MODEL_CARD.md", "loss.png"):
+    assert res.steps == 30
+    assert res.eval_loss[1] < res.eval_loss[0]
+    assert np.mean(res.losses[-5:]) < np.mean(res.losses[:5])
+    assert res.vae_max_error < 1e-3
+    for name in ("config.json", "tokenizer.json", "weights.safetensors", "MODEL_CARD.md", "loss.png", "training_log.json"):
         assert (tmp_path / "mini" / name).is_file()
     config = json.loads((tmp_path / "mini" / "config.json").read_text())
-    assert len(config["vae"]["latents_std"]) == Z
+    assert config["training"]["transformer_steps"] == 30
     from slotgen.models.miniature import load_miniature
 
     bundle = load_miniature(tmp_path / "mini")
     assert list(bundle.vae.config.latents_mean) == pytest.approx(res.latents_mean)
+    assert bundle.settings.prediction == "sample" and bundle.settings.sampler == "euler"
     card = (tmp_path / "mini" / "MODEL_CARD.md").read_text()
-    assert "Model card" in card
     # the exact re-run line carries every non-default size, so the run can be repeated from the card
-    assert "--episodes 4 --vae-batch 2 --dit-batch 4" in card and "--device" not in card
+    assert "--steps 30" in card and "--episodes 4 --batch 2 --clip-chunks 2" in card and "--device" not in card
+
+
+def test_training_is_reproducible_step_for_step(tmp_path):
+    cfg = TrainConfig(seed=1, steps=3, episodes=3, batch=2, clip_chunks=2)
+    a = train_miniature(cfg, tmp_path / "a", log=lambda m: None)
+    b = train_miniature(TrainConfig(**cfg.to_dict()), tmp_path / "b", log=lambda m: None)
+    assert a.losses == b.losses
+    assert (tmp_path / "a" / "weights.safetensors").read_bytes() == (tmp_path / "b" / "weights.safetensors").read_bytes()
 
 
 def test_cli_rejects_bad_budgets(tmp_path):
-    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--minutes", "0"])
-    assert r.exit_code == 2 and "--minutes" in (r.stderr if hasattr(r, "stderr") else r.output)
-    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--threads", "0"])
-    assert r.exit_code == 2 and "--threads" in (r.stderr if hasattr(r, "stderr") else r.output)
-    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--vae-warm-frames", "8"])
-    assert r.exit_code == 2 and "1 + 4k" in (r.stderr if hasattr(r, "stderr") else r.output)
-    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--warm-steps", "-1"])
-    assert r.exit_code == 2 and "--warm-steps" in (r.stderr if hasattr(r, "stderr") else r.output)
-    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--vae-from", str(tmp_path)])
-    assert r.exit_code == 2 and "weights.safetensors" in (r.stderr if hasattr(r, "stderr") else r.output)
-    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--device", "tpu"])
-    assert r.exit_code == 2 and "--device" in (r.stderr if hasattr(r, "stderr") else r.output)
-    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--vae-batch", "0"])
-    assert r.exit_code == 2 and "--vae-batch" in (r.stderr if hasattr(r, "stderr") else r.output)
+    for args, needle in ((["--minutes", "0"], "--minutes"), (["--threads", "0"], "--threads"),
+                         (["--steps", "0"], "--steps"), (["--device", "tpu"], "--device"),
+                         (["--batch", "0"], "--batch"), (["--episodes", "1"], "--episodes")):
+        r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), *args])
+        assert r.exit_code == 2 and needle in _out(r), (args, _out(r))
+        assert "Traceback" not in _out(r)
     assert not (tmp_path / "x").exists()  # rejected before anything was written
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
     r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--device", "cuda"])
-    out = r.stderr if hasattr(r, "stderr") else r.output
-    assert r.exit_code == 2 and "--device cuda" in out and "no CUDA device" in out
+    assert r.exit_code == 2 and "--device cuda" in _out(r) and "no CUDA device" in _out(r)
 
 
 def test_unknown_words_warn_by_name():
@@ -112,216 +178,37 @@ def test_training_forward_reproduces_the_engine_stream():
     committing clean chunks < j (each with its own caption): the objective trains what the engine runs."""
     from slotgen.engine.generator import EngineOptions, StreamingEngine
     from slotgen.memory import WindowMemory
+    from slotgen.memory.base import ChunkContext
     from slotgen.models.miniature import load_miniature
     from slotgen.train.miniature import CaptionConditioner, dit_forward, install_training_processors
 
     torch.manual_seed(0)
     bundle = load_miniature()
-    clips = build_dataset(1, seed=1, max_gap=0)
-    clip = clips[0]
-    clip.latents = torch.randn(Z, 1 + (clip.frames.shape[1] - 1) // 4, 16, 16)  # 4× spatial VAE
+    n = 4
+    clip = _with_latents(build_dataset(1, seed=1, max_gap=0))[0]
+    clip.latents = torch.randn(48, n * CHUNK, 16, 16)  # exactly n chunks: the clip starts at chunk 0
     clip.chunk_captions = ["a red circle enters from the left on a blue background", "a blue background",
-                           "a green square stays on a white background", "a red star moves up on a gray background",
-                           *clip.chunk_captions[4:]]
-    cfg = TrainConfig(dit_batch=1, relocate_prob=0.0, clip_chunks=4, uniform_sigma_prob=0.0)
-    rng = np.random.default_rng(5)
+                           "a green square stays on a white background", "a red star moves up on a gray background"]
+    clip.near_entity = clip.near_entity[: n * CHUNK]
+    clip.return_chunk = None
+    cfg = TrainConfig(batch=1, relocate_prob=0.0, clip_chunks=n, context_noise=0.0)
     tr = bundle.transformer
     cond = CaptionConditioner(bundle.text_encoder, bundle.tokenizer, bundle.settings.text_len)
-    # a clip with a single episode always samples it; pick s = 0 by giving the clip exactly n chunks
-    n = cfg.clip_chunks
-    clip.latents = clip.latents[:, : n * CHUNK]
-    clip.chunk_captions = clip.chunk_captions[:n]
-    lat, ts, mask, target, loss_w, caps, rope, grp = sample_dit_batch([clip], rng, torch.Generator().manual_seed(0), cfg, cond)
+    b = sample_batch([clip], np.random.default_rng(5), torch.Generator().manual_seed(0), cfg)
     state = install_training_processors(tr)
     with torch.no_grad():
-        full = dit_forward(tr, state, lat, ts, mask, rope, caps, cond, grp, n, 16)
+        full = dit_forward(tr, state, b, cond, n)
 
     policy = WindowMemory(len(tr.blocks), window=10_000)
     engine = StreamingEngine(bundle, policy, EngineOptions(seed=0, fps=16, width=64, height=64, steps=4, shift=5.0))
-    from slotgen.memory.base import ChunkContext
-
     R = CHUNK
     for j in range(n):
         emb = engine.text.embeds(clip.chunk_captions[j])
         policy.begin_chunk(ChunkContext(j, j * CHUNK, CHUNK, j, clip.chunk_captions[j]))
         engine.state.epoch += 1
-        noisy = lat[:, :, R + n * CHUNK + j * CHUNK : R + n * CHUNK + (j + 1) * CHUNK]
-        tau = float(ts[0, (R + n * CHUNK + j * CHUNK) * 16])
+        noisy = b.latents[:, :, R + n * CHUNK + j * CHUNK : R + n * CHUNK + (j + 1) * CHUNK]
+        tau = float(b.timesteps[0, (R + n * CHUNK + j * CHUNK) * 16])
         out = engine._forward(noisy, tau, j * CHUNK, emb, commit=False)
-        engine._forward(lat[:, :, R + j * CHUNK : R + (j + 1) * CHUNK], 0.0, j * CHUNK, emb, commit=True)
+        engine._forward(b.latents[:, :, R + j * CHUNK : R + (j + 1) * CHUNK], 0.0, j * CHUNK, emb, commit=True)
         policy.end_chunk()
-        ref = full[:, :, R + n * CHUNK + j * CHUNK : R + n * CHUNK + (j + 1) * CHUNK]
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-
-
-def test_vae_batches_weight_entities_and_markings_and_tile_entity_crops():
-    from slotgen.train.miniature import _tile, vae_batch
-
-    clips = build_dataset(3, seed=2, max_gap=0)
-    clip = clips[0]
-    assert clip.pixel_class.shape == (1, *clip.frames.shape[1:])
-    assert set(clip.pixel_class.unique().tolist()) <= {0, 1, 2} and (clip.pixel_class == 2).any()
-    rng = np.random.default_rng(0)
-    x, w = vae_batch(clips, rng, 2, 5, class_weights=(1.0, 5.0, 15.0))
-    assert x.shape == (2, 3, 5, 64, 64) and w.shape == (2, 1, 5, 64, 64)
-    assert set(w.unique().tolist()) <= {1.0, 5.0, 15.0}
-    # entity-centred crops: almost every crop holds entity pixels (weights > 1) when entities are on stage
-    crops, cw = vae_batch(clips, np.random.default_rng(1), 16, 5, class_weights=(1.0, 5.0, 15.0), crop=32)
-    assert crops.shape == (16, 3, 5, 32, 32)
-    assert (cw.amax(dim=(1, 2, 3, 4)) > 1).float().mean() >= 0.75
-    # mosaics: 2×2 crops laid out row by row, pixel for pixel
-    tiles = torch.arange(4 * 2 * 3 * 4 * 4, dtype=torch.float32).reshape(4, 2, 3, 4, 4)
-    m = _tile(tiles, 2)
-    assert m.shape == (1, 2, 3, 8, 8)
-    assert torch.equal(m[0, :, :, :4, :4], tiles[0]) and torch.equal(m[0, :, :, :4, 4:], tiles[1])
-    assert torch.equal(m[0, :, :, 4:, :4], tiles[2]) and torch.equal(m[0, :, :, 4:, 4:], tiles[3])
-    mos, mw = vae_batch(clips, np.random.default_rng(1), 8, 5, crop=32, mosaic=2)
-    assert mos.shape == (2, 3, 5, 64, 64) and mw.shape == (2, 1, 5, 64, 64)
-
-
-def test_vae_loss_is_a_pixel_weighted_mean():
-    from diffusers import AutoencoderKLWan
-
-    from slotgen.models.miniature import VAE_CONFIG
-    from slotgen.train.miniature import _decode_train, vae_loss
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(**VAE_CONFIG)
-    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
-    w = torch.ones(1, 1, 5, 16, 16)
-    w[..., :4, :4] = 30.0  # a heavy corner
-    with torch.no_grad():
-        loss, parts = vae_loss(vae, x, w, 0.0, torch.Generator().manual_seed(0), noise=0.0)
-        err = _decode_train(vae, vae.encode(x).latent_dist.mean) - x
-        expected = ((err.abs() + err.pow(2)) * w).sum() / (w.sum() * 3)
-        plain = (err.abs() + err.pow(2)).mean()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
-    assert parts["plain_l1"] == pytest.approx(float(err.abs().mean()), rel=1e-5)
-    assert abs(float(expected) - float(plain)) > 1e-3  # the weights matter
-
-
-def test_vae_from_reuses_the_vae_and_trains_the_same_transformer(tmp_path):
-    """Stages draw from their own streams: skipping stage a with the VAE of a same-seed run gives the
-    very same transformer (so a transformer-only retrain reproduces the one-command run)."""
-    from safetensors.torch import load_file
-
-    cfg = TrainConfig(minutes=5, seed=1, steps_vae=3, steps_dit=4, episodes=4, vae_batch=4, dit_batch=2)
-    train_miniature(cfg, tmp_path / "full", log=lambda m: None, command="test")
-    cfg2 = TrainConfig(**{**cfg.to_dict(), "vae_from": str(tmp_path / "full")})
-    res2 = train_miniature(cfg2, tmp_path / "reuse", log=lambda m: None, command="test")
-    a, b = load_file(str(tmp_path / "full" / "weights.safetensors")), load_file(str(tmp_path / "reuse" / "weights.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert res2.vae_steps == 3  # taken from the source run's log, for the model card
-    assert "reused from" in (tmp_path / "reuse" / "MODEL_CARD.md").read_text()
-    with pytest.raises(SlotgenError):
-        train_miniature(TrainConfig(**{**cfg.to_dict(), "vae_from": str(tmp_path)}), tmp_path / "x", log=lambda m: None)
-
-    # stage b on the decoder only (warm_encoder=False) changes only the decoder: encoder, latents and so
-    # the transformer stay exactly those of the run without it
-    cfg3 = TrainConfig(**{**cfg2.to_dict(), "warm_steps": 2, "warm_lengths": (1, 5), "warm_encoder": False})
-    res3 = train_miniature(cfg3, tmp_path / "decoder", log=lambda m: None, command="test")
-    c = load_file(str(tmp_path / "decoder" / "weights.safetensors"))
-    assert res3.warm_steps == 2 and len(res3.warm_losses) == 2
-    changed = {k for k in a if not torch.equal(a[k], c[k])}
-    assert changed and all(k.startswith(("vae.decoder.", "vae.post_quant_conv.")) for k in changed), sorted(changed)[:5]
-    log = json.loads((tmp_path / "decoder" / "training_log.json").read_text())
-    assert log["warm_steps"] == 2
-    card = (tmp_path / "decoder" / "MODEL_CARD.md").read_text()
-    assert "--warm-steps 2 --warm-decoder-only" in card and "decoder only" in card
-    res4 = train_miniature(TrainConfig(**{**cfg.to_dict(), "vae_from": str(tmp_path / "decoder")}), tmp_path / "chain",
-                           log=lambda m: None, command="test")
-    assert res4.warm_steps == 2  # the card of a run reusing that VAE reports its decoder stage
-    with pytest.raises(SlotgenError, match="1 \\+ 4k"):
-        train_miniature(TrainConfig(**{**cfg3.to_dict(), "warm_lengths": (4,)}), tmp_path / "y", log=lambda m: None)
-
-
-def test_warm_cache_reconstruction_equals_the_tail_of_one_long_pass():
-    """Training frames deep inside a video: the warm-cache pass reproduces one long encode/decode."""
-    from diffusers import AutoencoderKLWan
-
-    from slotgen.models.miniature import VAE_CONFIG
-    from slotgen.train.miniature import _decode_train, warm_cache_reconstruct
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(**VAE_CONFIG)
-    warm, x = torch.rand(1, 3, 9, 32, 32) * 2 - 1, torch.rand(1, 3, 8, 32, 32) * 2 - 1
-    with torch.no_grad():
-        long_mu = vae.encode(torch.cat([warm, x], 2)).latent_dist.mean  # (1, 16, 5, 8, 8)
-        long_out = _decode_train(vae, long_mu)
-    out, mu = warm_cache_reconstruct(vae, warm, x)
-    assert mu.requires_grad and out.requires_grad  # the gradient flows through the x part only
-    torch.testing.assert_close(mu.detach(), long_mu[:, :, 3:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.detach(), long_out[:, :, 9:], rtol=1e-5, atol=1e-5)
-    # and it is not the same as starting x from an empty cache
-    with torch.no_grad():
-        cold = _decode_train(vae, vae.encode(torch.cat([x[:, :, :1], x], 2)).latent_dist.mean)[:, :, 1:]
-    assert (cold - out.detach()).abs().max() > 1e-3
-
-
-def test_warm_cache_vae_steps_train(tmp_path):
-    cfg = TrainConfig(minutes=5, seed=0, steps_vae=6, steps_dit=1, episodes=4, vae_batch=4, dit_batch=2,
-                      vae_long_every=2, vae_warm_frames=9)
-    res = train_miniature(cfg, tmp_path / "warm", log=lambda m: None, command="test")
-    assert res.vae_steps == 6 and all(np.isfinite(res.vae_losses))
-    assert res.vae_eval[1] < res.vae_eval[0]
-    with pytest.raises(SlotgenError, match="1 \\+ 4k"):
-        train_miniature(TrainConfig(**{**cfg.to_dict(), "vae_warm_frames": 8}), tmp_path / "bad", log=lambda m: None)
-
-
-def test_entity_cells_mark_the_latent_cells_entities_touch():
-    from slotgen.train.miniature import latent_entity_cells
-
-    clip = build_dataset(1, seed=2, max_gap=0)[0]
-    T = clip.frames.shape[1]
-    cells = clip.entity_cells
-    assert torch.equal(cells, latent_entity_cells(clip.pixel_class))
-    assert cells.shape == (1 + (T - 1) // 4, 16, 16)  # one map per latent frame, 4×4-pixel cells
-    entity = clip.pixel_class[0].numpy() > 0
-    for f in range(T):  # every entity pixel of video frame f lies in a marked cell of its latent frame
-        lat = 0 if f == 0 else 1 + (f - 1) // 4
-        ys, xs = np.nonzero(entity[f])
-        assert bool(cells[lat, ys // 4, xs // 4].all())
-    assert 0.0 < cells.float().mean() < 0.5  # entities are small: most cells are background
-    empty = torch.zeros_like(clip.pixel_class)
-    assert not latent_entity_cells(empty).any()
-
-
-def test_flow_loss_weights_entity_cells():
-    from slotgen.train.miniature import weighted_mse
-
-    clips = build_dataset(2, seed=3, max_gap=0)
-    for c in clips:
-        c.latents = torch.zeros(Z, 1 + (c.frames.shape[1] - 1) // 4, 16, 16)
-    cfg = TrainConfig(dit_batch=2, dit_entity_weight=4.0)
-    _, _, _, target, loss_w, _, _, _ = sample_dit_batch(clips, np.random.default_rng(0), torch.Generator(), cfg,
-                                                        None)
-    assert loss_w.shape == (2, 1, target.shape[2], 16, 16)
-    assert set(loss_w.unique().tolist()) == {1.0, 5.0}
-    pred = torch.randn(target.shape)
-    assert torch.isclose(weighted_mse(pred, target, torch.ones_like(loss_w)), F.mse_loss(pred, target))
-    half = torch.zeros_like(loss_w)
-    half[..., :8] = 1.0
-    assert torch.isclose(weighted_mse(pred, target, half), F.mse_loss(pred[..., :8], target[..., :8]))
-
-
-def test_warm_stage_trains_the_encoder_unless_told_not_to():
-    from diffusers import AutoencoderKLWan
-
-    from slotgen.models.miniature import VAE_CONFIG
-    from slotgen.train.miniature import finetune_warm
-
-    clips = build_dataset(1, seed=4, max_gap=0)
-    for encoder in (True, False):
-        torch.manual_seed(0)
-        vae = AutoencoderKLWan(**VAE_CONFIG)
-        before = {k: v.clone() for k, v in vae.state_dict().items()}
-        cfg = TrainConfig(warm_steps=1, warm_lengths=(5,), warm_encoder=encoder, vae_long_batch=1)
-        losses = finetune_warm(vae, clips, cfg, (1.0, 5.0, 15.0), np.random.default_rng(0), log=lambda m: None)
-        assert len(losses) == 1 and np.isfinite(losses[0])
-        changed = {k.split(".")[0] for k, v in vae.state_dict().items() if not torch.equal(v, before[k])}
-        assert changed == ({"encoder", "quant_conv", "decoder", "post_quant_conv"} if encoder
-                           else {"decoder", "post_quant_conv"})
-        assert not any(p.requires_grad for p in vae.parameters())  # left frozen, in eval mode
-        assert not vae.training
+        torch.testing.assert_close(out, full[:, :, j * CHUNK : (j + 1) * CHUNK], rtol=1e-4, atol=1e-4)

@@ -1,26 +1,34 @@
 """The embedded miniature: the real Wan stack (diffusers + transformers classes) at toy size.
 
 Everything is built from ``assets/miniature/config.json`` and loaded from ``weights.safetensors`` in
-the package, so rendering works offline on any laptop. The weights file is produced by
-``python -m slotgen.models.miniature --out slotgen/models/assets/miniature`` (random init with a fixed
-seed); a trained miniature replaces the file without changing this loading path. The committed folder
-is still the random init of the session-2 configuration (dim-64 transformer, 2 MB): the configs below
-(dim 256, 16 MB) are written once a trained model is shipped (docs/MINIATURE.md).
+the package, so rendering works offline on any laptop. ``slotgen train-miniature`` writes a folder in
+the same format (docs/MINIATURE.md is the model card); ``python -m slotgen.models.miniature --out DIR``
+writes the untrained configuration (random transformer, exact VAE) for tests.
 
-Sizes (64×64 video, 16 fps): VAE 4× spatial / 4× temporal, z_dim 16 → 16×16×16 latents → patch 4 → 4×4 = 16
-tokens per latent frame (each token covers 16×16 pixels, as in Wan2.1's 8× VAE + patch 2); transformer
-dim 256 (4 heads × 64), 4 layers; UMT5 encoder d_model 32, 32 text tokens. The miniature compresses 4×
-in space, not 8× like Wan: an 8× VAE this small did not learn to draw the world's entities within the
-training budget (see docs/MINIATURE.md), while the token grid, and so the whole engine and memory, is
-the same. The transformer is as wide as a token's patch (16·4·4 = 256 values): a flow-matching model has
-to carry the noise of every patch value through its residual stream, and a dim-64 transformer on
-256-value patches (the session-2 miniature) never got below flow MSE ≈ 1 and drew noise.
+Sizes (64×64 video, 16 fps):
+
+* **VAE** — ``AutoencoderKLWan`` with Wan2.2's ``patch_size`` 4 (the class rearranges each 4×4 pixel
+  block into 48 channels and back), one level, no temporal down-sampling, base_dim 52, z_dim 48, whose
+  weights are not learned but *constructed* (:func:`make_exact_vae`): it maps the 48 channels to the
+  48 latent channels and back, exact to ~1e-5 (every uint8 pixel of a world video survives encode →
+  decode; tested). Four training sessions of learned 4×/8× VAEs at this
+  size misdrew the world's entities (docs/MINIATURE.md), and a code that loses nothing takes the VAE
+  out of the identity question the benchmark asks. One latent frame is one video frame.
+* **Transformer** — ``WanTransformer3DModel`` with patch (1, 4, 4) on the 16×16 latents: 4×4 = 16 tokens
+  per frame, each a 16×16-pixel patch (as with Wan2.1's 8× VAE and patch 2), 768 values per token. It predicts the
+  clean sample (``prediction = "sample"``, x0): a narrow transformer cannot carry 768 values of noise
+  through its residual stream, which a flow (ε − x0) target asks for, but it can output a clean patch,
+  which lies on a low-dimensional set (the JiT argument: Li & He, "Back to Basics", 2025). Sampling
+  is the Euler flow ODE (``sampler = "euler"``, engine/sampler.py).
+* **Text encoder** — ``UMT5EncoderModel`` d_model 32, 2 layers, a word-level tokenizer over
+  ``VOCABULARY``, 32 tokens; random init, frozen (each word its own random features).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -52,10 +60,10 @@ VOCABULARY = (
 
 TRANSFORMER_CONFIG = dict(
     patch_size=[1, 4, 4],
-    num_attention_heads=4,
+    num_attention_heads=2,
     attention_head_dim=64,
-    in_channels=16,
-    out_channels=16,
+    in_channels=48,
+    out_channels=48,
     text_dim=32,
     freq_dim=32,
     ffn_dim=512,
@@ -65,8 +73,12 @@ TRANSFORMER_CONFIG = dict(
     eps=1e-6,
     rope_max_seq_len=1024,
 )
-VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
-                  latents_mean=[0.0] * 16, latents_std=[1.0] * 16)  # training replaces the latent statistics
+# Wan2.2-style patchify (4×4 pixels → 48 channels), one level, no down-sampling in time: an exact code
+# (make_exact_vae). Training stores the data's per-channel statistics in latents_mean/latents_std, so the
+# engine's normalised latents have unit variance.
+VAE_CONFIG = dict(base_dim=52, z_dim=48, dim_mult=[1], num_res_blocks=1, temperal_downsample=[], in_channels=48,
+                  out_channels=48, patch_size=4, scale_factor_temporal=1, scale_factor_spatial=4,
+                  latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
 TEXT_CONFIG = dict(
     d_model=32,
     d_kv=8,
@@ -80,7 +92,59 @@ TEXT_CONFIG = dict(
     eos_token_id=1,
     decoder_start_token_id=0,
 )
-SETTINGS = ModelSettings(steps=4, shift=5.0, chunk_frames=3, fps=16, resolution=(64, 64), text_len=32, vae_stride_s=4)
+SETTINGS = ModelSettings(steps=12, shift=3.0, sampler="euler", prediction="sample", chunk_frames=3, fps=16,
+                         resolution=(64, 64), text_len=32, vae_stride_t=1, vae_stride_s=4)
+
+
+# Constants of the exact VAE (make_exact_vae): channel offset, constant channel, RMS-norm gain.
+_OFFSET, _CONST, _GAIN = 20.0, 1.0e4, 2.0e3
+
+
+@torch.no_grad()
+def make_exact_vae(vae) -> None:
+    """Set an ``AutoencoderKLWan`` of :data:`VAE_CONFIG`'s shape to an exact code, in place.
+
+    With ``patch_size`` p the class itself rearranges each p×p pixel block into channels before the
+    encoder and back after the decoder (Wan2.2's patchify), so a code that maps those ``C = 3p²``
+    channels to the ``z_dim = C`` latent channels and back loses nothing. Encoder and decoder are the
+    same chain: ``conv_in`` → residual block(s) → mid block (attention) → ``norm_out`` (RMS over the D =
+    ``base_dim`` channels) → SiLU → ``conv_out``. The construction:
+
+    * ``conv_in`` (current frame, centre tap only) maps the C values ``p`` to channels ``[p + O, K, 0…]``:
+      shifted by O = 20, plus a constant channel K = 10⁴;
+    * every residual block's ``conv2`` and the attention's ``proj`` are zero, so each block is the
+      identity (its residual branch adds exactly 0);
+    * ``norm_out`` divides by the channel norm ``‖[p + O, K]‖`` ≈ K (it varies with p by ~1e-5 relative)
+      and multiplies by √D · G with G = 2000: every channel lands near 28, where SiLU is the identity to 1e-12;
+    * ``conv_out`` takes ``a · (channel_c − (O/K) · constant)``, which removes the offset *with the same
+      normaliser* ``s = √D·G/‖·‖``: ``a · s · p_c``, and ``a = ‖[O…, K]‖ / (√D·G)`` makes it ``p_c``. The
+      encoder's log-variance channels are a constant −30 (a deterministic code).
+
+    ``quant_conv``/``post_quant_conv`` are identities. Every tap is the current frame, so the code is
+    causal and streaming-exact by construction; the decoder's clamp to [−1, 1] is the stock one.
+    """
+    C, D = vae.config.z_dim, vae.config.base_dim
+    if not (vae.config.in_channels == vae.config.out_channels == C and D > C):
+        raise ValueError(f"an exact code needs in_channels = out_channels = z_dim < base_dim, got "
+                         f"{vae.config.in_channels}/{vae.config.out_channels}/{C}/{D}")
+    a = math.sqrt(_CONST**2 + C * _OFFSET**2) / (math.sqrt(D) * _GAIN)
+    for p in vae.parameters():
+        p.zero_()
+    for coder in (vae.encoder, vae.decoder):
+        for m in coder.modules():
+            if hasattr(m, "gamma") and isinstance(m.gamma, torch.nn.Parameter):
+                m.gamma.fill_(1.0)  # RMS norms inside the (zeroed) residual branches: harmless
+        conv_in, conv_out = coder.conv_in, coder.conv_out
+        for c in range(C):
+            conv_in.weight[c, c, -1, 1, 1] = 1.0  # (out, in, t, h, w): current frame, centre tap
+            conv_in.bias[c] = _OFFSET
+            conv_out.weight[c, c, -1, 1, 1] = a
+            conv_out.weight[c, C, -1, 1, 1] = -a * _OFFSET / _CONST
+        conv_in.bias[C] = _CONST
+        coder.norm_out.gamma.fill_(_GAIN)
+    vae.encoder.conv_out.bias[C:] = -30.0  # log-variance: std e^-15, a deterministic code
+    vae.quant_conv.weight[:, :, 0, 0, 0] = torch.eye(2 * C)
+    vae.post_quant_conv.weight[:, :, 0, 0, 0] = torch.eye(C)
 
 
 def build_tokenizer(vocabulary: list[str]):
@@ -97,7 +161,8 @@ def build_tokenizer(vocabulary: list[str]):
 
 
 def build_modules(config: dict):
-    """Instantiate the three modules from a config dict (random init under the current torch seed)."""
+    """Instantiate the three modules from a config dict (random init under the current torch seed; the
+    miniature's VAE is then set exact by the caller, :func:`make_exact_vae`)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -175,6 +240,7 @@ def write_miniature(out_dir: str | Path, seed: int = 0, modules=None, name: str 
     if modules is None:
         torch.manual_seed(seed)
         modules = build_modules(config)
+        make_exact_vae(modules[1])
     transformer, vae, text_encoder = modules
     tensors = {}
     for prefix, module in (("transformer.", transformer), ("vae.", vae), ("text_encoder.", text_encoder)):
@@ -188,7 +254,7 @@ def write_miniature(out_dir: str | Path, seed: int = 0, modules=None, name: str 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Write the miniature model folder (random init, fixed seed).")
+    parser = argparse.ArgumentParser(description="Write an untrained miniature folder (random transformer, exact VAE).")
     parser.add_argument("--out", default=str(Path(__file__).parent / ASSET_DIR))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
