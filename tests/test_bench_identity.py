@@ -48,7 +48,8 @@ def test_token_labels_and_frame_mapping():
     labels[40:56, 48:60] = 3  # 192 px in cell (2, 3) and (3, 3)
     t = token_labels(labels, 4, 4)
     assert t[0] == 1 and t[5] == 0 and t[2 * 4 + 3] == 3
-    assert [latent_to_video_frame(f) for f in range(4)] == [0, 4, 8, 12]
+    assert [latent_to_video_frame(f, 4) for f in range(4)] == [0, 4, 8, 12]
+    assert [latent_to_video_frame(f, 1) for f in range(4)] == [0, 1, 2, 3]
 
 
 def test_ari_of_a_perfect_assignment_is_one():

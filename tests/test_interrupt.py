@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from slotgen.cli import app
+from slotgen.engine.generator import ChunkGeometry
 from slotgen.render import InterruptGuard, render
 from slotgen.snapshot import default_snapshot_path, load_snapshot
 from slotgen.storyboard import parse_storyboard
@@ -101,7 +102,9 @@ def test_signal_mid_render_keeps_every_frame_and_resumes_exactly(sig, tmp_path, 
     assert "finishing the current chunk" in err
     # a playable MP4 and an exact lossless copy of every frame so far; no temporary files left
     n = probe_video(tmp_path / "out.mp4")["frames"]
-    assert 9 <= n < TOTAL and (n - 9) % 12 == 0, err  # whole chunks
+    geo = ChunkGeometry(miniature.settings.chunk_frames, miniature.settings.vae_stride_t)
+    ends = {geo.first_frame(c) for c in range(1, geo.num_chunks(TOTAL) + 1)}
+    assert 0 < n < TOTAL and n in ends, err  # whole chunks
     partial_mp4 = read_video(tmp_path / "out.mp4")
     assert len(partial_mp4) == n
     partial = read_video(tmp_path / "out.mkv")
@@ -136,10 +139,11 @@ def test_should_stop_in_the_library(tmp_path, reference, miniature):
     chunks = []
     rep = render(parse_storyboard(STORY, "story.yaml"), tmp_path / "o.mkv", bundle=miniature,
                  on_chunk=lambda ev: chunks.append(ev.chunk), should_stop=lambda: len(chunks) >= 2)
-    assert rep.interrupted and rep.frames == 21 and chunks == [0, 1]
+    two = ChunkGeometry(miniature.settings.chunk_frames, miniature.settings.vae_stride_t).first_frame(2)
+    assert rep.interrupted and rep.frames == two and chunks == [0, 1]
     assert rep.snapshot == str(tmp_path / "o.mkv.snapshot.pt")
-    assert np.array_equal(read_video(tmp_path / "o.mkv"), reference[:21])
-    assert load_snapshot(rep.snapshot).frames_emitted == 21
+    assert np.array_equal(read_video(tmp_path / "o.mkv"), reference[:two])
+    assert load_snapshot(rep.snapshot).frames_emitted == two
 
 
 def test_guard_installs_handlers_only_inside_and_restores_them():

@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from slotgen.cli import app
+from slotgen.engine.generator import ChunkGeometry
 from slotgen.errors import SnapshotError, StoryboardError
 from slotgen.memory.config import MEMORY_POLICIES
 from slotgen.render import Renderer, render, resume
@@ -83,9 +84,9 @@ def miniature():
 def test_resume_is_bit_exact(policy, miniature, tmp_path):
     """One story (red for 1.25 s, then green until 3.5 s) rendered in one go and in pieces.
 
-    * split at 1.25 s (20 frames: chunk 1 decodes 21, so 1 frame is pending) with more.yaml that starts
-      with the prompt switch: the resume's first chunk re-caches under the new prompt;
-    * split at 0.5625 s (9 frames: exactly chunk 0) where more.yaml's first prompt continues red;
+    * split at 1.25 s (20 frames: the miniature's 3-frame chunks decode 21, so 1 frame is pending) with
+      more.yaml that starts with the prompt switch: the resume's first chunk re-caches under the new prompt;
+    * split at 0.5625 s (9 frames: exactly 3 chunks) where more.yaml's first prompt continues red;
     * the --prompt/--duration form, chained twice (green 1 s, then green 1.25 s more, which merges).
     """
     full = story(policy, 3.5, (0, RED), (1.25, GREEN))
@@ -96,7 +97,9 @@ def test_resume_is_bit_exact(policy, miniature, tmp_path):
     # split 1: ends between chunk boundaries, the resume starts with a prompt switch
     rep_a = render(story(policy, 1.25, (0, RED)), tmp_path / "a.mkv", bundle=miniature, snapshot=tmp_path / "a.pt")
     snap = load_snapshot(tmp_path / "a.pt")
-    assert (snap.frames_emitted, len(snap.pending), snap.chunk, snap.prompt) == (20, 1, 2, RED)
+    geo = ChunkGeometry(miniature.settings.chunk_frames, miniature.settings.vae_stride_t)
+    assert geo.first_frame(geo.num_chunks(20)) == 21  # the split falls inside a chunk
+    assert (snap.frames_emitted, len(snap.pending), snap.chunk, snap.prompt) == (20, 1, geo.num_chunks(20), RED)
     assert snap.policy == policy and snap.seed == 5 and not snap.interrupted and snap.complete
     # the policy can be rebuilt without the model (what `slotgen inspect` does)
     assert build_snapshot_policy(snap).stats() == rep_a.memory_stats
@@ -107,7 +110,7 @@ def test_resume_is_bit_exact(policy, miniature, tmp_path):
     # the continuation's snapshot equals the one-go render's end state
     assert rep_b.memory_stats == ref_rep.memory_stats
     end = load_snapshot(tmp_path / "b.pt")
-    assert (end.frames_emitted, end.chunk, end.complete) == (56, 5, True)
+    assert (end.frames_emitted, end.chunk, end.complete) == (56, geo.num_chunks(56), True)
     assert end.storyboard == full
     assert end.source == snap.source == f"<{policy} 1.25s>"  # the story's first storyboard, kept across resumes
 
@@ -115,7 +118,7 @@ def test_resume_is_bit_exact(policy, miniature, tmp_path):
     render(story(policy, 0.5625, (0, RED)), tmp_path / "a2.mkv", bundle=miniature, snapshot=tmp_path / "a2.pt")
     rep = resume(tmp_path / "a2.pt", tmp_path / "b2.mkv", storyboard=more(2.9375, (0, RED), (0.6875, GREEN)),
                  bundle=miniature)
-    assert rep.first_frame == 9
+    assert rep.first_frame == 9 and geo.first_frame(geo.num_chunks(9)) == 9  # on a chunk boundary
     assert np.array_equal(np.concatenate([read_video(tmp_path / "a2.mkv"), read_video(tmp_path / "b2.mkv")]), ref)
 
     # --prompt/--duration, extended twice from the first snapshot
@@ -349,13 +352,17 @@ def test_snapshot_size_does_not_grow_with_length(policy, miniature):
     """5 s and 20 s of video (both leave 1 pending frame) give the same snapshot size, up to noise.
 
     window/sink/bank are byte-for-byte the same size; slot's item count (hence per-tensor overhead)
-    fluctuates slightly within its token budget.
+    fluctuates within its token budget (measured: +1.2 % from 5 s to 20 s with the miniature's 3-frame
+    chunks). A memory that grew with length would be ~4× larger at 20 s.
     """
     out = io.StringIO()
     rows = snapshot_sizes([5.0, 20.0], [policy], bundle=miniature, steps=1, out=out)
     short, long = rows
-    assert (short["chunks"], long["chunks"]) == (7, 27) and short["pending_frames"] == long["pending_frames"] == 1
-    assert long["bytes"] <= short["bytes"] * 1.01 + 1024, out.getvalue()
-    assert long["memory_bytes"] <= short["memory_bytes"] * 1.01
+    geo = ChunkGeometry(miniature.settings.chunk_frames, miniature.settings.vae_stride_t)
+    assert (short["chunks"], long["chunks"]) == (geo.num_chunks(80), geo.num_chunks(320))
+    assert short["pending_frames"] == long["pending_frames"] == 1
+    tolerance = 1.0 if policy != "slot" else 1.03
+    assert long["bytes"] <= short["bytes"] * tolerance + 1024, out.getvalue()
+    assert long["memory_bytes"] <= short["memory_bytes"] * tolerance
     assert long["history_frames"] <= short["history_frames"]
     assert f"{policy:>8}" in out.getvalue()

@@ -3,11 +3,11 @@
 Protocol (all definitions fixed in this file before any results were looked at):
 
 * Episodes: for every gap g in ``gaps`` and i < ``episodes``, ``exit_return_episode(seed + i, g)``
-  (one entity; seed defaults to 1000, outside the default training run's episode seeds 0..127) and, with ``similar``, ``exit_return_episode(seed + i, g, n_entities=2, similar=True)``
+  (one entity; seed defaults to 1000, outside the default training run's episode seeds 0..255) and, with ``similar``, ``exit_return_episode(seed + i, g, n_entities=2, similar=True)``
   (a same-kind companion with different hidden traits: the attribute-leakage test).
 * Every policy renders every episode from the same storyboard (the world grammar's captions, storyboard
   seed = episode seed), so every policy sees the same per-(seed, chunk) noise. Policies: ``window``
-  with a 9-latent-frame window (36 video frames) and ``sink``/``bank``/``slot`` with their defaults
+  with a 9-latent-frame window (9 video frames with the miniature, whose VAE does not compress time) and ``sink``/``bank``/``slot`` with their defaults
   (sink 3 + window 9); the local window is the same for all.
 * Frames are collected in memory (``Renderer.stream([collector])``) and scored with
   :func:`slotgen.world.analyse_episode`: identity recall, leakage, compliance, duplicate and vanish
@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-WINDOW_FRAMES = 9  # local window of every policy (latent frames); 36 video frames
+WINDOW_FRAMES = 9  # local window of every policy (latent frames); × the VAE's temporal stride in video frames
 POLICY_MEMORY = {
     "window": {"policy": "window", "window": WINDOW_FRAMES},
     "sink": {"policy": "sink"},
@@ -124,8 +124,8 @@ def token_labels(labels: np.ndarray, th: int, tw: int, cover: float = CELL_COVER
     return out
 
 
-def latent_to_video_frame(f: int, stride: int = 4) -> int:
-    """Last video frame of latent frame f (0 ↔ 0, f ≥ 1 ↔ 4f)."""
+def latent_to_video_frame(f: int, stride: int) -> int:
+    """Last video frame of latent frame f for a VAE of temporal stride s (0 ↔ 0, f ≥ 1 ↔ s·f)."""
     return 0 if f == 0 else stride * f
 
 
@@ -171,14 +171,14 @@ def slot_purity(bundle, episodes: list, slot_memory: Optional[dict] = None) -> d
                 slots = np.asarray(a["slot"]).reshape(-1)
                 frames = np.asarray(a["frames"]).reshape(-1)
                 hw = np.asarray(a["hw"]).reshape(-1, 2)
-                gt = np.array([token_labels(truth.truth.labels[min(latent_to_video_frame(int(f)), T - 1)], th, tw)[
+                gt = np.array([token_labels(truth.truth.labels[min(latent_to_video_frame(int(f), s.vae_stride_t), T - 1)], th, tw)[
                     int(r) * tw + int(cc)] for f, (r, cc) in zip(frames, hw)]) if hasattr(truth, "truth") else None
                 if gt is None:
                     labels = truth.ground_truth.labels if hasattr(truth, "ground_truth") else truth.labels
                     cache: dict[int, np.ndarray] = {}
                     gt = []
                     for f, (r, cc) in zip(frames, hw):
-                        vf = min(latent_to_video_frame(int(f)), T - 1)
+                        vf = min(latent_to_video_frame(int(f), s.vae_stride_t), T - 1)
                         if vf not in cache:
                             cache[vf] = token_labels(labels[vf], th, tw)
                         gt.append(cache[vf][int(r) * tw + int(cc)])
@@ -245,7 +245,7 @@ def run_identity_bench(policies: list[str], gaps: list[int], episodes: int, mode
     result: dict[str, Any] = {
         "format": "slotgen-bench-identity", "version": 1, "model": bundle.name, "digest": bundle.digest,
         "policies": policies, "gaps": gaps, "episodes_per_gap": episodes, "seed": seed, "similar": similar,
-        "window_latent_frames": WINDOW_FRAMES, "window_video_frames": 4 * WINDOW_FRAMES,
+        "window_latent_frames": WINDOW_FRAMES, "window_video_frames": bundle.settings.vae_stride_t * WINDOW_FRAMES,
         "memory": {p: memory_for(p) for p in policies}, "chance_recall": CHANCE_RECALL,
         "summary": summary, "paired_vs_window": paired, "ground_truth": truth, "rows": rows,
     }

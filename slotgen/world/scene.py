@@ -649,12 +649,13 @@ def _first_return_frame(episode: Episode, entity: int) -> Optional[int]:
 # Random episodes
 
 FIRST_ENTER_FRAMES = 21
-"""Frames of the first entrance in :func:`exit_return_episode`: the miniature's first chunk decodes to 9
-frames and later chunks to 12, so 21 = 9 + 12 puts this switch (and, with ``gap_frames`` a multiple of
-12, every later one) on a chunk boundary, where the engine switches prompts."""
+"""Frames of the first entrance in :func:`exit_return_episode`: 21 = 9 + 12 is a chunk boundary both for a
+Wan2.1-style 4× temporal VAE (first chunk 9 frames, later ones 12) and for the miniature (3-frame chunks),
+so this switch (and, with ``gap_frames`` a multiple of 12, every later one) falls where the engine switches
+prompts."""
 
 STEP_FRAMES = 12
-"""Frames of every later segment of :func:`exit_return_episode` (one miniature chunk)."""
+"""Frames of every later segment of :func:`exit_return_episode` (one 4×-temporal chunk, four miniature chunks)."""
 
 
 def draw_traits(rng: np.random.Generator) -> Traits:
@@ -702,7 +703,7 @@ def exit_return_episode(seed: int, gap_frames: int, n_entities: int = 1, similar
     Args:
         seed: the episode's seed.
         gap_frames: frames between the end of the leave and the start of the return (at least 0).
-            A multiple of 12 keeps every prompt switch on a miniature chunk boundary.
+            A multiple of 12 keeps every prompt switch on a chunk boundary (see FIRST_ENTER_FRAMES).
         n_entities: 1–3 entities on distinct lanes. Without ``similar`` all have distinct colours.
         similar: make entity 1 the same shape and colour as entity 0 with traits differing in size
             and marking (the attribute-leakage test); needs ``n_entities >= 2``.
