@@ -592,8 +592,8 @@ schedule then follows steps, so the numbers can differ slightly from a time-budg
 - transformer: diffusers `WanTransformer3DModel` {json.dumps(TRANSFORMER_CONFIG)}; predicts x0
   (`prediction: {SETTINGS.prediction}`), sampled with the `{SETTINGS.sampler}` sampler, {SETTINGS.steps} steps, shift {SETTINGS.shift:g}
 - VAE: `AutoencoderKLWan` {json.dumps({k: v for k, v in VAE_CONFIG.items() if not k.startswith('latents_')})},
-  **constructed, not trained** (`make_exact_vae`: an exact per-pixel code); max |x − decode(encode(x))| over
-  the training data: {res.vae_max_error:.1e} on the [−1, 1] scale. Latent statistics of the data: mean
+  **constructed, not trained** (`make_exact_vae`: an exact code of each 4×4 pixel block); max |x − decode(encode(x))| on
+  8 training clips (first 16 frames): {res.vae_max_error:.1e} on the [−1, 1] scale. Latent statistics of the data: mean
   {np.round(res.latents_mean, 4).tolist()}, std {np.round(res.latents_std, 4).tolist()}
 - text encoder: `UMT5EncoderModel` {json.dumps(TEXT_CONFIG)}, **random init, frozen** (seed {cfg.seed}):
   each vocabulary word has its own random embedding and the transformer learns to read these features.
