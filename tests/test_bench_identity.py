@@ -57,3 +57,17 @@ def test_ari_of_a_perfect_assignment_is_one():
 
     gt = torch.tensor([0, 0, 1, 1, 2, 2])
     assert adjusted_rand_index(torch.tensor([5, 5, 3, 3, 9, 9]), gt) == 1.0
+
+
+def test_slot_purity_scores_every_layer_on_ground_truth():
+    """ARI per layer of the slot policy's assignment vs the ground-truth token labels of a similar-pair episode."""
+    from slotgen.bench.identity import slot_purity
+    from slotgen.models.miniature import load_miniature
+    from slotgen.world import exit_return_episode
+
+    bundle = load_miniature()
+    res = slot_purity(bundle, [exit_return_episode(1000, 12, 2, similar=True)])
+    assert len(res["layers"]) == len(bundle.transformer.blocks)
+    for layer in res["layers"]:
+        assert layer["n"] > 0 and -1.0 <= layer["ari"] <= 1.0
+    assert res["best_ari"] == max(layer["ari"] for layer in res["layers"])

@@ -157,6 +157,13 @@ def slot_purity(bundle, episodes: list, slot_memory: Optional[dict] = None) -> d
         th, tw = engine.token_hw
         F = engine.geometry.chunk_frames
         cues = episode_prompts(ep)
+        cache: dict[int, np.ndarray] = {}
+
+        def token_cells(vf: int) -> np.ndarray:  # token labels of video frame vf, computed once per frame
+            if vf not in cache:
+                cache[vf] = token_labels(truth.truth.labels[vf], th, tw)
+            return cache[vf]
+
         L = lat.shape[2]
         for c in range(L // F):
             f0 = engine.geometry.first_frame(c)
@@ -171,18 +178,8 @@ def slot_purity(bundle, episodes: list, slot_memory: Optional[dict] = None) -> d
                 slots = np.asarray(a["slot"]).reshape(-1)
                 frames = np.asarray(a["frames"]).reshape(-1)
                 hw = np.asarray(a["hw"]).reshape(-1, 2)
-                gt = np.array([token_labels(truth.truth.labels[min(latent_to_video_frame(int(f), s.vae_stride_t), T - 1)], th, tw)[
-                    int(r) * tw + int(cc)] for f, (r, cc) in zip(frames, hw)]) if hasattr(truth, "truth") else None
-                if gt is None:
-                    labels = truth.ground_truth.labels if hasattr(truth, "ground_truth") else truth.labels
-                    cache: dict[int, np.ndarray] = {}
-                    gt = []
-                    for f, (r, cc) in zip(frames, hw):
-                        vf = min(latent_to_video_frame(int(f), s.vae_stride_t), T - 1)
-                        if vf not in cache:
-                            cache[vf] = token_labels(labels[vf], th, tw)
-                        gt.append(cache[vf][int(r) * tw + int(cc)])
-                    gt = np.asarray(gt)
+                gt = np.array([token_cells(min(latent_to_video_frame(int(f), s.vae_stride_t), T - 1))[int(r) * tw + int(cc)]
+                               for f, (r, cc) in zip(frames, hw)])
                 if len(np.unique(gt)) < 2:
                     continue
                 per_layer[layer].append(adjusted_rand_index(torch.as_tensor(slots), torch.as_tensor(gt)))

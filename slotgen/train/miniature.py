@@ -32,6 +32,7 @@ slot-like retrieval).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
@@ -282,8 +283,10 @@ class Batch:
                      self.captions, self.rope, self.groups)
 
 
+@functools.lru_cache(maxsize=4)
 def base_mask(n: int, tpf: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frame group ids (R + 2nF,) and the block-causal token mask (N, N) of a training sequence."""
+    """Frame group ids (R + 2nF,) and the block-causal token mask (N, N) of a training sequence (built once
+    per shape; callers clone before changing it)."""
     R = CHUNK
     grp = torch.tensor([0] * R + [1 + i for i in range(n) for _ in range(CHUNK)]
                        + [1 + n + j for j in range(n) for _ in range(CHUNK)])
