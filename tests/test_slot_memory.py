@@ -337,3 +337,41 @@ def test_config_builds_the_policy_and_rejects_bad_values():
                 {"w_text": 0, "w_vis": 0}, {"bank_frames": 3}]:
         with pytest.raises(pydantic.ValidationError):
             parse_memory_config({"policy": "slot", **bad})
+
+
+def test_spare_slots_on_one_object_are_merged_and_reseeded():
+    """Two real clusters, 6 slots: farthest-point init puts spare slots inside the big cluster, which then
+    splits it (ARI < 0.8 with merge = 1, the un-merged ablation). With merge 0.9 the duplicates hand their
+    tokens to their lowest-index twin (ARI 1), and next chunk they are re-seeded on the tokens farthest
+    from the kept slots instead of staying on the background."""
+    from slotgen.memory.slot import merge_slots, reseed_duplicates
+
+    gen = torch.Generator().manual_seed(3)
+    centres = torch.stack([torch.ones(12), -torch.ones(12)])  # background and one entity, opposite directions
+    k, labels = clustered_keys(gen, 2.0 * centres, per_cluster=24, noise=0.4)  # (1, 48, 2, 12)
+    owners = {}
+    for merge in (1.0, 0.9):
+        policy = SlotMemory(1, SlotSettings(window=3, sink=0, num_slots=6, top_k=0, budget=1000, merge=merge))
+        policy.begin_chunk(ctx_for(0))
+        policy.write(0, chunk_block(k, 0))
+        owners[merge] = policy.last_assign[0]["slot"]
+    assert adjusted_rand_index(owners[1.0], labels) < 0.8
+    assert adjusted_rand_index(owners[0.9], labels) == pytest.approx(1.0)
+    # merge_slots: a duplicate's mass moves to its twin, columns still sum to 1, 1.0 is the identity
+    u = F.normalize(torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0]]), dim=-1)
+    a = torch.softmax(torch.randn(3, 5, generator=gen), dim=0)
+    m = merge_slots(u, a, 0.9)
+    torch.testing.assert_close(m[0], a[0] + a[1])
+    assert torch.all(m[1] == 0) and torch.equal(m[2], a[2])
+    assert torch.equal(merge_slots(u, a, 1.0), a)
+    # reseed_duplicates: slot 1 duplicates slot 0 and moves to the token farthest from slots 0 and 2
+    x = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7]]), dim=-1)
+    init = reseed_duplicates(u, x, 0.9)
+    torch.testing.assert_close(init[1], x[2])
+    torch.testing.assert_close(init[[0, 2]], u[[0, 2]])
+    assert torch.equal(reseed_duplicates(u, x, 1.0), u)
+
+
+def test_bad_merge_threshold_is_refused():
+    with pytest.raises(ValueError, match="merge"):
+        SlotSettings(merge=1.5)

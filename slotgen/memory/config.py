@@ -109,6 +109,8 @@ class SlotConfig(BaseModel):
         recency_weight: weight of recency of use in the eviction value (default 0.5, at least 0).
         recency_decay: chunks over which recency decays by a factor e (default 4.0, greater than 0).
         temporal_init: initialise slots from the previous chunk's slots (default true; false is an ablation).
+        merge: cosine above which two slots count as one: merged after slot attention, and a duplicate
+            re-seeded at the next temporal init (default 0.9, in [-1, 1]; 1 turns both off).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -127,6 +129,7 @@ class SlotConfig(BaseModel):
     recency_weight: _Real = Field(default=0.5, ge=0)
     recency_decay: _Real = Field(default=4.0, gt=0)
     temporal_init: bool = True
+    merge: _Real = Field(default=0.9, ge=-1, le=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> "SlotConfig":

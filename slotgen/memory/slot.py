@@ -70,6 +70,8 @@ class SlotSettings:
     recency_weight: float = 0.5  # weight of recency of use in the eviction value
     recency_decay: float = 4.0  # chunks; recency = exp(−chunks since last retrieved / recency_decay)
     temporal_init: bool = True  # initialise slots from the previous chunk's slots (False: ablation)
+    merge: float = 0.9  # slots whose vectors have cosine above this after slot attention are one slot (the
+    # lowest index keeps the tokens): spare slots that settled on the same object stop splitting it; 1 = never
 
     def __post_init__(self):
         ints = {"window": 1, "sink": 0, "num_slots": 1, "iters": 1, "top_r": 1, "top_k": 0, "budget": 1}
@@ -79,6 +81,8 @@ class SlotSettings:
         for name in ("temperature", "recency_decay"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"slot memory: {name} must be > 0, got {getattr(self, name)}")
+        if not -1.0 <= self.merge <= 1.0:
+            raise ValueError(f"slot memory: merge must be a cosine in [-1, 1], got {self.merge}")
         for name in ("w_text", "w_vis", "recency_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"slot memory: {name} must be ≥ 0, got {getattr(self, name)}")
@@ -112,6 +116,47 @@ class SlotItem:
         return SlotItem(int(d["id"]), KVBlock.from_state(d["rows"], device), d["slot"].to(device),
                         d["key_mean"].to(device), int(d["chunk"]), int(d["prompt_index"]), int(d["created"]),
                         int(d["last_used"]), int(d["hits"]))
+
+
+def _kept(u: torch.Tensor, threshold: float) -> list[int]:
+    """For each slot of u (S, D') the lowest-index kept slot within cosine ``threshold`` of it (itself if none)."""
+    cos = F.normalize(u.float(), dim=-1) @ F.normalize(u.float(), dim=-1).T  # (S, S)
+    keep = list(range(u.shape[0]))
+    for s in range(u.shape[0]):
+        for j in range(s):
+            if keep[j] == j and cos[s, j] > threshold:
+                keep[s] = j
+                break
+    return keep
+
+
+def reseed_duplicates(prev: torch.Tensor, x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Temporal init (S, D') from the previous chunk's slots ``prev``, where every slot that duplicates a
+    lower-index one (cosine > threshold: it would be merged) is re-seeded farthest-point style on this
+    chunk's features x (N, D'). Without it, slots that settled on the background (most of every frame)
+    stay there and a newly visible entity gets none. A threshold of 1 or more keeps ``prev`` as it is."""
+    if threshold >= 1.0:
+        return prev
+    keep = _kept(prev, threshold)
+    out = F.normalize(prev.float(), dim=-1).clone()  # (S, D')
+    kept = [s for s in range(len(keep)) if keep[s] == s]
+    nearest = 1.0 - (x @ out[kept].T).max(dim=1).values  # (N,) cosine distance to the nearest kept slot
+    for s in range(len(keep)):
+        if keep[s] != s:
+            t = int(torch.argmax(nearest))  # ties → lowest token index
+            out[s] = x[t]
+            nearest = torch.minimum(nearest, 1.0 - x @ x[t])  # (N,)
+    return out
+
+
+def merge_slots(u: torch.Tensor, a: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Assignments (S, N) after merging near-duplicate slots of u (S, D'): slot s joins the lowest-index slot
+    j < s that is itself kept and has cos(u_s, u_j) > threshold; its row of a is added to j's and zeroed.
+    A threshold of 1 or more merges nothing (then ``a`` is returned unchanged)."""
+    if threshold >= 1.0:
+        return a
+    target = torch.tensor(_kept(u, threshold), device=a.device)  # (S,) slot → the slot that owns its mass
+    return torch.zeros_like(a).index_add_(0, target, a)  # (S, N): merged rows are all zero
 
 
 def zscore(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -230,10 +275,11 @@ class SlotMemory(WindowMemory):
         x = self.phi(layer, block.k.float().mean(dim=0))  # (B, N, H, D) → (N, H, D) → (N, D')
         prev = self.prev_slots[layer]
         if s.temporal_init and prev is not None and prev.shape[1] == x.shape[1]:
-            init = prev.to(x.device)  # (S, D') temporal init
+            init = reseed_duplicates(prev.to(x.device), x, s.merge)  # (S, D') temporal init
         else:
             init = farthest_point_init(x, s.num_slots)  # (S, D')
         u, a = slot_attention(x, init, s.iters, s.temperature)  # (S, D'), (S, N)
+        a = merge_slots(u, a, s.merge)  # (S, N): a merged slot's mass moves to its lowest-index twin
         owner = a.argmax(dim=0)  # (N,) argmax slot per token, ties → lower slot
         self.prev_slots[layer] = u
         self.last_assign[layer] = {"slot": owner, "frames": block.frames.clone(), "hw": block.hw.clone()}
