@@ -441,6 +441,36 @@ def train_miniature_cmd(
     print(f"wrote {out}")
 
 
+@app.command("train-slots")
+@user_errors
+def train_slots_cmd(
+    model: Path = typer.Option(..., "--model", help="A miniature folder (config.json, weights.safetensors); φ is written into it."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the episodes, the init and the batches."),
+    episodes: int = typer.Option(48, "--episodes", help="Ground-truth world episodes to commit through the model."),
+    steps: int = typer.Option(400, "--steps", help="Optimiser steps."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train SlotMemory's slot projection φ on ground-truth world episodes passed through a miniature
+    (supervised contrastive + reconstruction) and ship it in the folder's weights."""
+    from slotgen.train.slots import SlotTrainConfig, add_slot_phi
+
+    if threads < 1:
+        raise SlotgenError(f"--threads must be at least 1, got {threads}")
+    cfg = SlotTrainConfig(seed=seed, episodes=episodes, steps=steps)
+    cfg.validate()
+    if not (model / "weights.safetensors").is_file() or not (model / "config.json").is_file():
+        raise SlotgenError(f"--model {model}: not a miniature folder (needs config.json and weights.safetensors)")
+    import torch
+
+    torch.set_num_threads(threads)
+    import shlex as _shlex
+
+    command = "slotgen " + " ".join(_shlex.quote(a) for a in sys.argv[1:])
+    add_slot_phi(model, cfg, log=(lambda m: None) if quiet else (lambda m: print(m, flush=True)), command=command)
+    print(f"wrote {model}")
+
+
 @bench_app.command("identity")
 @user_errors
 def bench_identity(

@@ -92,7 +92,7 @@ class Renderer:
             steps=(sampler.steps if sampler and sampler.steps else s.steps),
             shift=(sampler.shift if sampler and sampler.shift else s.shift),
         )
-        self.policy = build_policy(storyboard.memory, len(self.bundle.transformer.blocks))
+        self.policy = build_policy(storyboard.memory, len(self.bundle.transformer.blocks), phi=self.bundle.slot_phi)
         self.engine = StreamingEngine(self.bundle, self.policy, self.options)
         self.frames_emitted = 0  # video frames handed to the writers so far
         self.pending = np.zeros((0, height, width, 3), np.uint8)  # decoded past the timeline's end

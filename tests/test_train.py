@@ -11,8 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from slotgen.cli import app
+from slotgen.train.slots import SlotTrainConfig
 from slotgen.train.miniature import (CHUNK, TrainConfig, base_mask, build_dataset, chunk_first_frame, encode_clip,
                                      sample_batch, train_miniature, x0_loss)
+
+
+TINY_SLOTS = SlotTrainConfig(episodes=2, steps=3, batch=4)  # the φ stage at test size
 
 
 def _out(r) -> str:
@@ -118,7 +122,7 @@ def test_x0_loss_weights_entities_and_low_noise():
 
 
 def test_tiny_training_run_learns_and_writes_a_loadable_miniature(tmp_path):
-    cfg = TrainConfig(minutes=5, seed=0, steps=30, episodes=4, batch=2, clip_chunks=2)
+    cfg = TrainConfig(minutes=5, seed=0, steps=30, episodes=4, batch=2, clip_chunks=2, slots=TINY_SLOTS)
     res = train_miniature(cfg, tmp_path / "mini", log=lambda m: None, command="test")
     assert res.steps == 30
     assert res.eval_loss[1] < res.eval_loss[0]
@@ -131,6 +135,7 @@ def test_tiny_training_run_learns_and_writes_a_loadable_miniature(tmp_path):
     from slotgen.models.miniature import load_miniature
 
     bundle = load_miniature(tmp_path / "mini")
+    assert bundle.slot_phi is not None  # the φ stage ran and shipped its weights
     assert list(bundle.vae.config.latents_mean) == pytest.approx(res.latents_mean)
     assert bundle.settings.prediction == "sample" and bundle.settings.sampler == "euler"
     card = (tmp_path / "mini" / "MODEL_CARD.md").read_text()
@@ -139,7 +144,7 @@ def test_tiny_training_run_learns_and_writes_a_loadable_miniature(tmp_path):
 
 
 def test_training_is_reproducible_step_for_step(tmp_path):
-    cfg = TrainConfig(seed=1, steps=3, episodes=3, batch=2, clip_chunks=2)
+    cfg = TrainConfig(seed=1, steps=3, episodes=3, batch=2, clip_chunks=2, slots=TINY_SLOTS)
     a = train_miniature(cfg, tmp_path / "a", log=lambda m: None)
     b = train_miniature(TrainConfig(**cfg.to_dict()), tmp_path / "b", log=lambda m: None)
     assert a.losses == b.losses

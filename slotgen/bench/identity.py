@@ -151,7 +151,7 @@ def slot_purity(bundle, episodes: list, slot_memory: Optional[dict] = None) -> d
         x = torch.from_numpy(truth.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
         z = vae.encode(x.to(bundle.device, bundle.dtype)).latent_dist.mean.float().cpu()
         lat = ((z - mean) / std).to(bundle.device, bundle.dtype)  # (1, C, L, h, w) normalised
-        policy = build_policy(parse_memory_config(slot_memory or memory_for("slot")), n_layers)
+        policy = build_policy(parse_memory_config(slot_memory or memory_for("slot")), n_layers, phi=bundle.slot_phi)
         engine = StreamingEngine(bundle, policy, EngineOptions(seed=ep.seed, fps=s.fps, width=ep.config.width,
                                                                height=ep.config.height, steps=s.steps, shift=s.shift))
         th, tw = engine.token_hw

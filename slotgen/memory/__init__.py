@@ -12,8 +12,11 @@ from slotgen.memory.slot import SlotMemory, SlotSettings
 from slotgen.memory.window import SinkMemory, WindowMemory
 
 
-def build_policy(config, num_layers: int) -> MemoryPolicy:
-    """A fresh policy for ``config`` (a MemoryConfig model) over ``num_layers`` transformer layers."""
+def build_policy(config, num_layers: int, phi=None) -> MemoryPolicy:
+    """A fresh policy for ``config`` (a MemoryConfig model) over ``num_layers`` transformer layers.
+
+    ``phi``: the model's learned slot projection (``ModelBundle.slot_phi``), used by ``slot``; None keeps
+    the training-free one."""
     if config.policy == "window":
         return WindowMemory(num_layers, window=config.window)
     if config.policy == "sink":
@@ -21,7 +24,7 @@ def build_policy(config, num_layers: int) -> MemoryPolicy:
     if config.policy == "bank":
         return BankMemory(num_layers, BankSettings(**config.model_dump(exclude={"policy"})))
     if config.policy == "slot":
-        return SlotMemory(num_layers, SlotSettings(**config.model_dump(exclude={"policy"})))
+        return SlotMemory(num_layers, SlotSettings(**config.model_dump(exclude={"policy"})), phi=phi)
     raise ValueError(f"unknown memory policy {config.policy!r}")
 
 

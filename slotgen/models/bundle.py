@@ -63,6 +63,7 @@ class ModelBundle:
     settings: ModelSettings
     digest: str = ""  # identity of the weights (sha256 over the state dicts), for snapshots
     vocabulary: frozenset[str] | None = field(default=None)  # known words (word-level tokenizers)
+    slot_phi: object | None = None  # a learned slot projection (memory.slot_attention.LinearPhi) shipped with the weights
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -82,11 +83,12 @@ class ModelBundle:
         return next(self.transformer.parameters()).dtype
 
 
-def state_digest(*modules: torch.nn.Module) -> str:
-    """A sha256 over every tensor of the modules' state dicts (names, shapes, dtypes and bytes)."""
+def state_digest(*modules: torch.nn.Module, extra: dict[str, torch.Tensor] | None = None) -> str:
+    """A sha256 over every tensor of the modules' state dicts (names, shapes, dtypes and bytes), then of
+    ``extra`` (named tensors outside the modules, such as a learned slot projection)."""
     h = hashlib.sha256()
-    for m in modules:
-        for name, t in sorted(m.state_dict().items()):
+    for sd in [m.state_dict() for m in modules] + ([extra] if extra else []):
+        for name, t in sorted(sd.items()):
             t = t.detach().to("cpu").contiguous()
             h.update(name.encode())
             h.update(str(tuple(t.shape)).encode())

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from slotgen.atomic import atomic_output, atomic_write_bytes
 from slotgen.errors import ModelError
 from slotgen.models.bundle import ModelBundle, ModelSettings, state_digest
 
@@ -207,6 +208,12 @@ def load_miniature(directory: str | Path | None = None, device: str | torch.devi
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(root / "tokenizer.json"), pad_token="[PAD]",
                                         eos_token="</s>", unk_token="[UNK]")
     settings = ModelSettings.from_dict(config.get("settings", {}))
+    from slotgen.memory.slot_attention import LinearPhi
+
+    phi_state = {k: v for k, v in tensors.items() if k.startswith("slot_phi.")}
+    slot_phi = LinearPhi.from_state_dict(phi_state, len(transformer.blocks)) if phi_state else None
+    if phi_state and slot_phi is None:
+        raise ModelError(f"{root / 'weights.safetensors'}: slot_phi weights must cover all {len(transformer.blocks)} layers")
     vocab = frozenset(t for t in tokenizer.get_vocab() if t not in SPECIAL_TOKENS)
     bundle = ModelBundle(
         name=config.get("name", "miniature"),
@@ -215,16 +222,19 @@ def load_miniature(directory: str | Path | None = None, device: str | torch.devi
         text_encoder=text_encoder.to(device),
         tokenizer=tokenizer,
         settings=settings,
-        digest=state_digest(transformer, vae, text_encoder),
+        digest=state_digest(transformer, vae, text_encoder, extra=phi_state or None),
         vocabulary=vocab,
+        slot_phi=slot_phi,
     )
     return bundle
 
 
-def write_miniature(out_dir: str | Path, seed: int = 0, modules=None, name: str = "miniature", extra: dict | None = None) -> Path:
+def write_miniature(out_dir: str | Path, seed: int = 0, modules=None, name: str = "miniature", extra: dict | None = None,
+                    slot_phi: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a miniature folder: config.json, tokenizer.json, weights.safetensors.
 
     With ``modules=None`` the modules are randomly initialised under ``torch.manual_seed(seed)``.
+    ``slot_phi``: weights-file entries of a learned slot projection (``slotgen.train.slots.phi_tensors``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,10 +256,15 @@ def write_miniature(out_dir: str | Path, seed: int = 0, modules=None, name: str 
     for prefix, module in (("transformer.", transformer), ("vae.", vae), ("text_encoder.", text_encoder)):
         for k, v in module.state_dict().items():
             tensors[prefix + k] = v.detach().to("cpu", torch.float32).contiguous().clone()
-    config["digest"] = state_digest(transformer, vae, text_encoder)
-    save_file(tensors, str(out / "weights.safetensors"))
-    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors.update(slot_phi or {})
+    config["digest"] = state_digest(transformer, vae, text_encoder, extra=slot_phi or None)
+    # each file lands atomically (weights first, config last: a reader never sees a config whose digest
+    # names weights that are not there yet)
+    with atomic_output(out / "weights.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_output(out / "tokenizer.json") as tmp:
+        tokenizer.backend_tokenizer.save(str(tmp))
+    atomic_write_bytes(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     return out
 
 

@@ -49,7 +49,9 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from slotgen.errors import SlotgenError
+from slotgen.train.slots import SlotTrainConfig, add_slot_phi
 
+SLOT_STAGE_SECONDS = 240.0  # wall time kept back from a time budget for the φ stage (~170 s measured on 2 cores)
 CHUNK = 3  # latent frames per chunk (= video frames: the exact VAE does not compress time)
 STRIDE_S = 4  # pixels per latent cell (the exact VAE's patchify)
 TOKENS = 4  # token grid side: 16 latent cells / transformer patch 4
@@ -78,16 +80,22 @@ class TrainConfig:
     context_noise: float = 0.1  # half the samples get N(0, s²) noise with s ~ U(0, this) on the clean context
     # (still at timestep 0): the committed past the engine feeds back is the model's own, imperfect output
     entity_weight: float = 4.0  # extra loss weight on latent cells with a pixel within 2 px of an entity
+    slots: SlotTrainConfig = field(default_factory=SlotTrainConfig)  # the last stage: SlotMemory's φ (train/slots.py)
     threads: int = 1  # 1 thread: on a shared 2-core machine OpenMP spin contention makes 2 threads slower
     device: str = "cpu"  # where the modules and batches live ("cuda", "cuda:1", ...). Data, batch sampling and
     # every random draw stay on the CPU (seeded CPU generators), so a batch is the same on any device; only the
     # arithmetic moves. CUDA kernels are not bit-reproducible run to run, so GPU runs repeat closely, not exactly.
+
+    def __post_init__(self) -> None:
+        if isinstance(self.slots, dict):  # from to_dict() / a model card's JSON
+            self.slots = SlotTrainConfig(**self.slots)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> None:
         """Reject settings a run would only trip over later, with the CLI flag named."""
+        self.slots.validate()
         if self.threads < 1:
             raise SlotgenError(f"--threads must be at least 1, got {self.threads}")
         if not self.minutes > 0:
@@ -490,7 +498,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     state = install_training_processors(transformer)
     transformer.train().requires_grad_(True)
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    budget = _Budget(cfg.steps, cfg.minutes * 60.0 - res.data_seconds - 20.0)
+    budget = _Budget(cfg.steps, cfg.minutes * 60.0 - res.data_seconds - 20.0 - SLOT_STAGE_SECONDS)
     warm = 50 if cfg.steps is None else max(1, min(50, cfg.steps // 5))
     n = cfg.clip_chunks
     fixed = sample_batch(clips, np.random.default_rng(cfg.seed + 3), torch.Generator().manual_seed(cfg.seed + 4), cfg).to(dev)
@@ -527,6 +535,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     (out / "training_log.json").write_text(json.dumps({"steps": res.steps, "seconds": res.seconds,
                                                        "data_seconds": res.data_seconds, "losses": res.losses}) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card(cfg, res, command))
+    add_slot_phi(out, cfg.slots, log=log, command=command)  # SlotMemory's φ on the trained transformer's keys
     log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
     return res
 

@@ -1,0 +1,243 @@
+"""Train SlotMemory's slot projection φ on the shape world (``slotgen train-slots``; also the last stage of
+``slotgen train-miniature``).
+
+The paper trains its slot module with a contrastive and a reconstruction loss and publishes neither
+weights nor loss definitions. This is our reading, at the miniature's size:
+
+* **Data.** Ground-truth world episodes (training seeds, never the benchmark's) are encoded with the
+  model's VAE and committed chunk by chunk through the engine under the ``slot`` policy with the
+  training-free φ, exactly as ``bench identity`` measures slot purity. Every commit pass hands each
+  layer's un-roped keys ``k`` (N, H, D) of the chunk to the memory; we keep them with each token's
+  ground-truth label (the entity covering ≥ 20 % of the token's cell, else background: the bench's
+  ``token_labels``).
+* **φ_l(k) = normalise(W_l · flatten(k))**, one ``W_l`` (D', H·D) per layer (:class:`LinearPhi`).
+* **Contrastive loss** (supervised contrastive, Khosla et al. 2020) over the tokens of one chunk:
+  tokens with the same ground-truth label are positives, all other tokens of the chunk negatives,
+  at temperature ``tau``. It pulls an entity's tokens (and the background's) together in φ-space and
+  pushes different entities apart — what the slot attention then clusters. It uses the world's
+  ground-truth masks: φ is a *supervised* probe of the keys, scored on held-out episodes.
+* **Reconstruction loss**: a linear decoder per layer must reconstruct each token's unit-normalised key
+  from φ(k) (weight ``recon_weight``), so φ keeps what the keys say beyond the labels.
+
+Everything is seeded; on the same machine and thread count a run repeats exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slotgen.errors import SlotgenError
+from slotgen.memory.slot_attention import LinearPhi
+
+
+@dataclass
+class SlotTrainConfig:
+    """Everything that determines a φ training run (stored in the model's config and card)."""
+
+    seed: int = 0
+    episodes: int = 48  # ground-truth world episodes (seeds 500_000 + i: disjoint from training and bench seeds)
+    dim: int = 32  # D', the slot feature size
+    steps: int = 400
+    batch: int = 64  # chunks per step (each gives one contrastive set per layer)
+    lr: float = 3e-3
+    tau: float = 0.1  # contrastive temperature
+    recon_weight: float = 0.1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        for name, v, low in (("--episodes", self.episodes, 2), ("--dim", self.dim, 2), ("--steps", self.steps, 1),
+                             ("--batch", self.batch, 1)):
+            if v < low:
+                raise SlotgenError(f"{name} must be at least {low}, got {v}")
+        if not self.tau > 0 or not self.lr > 0 or self.recon_weight < 0:
+            raise SlotgenError(f"tau and lr must be positive and recon_weight non-negative, got "
+                               f"{self.tau}, {self.lr}, {self.recon_weight}")
+
+
+EPISODE_SEED0 = 500_000
+
+
+@dataclass
+class SlotTrainResult:
+    phi: LinearPhi
+    losses: list[float] = field(default_factory=list)
+    chunks: int = 0  # training chunks collected
+    seconds: float = 0.0
+
+
+def world_episodes(n: int, seed: int) -> list:
+    """``n`` seeded exit-and-return episodes with 1–3 entities (a third with a same-kind companion)."""
+    from slotgen.world import exit_return_episode
+
+    rng = np.random.default_rng([seed, 7])
+    out = []
+    for i in range(n):
+        k = int(rng.choice([1, 2, 3]))
+        out.append(exit_return_episode(seed=EPISODE_SEED0 + seed * 10_000 + i, gap_frames=int(rng.choice([0, 12, 24])),
+                                       n_entities=k, similar=k >= 2 and bool(rng.random() < 0.35)))
+    return out
+
+
+@torch.no_grad()
+def collect_keys(bundle, episodes: list) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Per committed chunk: each layer's un-roped keys (N, H·D) and the tokens' ground-truth labels (N,)."""
+    from slotgen.bench.identity import latent_to_video_frame, memory_for, token_labels
+    from slotgen.engine.generator import EngineOptions, StreamingEngine
+    from slotgen.memory import build_policy
+    from slotgen.memory.config import parse_memory_config
+    from slotgen.world import render_episode
+    from slotgen.world.grammar import episode_prompts
+
+    n_layers = len(bundle.transformer.blocks)
+    s = bundle.settings
+    mean = torch.tensor(bundle.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(bundle.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    out = []
+    for ep in episodes:
+        truth = render_episode(ep)
+        T = truth.frames.shape[0]
+        x = torch.from_numpy(truth.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
+        z = bundle.vae.encode(x.to(bundle.device, bundle.dtype)).latent_dist.mean.float().cpu()
+        lat = ((z - mean) / std).to(bundle.device, bundle.dtype)  # (1, C, L, h, w)
+        policy = build_policy(parse_memory_config(memory_for("slot")), n_layers)  # the training-free φ
+        keys: list[torch.Tensor] = []
+        write = policy.write
+
+        def spy(layer, block, write=write, keys=keys):
+            keys.append(block.k.float().mean(dim=0).flatten(1).cpu())  # (N, H·D)
+            write(layer, block)
+
+        policy.write = spy
+        engine = StreamingEngine(bundle, policy, EngineOptions(seed=ep.seed, fps=s.fps, width=ep.config.width,
+                                                               height=ep.config.height, steps=s.steps, shift=s.shift))
+        th, tw = engine.token_hw
+        F_ = engine.geometry.chunk_frames
+        cues = episode_prompts(ep)
+        for c in range(lat.shape[2] // F_):
+            f0 = engine.geometry.first_frame(c)
+            k, prompt = next((k, cue.text) for k, cue in enumerate(cues) if cue.start <= f0 < cue.end)
+            keys.clear()
+            engine._commit(engine._context(c, c * F_, F_, k, prompt, False), lat[:, :, c * F_ : (c + 1) * F_],
+                           engine.text.embeds(prompt))
+            frames = [latent_to_video_frame(c * F_ + i, s.vae_stride_t) for i in range(F_)]
+            labels = np.concatenate([token_labels(truth.truth.labels[min(f, T - 1)], th, tw) for f in frames])
+            out.append((list(keys), torch.from_numpy(labels)))
+    return out
+
+
+def supcon(f: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+    """Supervised contrastive loss of unit features f (B, N, D') with labels y (B, N); anchors without a
+    positive are skipped. Returns the mean over anchors."""
+    B, N, _ = f.shape
+    sim = f @ f.transpose(1, 2) / tau  # (B, N, N)
+    eye = torch.eye(N, dtype=torch.bool, device=f.device)[None]
+    sim = sim.masked_fill(eye, float("-inf"))  # an anchor is not its own candidate
+    logp = sim - torch.logsumexp(sim, dim=2, keepdim=True)  # (B, N, N) log-softmax over candidates
+    pos = (y[:, :, None] == y[:, None, :]) & ~eye  # (B, N, N)
+    n_pos = pos.sum(2)  # (B, N)
+    per_anchor = -(logp.masked_fill(~pos, 0.0)).sum(2) / n_pos.clamp_min(1)  # (B, N)
+    valid = n_pos > 0
+    return per_anchor[valid].mean()
+
+
+def train_slot_phi(bundle, cfg: SlotTrainConfig, log: Callable[[str], None] = print,
+                   data: Optional[list] = None) -> SlotTrainResult:
+    """Collect ground-truth keys (unless ``data`` is given) and fit φ (see the module docstring)."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    if data is None:
+        log(f"slots: committing {cfg.episodes} ground-truth world episodes")
+        data = collect_keys(bundle, world_episodes(cfg.episodes, cfg.seed))
+    n_layers = len(data[0][0])
+    width = data[0][0][0].shape[1]  # H·D
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + 11)
+    enc = [torch.nn.Parameter(torch.randn(cfg.dim, width, generator=g) / width ** 0.5) for _ in range(n_layers)]
+    dec = [torch.nn.Parameter(torch.zeros(width, cfg.dim)) for _ in range(n_layers)]
+    opt = torch.optim.Adam(enc + dec, lr=cfg.lr)
+    keys = [torch.stack([d[0][l] for d in data]) for l in range(n_layers)]  # L × (M, N, H·D)
+    labels = torch.stack([d[1] for d in data])  # (M, N)
+    rng = np.random.default_rng([cfg.seed, 11])
+    res = SlotTrainResult(phi=LinearPhi([]), chunks=len(data))
+    for step in range(cfg.steps):
+        idx = torch.from_numpy(rng.integers(0, len(data), size=cfg.batch))
+        y = labels[idx]  # (B, N)
+        loss = torch.zeros(())
+        for l in range(n_layers):
+            k = keys[l][idx]  # (B, N, H·D)
+            f = F.normalize(k @ enc[l].T, dim=-1)  # (B, N, D')
+            target = F.normalize(k, dim=-1)
+            recon = F.mse_loss(f @ dec[l].T, target) * width  # per-token squared error of the unit key
+            loss = loss + supcon(f, y, cfg.tau) + cfg.recon_weight * recon
+        loss = loss / n_layers
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        res.losses.append(float(loss.detach()))
+        if (step + 1) % 100 == 0:
+            log(f"slots: step {step + 1}: loss {np.mean(res.losses[-100:]):.4f}")
+    res.phi = LinearPhi([w.detach().clone() for w in enc])
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def phi_tensors(phi: LinearPhi, prefix: str = "slot_phi.") -> dict[str, torch.Tensor]:
+    """The weights-file entries of a learned φ (read back by :meth:`LinearPhi.from_state_dict`)."""
+    return {f"{prefix}{l}.weight": w.detach().to("cpu", torch.float32).contiguous() for l, w in enumerate(phi.weights)}
+
+
+CARD_HEADING = "## Slot projection φ (`slotgen train-slots`)"
+
+
+def add_slot_phi(folder, cfg: SlotTrainConfig, log: Callable[[str], None] = print,
+                 command: Optional[str] = None) -> SlotTrainResult:
+    """Train φ on the miniature in ``folder`` and write it into the folder's weights (atomically), with its
+    settings in ``config.json`` and a section in ``MODEL_CARD.md``. The transformer, VAE and text encoder
+    are rewritten unchanged; the folder's digest then covers φ too."""
+    import json
+    from pathlib import Path
+
+    from slotgen.atomic import atomic_write_bytes
+    from slotgen.models.miniature import load_miniature, write_miniature
+
+    cfg.validate()
+    folder = Path(folder)
+    bundle = load_miniature(folder)
+    res = train_slot_phi(bundle, cfg, log=log)
+    config = json.loads((folder / "config.json").read_text())
+    extra = {k: v for k, v in config.items() if k not in ("digest", "name")}
+    extra["slot_phi"] = {"config": cfg.to_dict(), "chunks": res.chunks, "seconds": round(res.seconds, 1),
+                         "loss_first_last": [res.losses[0], float(np.mean(res.losses[-20:]))]}
+    write_miniature(folder, modules=(bundle.transformer, bundle.vae, bundle.text_encoder),
+                    name=config.get("name", "miniature"), extra=extra, slot_phi=phi_tensors(res.phi))
+    card_path = folder / "MODEL_CARD.md"
+    card = card_path.read_text() if card_path.is_file() else "# Model card\n"
+    card = card.split("\n" + CARD_HEADING)[0].rstrip("\n") + "\n\n" + slot_card(cfg, res, command) + "\n"
+    atomic_write_bytes(card_path, card.encode())
+    log(f"slots: φ ({len(res.phi.weights)} layers, D' = {cfg.dim}) written into {folder} in {res.seconds:.0f} s")
+    return res
+
+
+def slot_card(cfg: SlotTrainConfig, res: SlotTrainResult, command: Optional[str]) -> str:
+    first, last = res.losses[0], float(np.mean(res.losses[-20:]))
+    cmd = command or f"slotgen train-slots --model DIR --seed {cfg.seed}"
+    return f"""{CARD_HEADING}
+
+Produced by `{cmd}` (also the last stage of `slotgen train-miniature`).
+φ_l(k) = normalise(W_l · flatten(k)), D' = {cfg.dim}, one W_l per layer, used by the `slot` memory policy
+in place of the training-free head-mean (`slotgen.train.slots` documents the losses).
+
+- Data: {cfg.episodes} ground-truth world episodes (seeds {EPISODE_SEED0 + cfg.seed * 10_000}…, disjoint from the
+  transformer's training episodes and from `bench identity`), committed chunk by chunk through this model:
+  {res.chunks} chunks, each layer's un-roped keys with the tokens' ground-truth labels.
+- Loss: supervised contrastive (temperature {cfg.tau:g}; same ground-truth label = positive; it uses the
+  world's masks) + {cfg.recon_weight:g} × linear reconstruction of the unit key from φ(k); Adam lr {cfg.lr:g},
+  {cfg.steps} steps of {cfg.batch} chunks; loss {first:.3f} → {last:.3f} (mean of the last 20 steps); {res.seconds:.0f} s.
+"""
