@@ -15,9 +15,9 @@ Protocol (all definitions fixed in this file before any results were looked at):
   (:func:`slotgen.world.aggregate`); per policy ≠ window: paired differences vs ``window`` over the
   same episodes (:func:`slotgen.world.paired_bootstrap`, episodes where both are defined).
 * Ground truth (the world's own render) is scored too (sanity: recall 1) and chance recall is 1/9.
-* Slot purity: ground-truth episodes are encoded with the model's VAE and committed chunk by chunk
-  through the engine with the ``slot`` policy (the engine's commit pass at timestep 0 with each chunk's
-  caption, exactly ``StreamingEngine._commit``). After each chunk, every layer's token→slot assignment
+* Slot purity: every ground-truth episode of the run (single and similar) is encoded with the model's
+  VAE and committed chunk by chunk through the engine with the ``slot`` policy and the model's φ (the
+  engine's commit pass at timestep 0 with each chunk's caption, exactly ``StreamingEngine._commit``). After each chunk, every layer's token→slot assignment
   (``policy.stats()["layers"][l]["assignment"]``) is compared with the ground-truth label map on the
   token grid by the adjusted Rand index. A token's ground-truth label (16×16-pixel cell, last video
   frame of its latent frame) is the entity covering most of the cell if it covers ≥ 20 % of it, else
@@ -248,7 +248,7 @@ def run_identity_bench(policies: list[str], gaps: list[int], episodes: int, mode
     }
     if purity:
         t = time.perf_counter()
-        gt_eps = [it["episode"] for it in eps if it["kind"] == ("similar" if similar else "single")][: max(2, episodes)]
+        gt_eps = [it["episode"] for it in eps]  # every episode of the run (cheap: one commit pass per chunk)
         result["slot_purity"] = slot_purity(bundle, gt_eps)
         progress(f"slot purity on {len(gt_eps)} ground-truth episodes: {time.perf_counter() - t:.0f} s")
     result["seconds"] = time.perf_counter() - t0
