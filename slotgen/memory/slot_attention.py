@@ -13,7 +13,8 @@ SlotMemory (see ``slot.py``) groups a chunk's tokens into ``S`` slots per layer:
 This is soft spherical k-means with the softmax taken over *slots* (tokens compete to be explained,
 slots compete for tokens), i.e. slot attention without the learned GRU/MLP update. The paper trains
 its slot module (contrastive + reconstruction losses); no weights are public, so φ defaults to the
-normalised head-mean of the un-roped keys and a learned φ can be plugged in (:class:`LinearPhi`).
+normalised head-mean of the un-roped keys and a learned φ can be plugged in (:class:`LinearPhi`; the
+miniature ships one, trained by ``slotgen.train.slots``).
 
 Everything here is deterministic: no random init, ties broken by the lowest index.
 """
