@@ -28,7 +28,7 @@ Protocol (all definitions fixed in this file before any results were looked at):
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -130,46 +130,57 @@ def latent_to_video_frame(f: int, stride: int) -> int:
 
 
 @torch.no_grad()
-def slot_purity(bundle, episodes: list, slot_memory: Optional[dict] = None) -> dict:
-    """ARI between the slot policy's token→slot assignment and ground truth (see module docstring)."""
+def committed_ground_truth(bundle, episode, policy) -> Iterator[tuple[int, Callable[[int], np.ndarray]]]:
+    """Encode a ground-truth world episode with the model's VAE and commit it chunk by chunk through the
+    engine with ``policy`` (the commit pass at timestep 0 with each chunk's caption, exactly
+    ``StreamingEngine._commit``). After each chunk yields ``(chunk, cells)``: ``cells(latent_frame)`` is
+    that frame's (th·tw,) ground-truth token labels (:func:`token_labels` of its last video frame,
+    computed once per frame)."""
     from slotgen.engine.generator import EngineOptions, StreamingEngine
-    from slotgen.memory import build_policy
-    from slotgen.memory.config import parse_memory_config
-    from slotgen.memory.slot_attention import adjusted_rand_index
     from slotgen.world import render_episode
     from slotgen.world.grammar import episode_prompts
 
-    n_layers = len(bundle.transformer.blocks)
-    per_layer: list[list[float]] = [[] for _ in range(n_layers)]
-    s = bundle.settings
-    vae = bundle.vae
+    s, vae = bundle.settings, bundle.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    truth = render_episode(episode)
+    T = truth.frames.shape[0]
+    x = torch.from_numpy(truth.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
+    z = vae.encode(x.to(bundle.device, bundle.dtype)).latent_dist.mean.float().cpu()
+    lat = ((z - mean) / std).to(bundle.device, bundle.dtype)  # (1, C, L, h, w) normalised
+    engine = StreamingEngine(bundle, policy, EngineOptions(seed=episode.seed, fps=s.fps, width=episode.config.width,
+                                                           height=episode.config.height, steps=s.steps, shift=s.shift))
+    th, tw = engine.token_hw
+    F = engine.geometry.chunk_frames
+    cues = episode_prompts(episode)
+    cache: dict[int, np.ndarray] = {}
+
+    def cells(latent_frame: int) -> np.ndarray:
+        vf = min(latent_to_video_frame(latent_frame, s.vae_stride_t), T - 1)
+        if vf not in cache:
+            cache[vf] = token_labels(truth.truth.labels[vf], th, tw)
+        return cache[vf]
+
+    for c in range(lat.shape[2] // F):
+        f0 = engine.geometry.first_frame(c)
+        prompt_index, prompt = next((k, cue.text) for k, cue in enumerate(cues) if cue.start <= f0 < cue.end)
+        ctx = engine._context(c, c * F, F, prompt_index, prompt, False)
+        engine._commit(ctx, lat[:, :, c * F : (c + 1) * F], engine.text.embeds(prompt))
+        yield c, cells
+
+
+def slot_purity(bundle, episodes: list, slot_memory: Optional[dict] = None) -> dict:
+    """ARI between the slot policy's token→slot assignment and ground truth (see module docstring)."""
+    from slotgen.memory import build_policy
+    from slotgen.memory.config import parse_memory_config
+    from slotgen.memory.slot_attention import adjusted_rand_index
+
+    n_layers = len(bundle.transformer.blocks)
+    per_layer: list[list[float]] = [[] for _ in range(n_layers)]
     for ep in episodes:
-        truth = render_episode(ep)
-        T = truth.frames.shape[0]
-        x = torch.from_numpy(truth.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
-        z = vae.encode(x.to(bundle.device, bundle.dtype)).latent_dist.mean.float().cpu()
-        lat = ((z - mean) / std).to(bundle.device, bundle.dtype)  # (1, C, L, h, w) normalised
         policy = build_policy(parse_memory_config(slot_memory or memory_for("slot")), n_layers, phi=bundle.slot_phi)
-        engine = StreamingEngine(bundle, policy, EngineOptions(seed=ep.seed, fps=s.fps, width=ep.config.width,
-                                                               height=ep.config.height, steps=s.steps, shift=s.shift))
-        th, tw = engine.token_hw
-        F = engine.geometry.chunk_frames
-        cues = episode_prompts(ep)
-        cache: dict[int, np.ndarray] = {}
-
-        def token_cells(vf: int) -> np.ndarray:  # token labels of video frame vf, computed once per frame
-            if vf not in cache:
-                cache[vf] = token_labels(truth.truth.labels[vf], th, tw)
-            return cache[vf]
-
-        L = lat.shape[2]
-        for c in range(L // F):
-            f0 = engine.geometry.first_frame(c)
-            prompt_index, prompt = next((k, cue.text) for k, cue in enumerate(cues) if cue.start <= f0 < cue.end)
-            ctx = engine._context(c, c * F, F, prompt_index, prompt, False)
-            engine._commit(ctx, lat[:, :, c * F : (c + 1) * F], engine.text.embeds(prompt))
+        tw = ep.config.width // bundle.stride  # token grid width
+        for _, cells in committed_ground_truth(bundle, ep, policy):
             stats = policy.stats()
             for layer in range(n_layers):
                 a = stats["layers"][layer]["assignment"]
@@ -178,8 +189,7 @@ def slot_purity(bundle, episodes: list, slot_memory: Optional[dict] = None) -> d
                 slots = np.asarray(a["slot"]).reshape(-1)
                 frames = np.asarray(a["frames"]).reshape(-1)
                 hw = np.asarray(a["hw"]).reshape(-1, 2)
-                gt = np.array([token_cells(min(latent_to_video_frame(int(f), s.vae_stride_t), T - 1))[int(r) * tw + int(cc)]
-                               for f, (r, cc) in zip(frames, hw)])
+                gt = np.array([cells(int(f))[int(r) * tw + int(cc)] for f, (r, cc) in zip(frames, hw)])
                 if len(np.unique(gt)) < 2:
                     continue
                 per_layer[layer].append(adjusted_rand_index(torch.as_tensor(slots), torch.as_tensor(gt)))

@@ -86,27 +86,16 @@ def world_episodes(n: int, seed: int) -> list:
     return out
 
 
-@torch.no_grad()
 def collect_keys(bundle, episodes: list) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
     """Per committed chunk: each layer's un-roped keys (N, H·D) and the tokens' ground-truth labels (N,)."""
-    from slotgen.bench.identity import latent_to_video_frame, memory_for, token_labels
-    from slotgen.engine.generator import EngineOptions, StreamingEngine
+    from slotgen.bench.identity import committed_ground_truth, memory_for
     from slotgen.memory import build_policy
     from slotgen.memory.config import parse_memory_config
-    from slotgen.world import render_episode
-    from slotgen.world.grammar import episode_prompts
 
     n_layers = len(bundle.transformer.blocks)
-    s = bundle.settings
-    mean = torch.tensor(bundle.vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(bundle.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    F_ = bundle.settings.chunk_frames
     out = []
     for ep in episodes:
-        truth = render_episode(ep)
-        T = truth.frames.shape[0]
-        x = torch.from_numpy(truth.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
-        z = bundle.vae.encode(x.to(bundle.device, bundle.dtype)).latent_dist.mean.float().cpu()
-        lat = ((z - mean) / std).to(bundle.device, bundle.dtype)  # (1, C, L, h, w)
         policy = build_policy(parse_memory_config(memory_for("slot")), n_layers)  # the training-free φ
         keys: list[torch.Tensor] = []
         write = policy.write
@@ -116,20 +105,10 @@ def collect_keys(bundle, episodes: list) -> list[tuple[list[torch.Tensor], torch
             write(layer, block)
 
         policy.write = spy
-        engine = StreamingEngine(bundle, policy, EngineOptions(seed=ep.seed, fps=s.fps, width=ep.config.width,
-                                                               height=ep.config.height, steps=s.steps, shift=s.shift))
-        th, tw = engine.token_hw
-        F_ = engine.geometry.chunk_frames
-        cues = episode_prompts(ep)
-        for c in range(lat.shape[2] // F_):
-            f0 = engine.geometry.first_frame(c)
-            k, prompt = next((k, cue.text) for k, cue in enumerate(cues) if cue.start <= f0 < cue.end)
-            keys.clear()
-            engine._commit(engine._context(c, c * F_, F_, k, prompt, False), lat[:, :, c * F_ : (c + 1) * F_],
-                           engine.text.embeds(prompt))
-            frames = [latent_to_video_frame(c * F_ + i, s.vae_stride_t) for i in range(F_)]
-            labels = np.concatenate([token_labels(truth.truth.labels[min(f, T - 1)], th, tw) for f in frames])
+        for c, cells in committed_ground_truth(bundle, ep, policy):
+            labels = np.concatenate([cells(c * F_ + i) for i in range(F_)])  # engine token order: frame, row, col
             out.append((list(keys), torch.from_numpy(labels)))
+            keys.clear()
     return out
 
 
