@@ -11,9 +11,6 @@ import pytest
 from slotgen.models.miniature import VOCABULARY
 from slotgen.storyboard import parse_storyboard
 from slotgen.world.analyse import (
-    CIRCLE_FILL,
-    SQUARE_FILL,
-    STAR_SOLIDITY,
     aggregate,
     analyse_episode,
     bootstrap_ci,
@@ -237,12 +234,6 @@ def test_detector_measures_every_kind_and_trait_at_subpixel_positions():
     detections = detect_entities(np.stack(frames), DEFAULT_WORLD)
     found = [(d[0].shape, d[0].traits) if len(d) == 1 else None for d in detections]
     assert found == expected
-    # The thresholds have slack on clean renders.
-    fills = {shape: [d[0].fill for d, (s, _) in zip(detections, expected) if s == shape] for shape in SHAPES}
-    solid = {shape: [d[0].solidity for d, (s, _) in zip(detections, expected) if s == shape] for shape in SHAPES}
-    assert max(solid["star"]) < STAR_SOLIDITY - 0.05 < STAR_SOLIDITY + 0.05 < min(solid["triangle"])
-    assert max(fills["triangle"]) < CIRCLE_FILL - 0.05 and min(fills["circle"]) > CIRCLE_FILL + 0.05
-    assert max(fills["circle"]) < SQUARE_FILL - 0.05
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,6 +271,50 @@ def test_shuffled_traits_score_near_chance(episodes, truth_reports):
     assert difference.low > 0.5
     # Compliance does not see hidden traits.
     assert aggregate(reports)["compliance"]["mean"] >= 0.98
+
+
+def _patches(frames: np.ndarray, p: int = 16) -> np.ndarray:
+    """uint8 (T, H, W, 3) → (T·(H/p)·(W/p), p·p·3) float patches in [-1, 1] (the miniature's token grid)."""
+    t, h, w, _ = frames.shape
+    x = frames.astype(np.float64) / 127.5 - 1.0
+    return x.reshape(t, h // p, p, w // p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, p * p * 3)
+
+
+def _unpatch(patches: np.ndarray, shape: tuple, p: int = 16) -> np.ndarray:
+    t, h, w, _ = shape
+    x = patches.reshape(t, h // p, w // p, p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(t, h, w, 3)
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def test_analyser_tolerates_the_errors_of_a_rank_limited_generator(episodes):
+    """A generator's frames are never pixel-exact. The miniature's transformer writes each 16×16 patch
+    (768 values) through a linear head from its 128-wide stream, so even a perfect one outputs a
+    rank-128 projection of the truth: blended edges, rims around markings. Here the truth itself is
+    projected onto the best rank-128 basis (PCA over other episodes' patches). It still looks right,
+    and the analyser must still score it (the fill-ratio detector of sessions 1–6 scored 0.04–0.41
+    presence on such frames), while a trait swap under the same projection must still be caught."""
+    fit = np.concatenate([_patches(render_episode(exit_return_episode(100 + s, 24, 1 + s % 3)).frames)
+                          for s in range(30)])  # (N, 768)
+    mean = fit.mean(axis=0)
+    _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)
+    basis = vt[:128]  # (128, 768)
+
+    def project(frames: np.ndarray) -> np.ndarray:
+        x = _patches(frames) - mean
+        return _unpatch((x @ basis.T) @ basis + mean, frames.shape)
+
+    honest, swapped = [], []
+    for i, episode in enumerate(episodes[:12]):
+        frames = project(render_episode(episode).frames)
+        assert np.abs(frames.astype(int) - render_episode(episode).frames).max() > 60  # far from exact
+        honest.append(analyse_episode(frames, episode))
+        donor = episodes[(i + 1) % 12].entities[0].traits
+        swapped.append(analyse_episode(project(render_episode(episode, return_traits={0: donor}).frames), episode))
+    truth = aggregate(honest)
+    assert truth["compliance"]["mean"] >= 0.9 and truth["presence"]["mean"] >= 0.9
+    assert truth["identity_recall"]["mean"] >= 0.9
+    coincidences = [episodes[(i + 1) % 12].entities[0].traits == ep.entities[0].traits for i, ep in enumerate(episodes[:12])]
+    assert aggregate(swapped)["identity_recall"]["mean"] <= sum(coincidences) / 12 + 0.1
 
 
 def test_leakage_is_detected_on_a_constructed_swap():
