@@ -96,6 +96,24 @@ def slot_attention(x: torch.Tensor, init: torch.Tensor, iters: int, temperature:
     return u, a
 
 
+def batched_slot_attention(x: torch.Tensor, init: torch.Tensor, iters: int, temperature: float,
+                           eps: float = 1e-8) -> torch.Tensor:
+    """:func:`slot_attention` on a batch, differentiable, for training φ through the grouping.
+
+    x: (B, N, D') unit-norm features; init: (B, S, D') starting slots. Returns A (B, S, N), the final
+    assignment (each column sums to 1). Same steps as :func:`slot_attention` (checked item by item in
+    ``tests/test_train_slots.py``); the engine keeps the unbatched one.
+    """
+    u = F.normalize(init.float(), dim=-1)  # (B, S, D')
+    x = x.float()
+    for _ in range(iters):
+        a = torch.softmax(u @ x.transpose(1, 2) / temperature, dim=1)  # (B, S, N), softmax over slots
+        mass = a.sum(dim=2, keepdim=True)  # (B, S, 1)
+        mean = (a @ x) / mass.clamp_min(eps)  # (B, S, N) @ (B, N, D') → (B, S, D')
+        u = torch.where(mass > eps, F.normalize(mean, dim=-1), u)  # dead slots stay put
+    return torch.softmax(u @ x.transpose(1, 2) / temperature, dim=1)  # (B, S, N)
+
+
 def match_slots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """For each slot of ``a`` (S, D') the most similar slot of ``b`` (S', D') by cosine → (S,) long."""
     return torch.argmax(F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T, dim=1)  # (S, S') → (S,)
