@@ -50,6 +50,16 @@ def test_coassignment_loss_scores_the_grouping_and_reaches_phi_through_slot_atte
     assert w.grad is not None and float(w.grad.abs().sum()) > 0
 
 
+def test_the_default_phi_training_uses_the_coassignment_term():
+    data = _hidden_label_data(8, 2)
+    assert SlotTrainConfig().assign_weight > 0
+    with_term = train_slot_phi(None, SlotTrainConfig(steps=3, batch=4, dim=8), log=lambda m: None, data=data)
+    without = train_slot_phi(None, SlotTrainConfig(steps=3, batch=4, dim=8, assign_weight=0.0), log=lambda m: None,
+                             data=data)
+    assert with_term.losses[0] > without.losses[0]  # same start, the extra term adds to the loss
+    assert not torch.equal(with_term.phi.weights[0], without.phi.weights[0])
+
+
 def _hidden_label_data(n_chunks: int, seed: int):
     """Chunks of 48 tokens whose keys (2 heads × 16) carry the label in a weak direction under strong
     per-token nuisance: the head-mean φ cannot group them, a learned projection can."""
