@@ -409,6 +409,17 @@ def inspect(
             print(f"wrote {png}", file=sys.stderr)
 
 
+def _command_line() -> str:
+    """The command as typed (for a model card), shell-quoted."""
+    import shlex
+
+    return "slotgen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _progress_log(quiet: bool):
+    return (lambda m: None) if quiet else (lambda m: print(m, flush=True))
+
+
 @app.command("train-miniature")
 @user_errors
 def train_miniature_cmd(
@@ -434,10 +445,7 @@ def train_miniature_cmd(
         if v is not None:
             setattr(cfg, name, v)
     cfg.validate()
-    import shlex as _shlex
-
-    command = "slotgen " + " ".join(_shlex.quote(a) for a in sys.argv[1:])
-    train_miniature(cfg, out, log=(lambda m: None) if quiet else (lambda m: print(m, flush=True)), command=command)
+    train_miniature(cfg, out, log=_progress_log(quiet), command=_command_line())
     print(f"wrote {out}")
 
 
@@ -452,7 +460,8 @@ def train_slots_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train SlotMemory's slot projection φ on ground-truth world episodes passed through a miniature
-    (supervised contrastive + reconstruction) and ship it in the folder's weights."""
+    (supervised contrastive + reconstruction + co-assignment through the slot attention) and ship it
+    in the folder's weights."""
     from slotgen.train.slots import SlotTrainConfig, add_slot_phi
 
     if threads < 1:
@@ -464,10 +473,7 @@ def train_slots_cmd(
     import torch
 
     torch.set_num_threads(threads)
-    import shlex as _shlex
-
-    command = "slotgen " + " ".join(_shlex.quote(a) for a in sys.argv[1:])
-    add_slot_phi(model, cfg, log=(lambda m: None) if quiet else (lambda m: print(m, flush=True)), command=command)
+    add_slot_phi(model, cfg, log=_progress_log(quiet), command=_command_line())
     print(f"wrote {model}")
 
 

@@ -85,33 +85,25 @@ def slot_attention(x: torch.Tensor, init: torch.Tensor, iters: int, temperature:
     Returns U (S, D') unit-norm slots and A (S, N) assignments whose columns sum to 1.
     A slot that receives (almost) no mass keeps its previous vector instead of dividing by ~0.
     """
-    u = F.normalize(init.float(), dim=-1)  # (S, D')
-    x = x.float()
-    for _ in range(iters):
-        a = torch.softmax(u @ x.T / temperature, dim=0)  # (S, D') @ (D', N) → (S, N), softmax over slots
-        mass = a.sum(dim=1, keepdim=True)  # (S, 1)
-        mean = (a @ x) / mass.clamp_min(eps)  # (S, N) @ (N, D') → (S, D') weighted means
-        u = torch.where(mass > eps, F.normalize(mean, dim=-1), u)  # (S, D') dead slots stay put
-    a = torch.softmax(u @ x.T / temperature, dim=0)  # (S, N)
-    return u, a
+    u, a = batched_slot_attention(x[None], init[None], iters, temperature, eps)  # a batch of one
+    return u[0], a[0]
 
 
 def batched_slot_attention(x: torch.Tensor, init: torch.Tensor, iters: int, temperature: float,
-                           eps: float = 1e-8) -> torch.Tensor:
-    """:func:`slot_attention` on a batch, differentiable, for training φ through the grouping.
+                           eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`slot_attention` on a batch, differentiable (training φ through the grouping uses it).
 
-    x: (B, N, D') unit-norm features; init: (B, S, D') starting slots. Returns A (B, S, N), the final
-    assignment (each column sums to 1). Same steps as :func:`slot_attention` (checked item by item in
-    ``tests/test_train_slots.py``); the engine keeps the unbatched one.
+    x: (B, N, D') unit-norm features; init: (B, S, D') starting slots. Returns U (B, S, D') and A (B, S, N).
     """
     u = F.normalize(init.float(), dim=-1)  # (B, S, D')
     x = x.float()
     for _ in range(iters):
         a = torch.softmax(u @ x.transpose(1, 2) / temperature, dim=1)  # (B, S, N), softmax over slots
         mass = a.sum(dim=2, keepdim=True)  # (B, S, 1)
-        mean = (a @ x) / mass.clamp_min(eps)  # (B, S, N) @ (B, N, D') → (B, S, D')
+        mean = (a @ x) / mass.clamp_min(eps)  # (B, S, N) @ (B, N, D') → (B, S, D') weighted means
         u = torch.where(mass > eps, F.normalize(mean, dim=-1), u)  # dead slots stay put
-    return torch.softmax(u @ x.transpose(1, 2) / temperature, dim=1)  # (B, S, N)
+    a = torch.softmax(u @ x.transpose(1, 2) / temperature, dim=1)  # (B, S, N), matches the returned U
+    return u, a
 
 
 def match_slots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ weights nor loss definitions. This is our reading, at the miniature's size:
 * **Reconstruction loss**: a linear decoder per layer must reconstruct each token's unit-normalised key
   from φ(k) (weight ``recon_weight``), so φ keeps what the keys say beyond the labels.
 * **Co-assignment loss** (weight ``assign_weight``, session 7): the policy's own slot attention
-  (:func:`~slotgen.memory.slot_attention.batched_slot_attention`, with the policy's slot count,
+  (:func:`~slotgen.memory.slot_attention.batched_slot_attention`, the batched form of the engine's
+  :func:`~slotgen.memory.slot_attention.slot_attention`, with the policy's slot count,
   iterations and temperature, farthest-point init as on a first chunk) runs on φ(k), differentiably.
   ``P = Aᵀ A`` (N, N) is the probability that two tokens land in one slot; a binary cross-entropy pulls
   it to 1 for same-label pairs and 0 otherwise, the two kinds weighted equally. The contrastive loss only
@@ -153,7 +154,7 @@ def coassignment_loss(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _grouping(f: torch.Tensor, settings) -> torch.Tensor:
     """The slot policy's first-chunk grouping of features f (B, N, D') → A (B, S, N), differentiable."""
     init = torch.stack([farthest_point_init(x, settings.num_slots) for x in f])  # (B, S, D') picks of f rows
-    return batched_slot_attention(f, init, settings.iters, settings.temperature)
+    return batched_slot_attention(f, init, settings.iters, settings.temperature)[1]
 
 
 def train_slot_phi(bundle, cfg: SlotTrainConfig, log: Callable[[str], None] = print,

@@ -380,7 +380,7 @@ def detect_entities(frames: np.ndarray, config: WorldConfig, classes: Optional[n
         # that classify as unknown, which would punch holes into the body and split it. Unknown
         # pixels mostly surrounded by the body join it, and fragments at most a pixel apart are one
         # detection (components of the body dilated by one pixel, restricted to the body).
-        body[near] |= unknown[near] & (_neighbours(body)[near] >= HOLE_NEIGHBOURS)
+        body[near] |= unknown[near] & (_neighbours(body[near]) >= HOLE_NEIGHBOURS)  # body is empty outside near
         labels = label_components(_dilate(body, 1)) * body  # (T, H, W)
         flat = labels.reshape(-1)
         where = np.flatnonzero(flat)  # raster order
