@@ -487,6 +487,9 @@ def bench_identity(
     seed: int = typer.Option(1000, "--seed", help="First episode seed (default 1000: the default training run uses episode seeds 0..255); the storyboard seed is the same for every policy."),
     similar: bool = typer.Option(True, "--similar/--no-similar", help="Also run two-entity similar episodes (leakage)."),
     purity: bool = typer.Option(True, "--purity/--no-purity", help="Slot purity (ARI) on ground-truth clips."),
+    past: str = typer.Option("generated", "--past", help="'generated': the model renders every chunk. 'truth': "
+                             "ground truth up to the return, generated from there (isolates the memory; "
+                             "scores the generated frames only)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every number as JSON."),
     png: Optional[Path] = typer.Option(None, "--png", help="Plot identity recall vs gap per policy."),
 ) -> None:
@@ -503,7 +506,7 @@ def bench_identity(
     if episodes < 1:
         raise SlotgenError(f"--episodes must be at least 1, got {episodes}")
     result = run_identity_bench(names, gap_list, episodes, model=model, seed=seed, similar=similar, purity=purity,
-                                progress=lambda m: print(m, file=sys.stderr, flush=True))
+                                past=past, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print_report(result)
     if json_out is not None:
         import json as _json

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -71,3 +72,50 @@ def test_slot_purity_scores_every_layer_on_ground_truth():
     for layer in res["layers"]:
         assert layer["n"] > 0 and -1.0 <= layer["ari"] <= 1.0
     assert res["best_ari"] == max(layer["ari"] for layer in res["layers"])
+
+
+def test_true_past_protocol_hands_over_ground_truth_until_the_return():
+    """``--past truth``: every chunk that ends before the return is the episode's ground truth, bit for bit
+    through the exact VAE; generation starts at the chunk holding the return; the run is deterministic."""
+    from slotgen.bench.identity import first_return_frame, render_frames, render_with_true_past
+    from slotgen.models.miniature import load_miniature
+    from slotgen.world import exit_return_episode, render_episode
+
+    bundle = load_miniature()
+    ep = exit_return_episode(1000, 12, n_entities=1)
+    truth = render_episode(ep).frames
+    frames, judged_from = render_with_true_past(ep, "window", bundle, storyboard_seed=1000)
+    back = first_return_frame(ep)
+    assert frames.shape == truth.shape
+    assert judged_from % 3 == 0 and judged_from <= back < judged_from + 3  # chunks of 3 frames
+    assert np.array_equal(frames[:judged_from], truth[:judged_from])
+    assert not np.array_equal(frames[judged_from:], truth[judged_from:])  # the rest is the model's
+    again, _ = render_with_true_past(ep, "window", bundle, storyboard_seed=1000)
+    assert np.array_equal(again, frames)
+    free = render_frames(ep, "window", bundle, storyboard_seed=1000)  # same noise, the model's own past
+    assert not np.array_equal(free[judged_from:], frames[judged_from:])
+
+
+def test_forced_chunk_latents_must_fit_the_chunk():
+    from slotgen.bench.identity import _episode_renderer
+    from slotgen.models.miniature import load_miniature
+    from slotgen.world import exit_return_episode
+
+    engine = _episode_renderer(exit_return_episode(1000, 0), "window", load_miniature(), 1000).engine
+    with pytest.raises(ValueError, match="forced latents must have shape"):
+        engine.generate_chunk(0, "a black background", latents=torch.zeros(1, 48, 2, 16, 16))
+
+
+def test_bench_identity_true_past_end_to_end(tmp_path):
+    out_json = tmp_path / "id.json"
+    r = CliRunner().invoke(app, ["bench", "identity", "--episodes", "1", "--gaps", "0", "--policies", "window",
+                                 "--no-similar", "--no-purity", "--past", "truth", "--json", str(out_json)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out_json.read_text())
+    assert doc["past"] == "truth" and len(doc["rows"]) == 1
+    assert "ground-truth past" in r.output
+
+
+def test_bench_identity_rejects_unknown_past():
+    r = CliRunner().invoke(app, ["bench", "identity", "--past", "oracle"])
+    assert r.exit_code == 2 and "--past: expected one of generated, truth" in r.output

@@ -368,6 +368,30 @@ def test_duplicates_and_vanishings_are_counted():
     assert report.duplicate_rate > 0.3
 
 
+def test_judged_from_scores_only_the_generated_frames():
+    """``judged_from``: frames before it were handed to the model, so compliance, presence, duplicates,
+    vanishings and flicker skip them, while a return still compares with the traits seen before it."""
+    episode = exit_return_episode(4, 24, 2)
+    rendered = render_episode(episode)
+    back = next(s for s, seg in zip(episode.segment_starts, episode.segments) if seg.action == "return")
+    frames = rendered.frames.copy()
+    early = np.zeros(len(frames), bool)
+    early[: back - 12] = True
+    erased = early[:, None, None] & (rendered.truth.labels == 2)  # the companion vanishes early on only
+    frames[erased] = BACKGROUND_COLOURS[episode.background]
+    bg = BACKGROUND_COLOURS[episode.background]
+    shift = 12 if bg[0] < 200 else -12  # the early background flickers (a corner, within the palette radius)
+    frames[: back - 13 : 2, :2, :2, 0] = bg[0] + shift  # not the last given frame: (f − 1, f) is judged
+    everything = analyse_episode(frames, episode)
+    later = analyse_episode(frames, episode, judged_from=back - 12)
+    assert everything.vanish_rate > 0.1 and later.vanish_rate == 0.0
+    assert everything.flicker_proxy > 0.0 and later.flicker_proxy == 0.0
+    assert later.presence == later.compliance == 1.0 and later.judged_frames < everything.judged_frames
+    assert later.identity_recall == 1.0  # the before-traits come from the given (early) frames
+    with pytest.raises(ValueError, match="judged_from"):
+        analyse_episode(frames, episode, judged_from=len(frames))
+
+
 def test_flicker_proxy_measures_background_changes():
     episode = exit_return_episode(6, 12, 1)
     rendered = render_episode(episode)

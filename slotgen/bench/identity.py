@@ -15,6 +15,14 @@ Protocol (all definitions fixed in this file before any results were looked at):
   (:func:`slotgen.world.aggregate`); per policy ≠ window: paired differences vs ``window`` over the
   same episodes (:func:`slotgen.world.paired_bootstrap`, episodes where both are defined).
 * Ground truth (the world's own render) is scored too (sanity: recall 1) and chance recall is 1/9.
+* ``past``: ``"generated"`` (default) renders every chunk. ``"truth"`` is the *ground-truth past*
+  protocol, a teacher-forced diagnostic that isolates the memory from long-horizon drift: every chunk
+  that ends before the protagonist's first return frame is the episode's ground truth (encoded with the
+  model's VAE and committed through the engine with the policy, :meth:`StreamingEngine.generate_chunk`
+  with ``latents``), and every later chunk, from the one holding the return on, is sampled as usual
+  under the same per-(seed, chunk) noise. Recall and leakage then ask only: can the model redraw the
+  traits it saw before the absence, from what the policy kept? Compliance, presence, duplicates,
+  vanishings and flicker count only the generated frames (``analyse_episode(judged_from=...)``).
 * Slot purity: every ground-truth episode of the run (single and similar) is encoded with the model's
   VAE and committed chunk by chunk through the engine with the ``slot`` policy and the model's φ (the
   engine's commit pass at timestep 0 with each chunk's caption, exactly ``StreamingEngine._commit``). After each chunk, every layer's token→slot assignment
@@ -32,6 +40,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
+
+from slotgen.errors import SlotgenError
 
 WINDOW_FRAMES = 9  # local window of every policy (latent frames); × the VAE's temporal stride in video frames
 POLICY_MEMORY = {
@@ -77,16 +87,68 @@ def memory_for(policy: str) -> dict:
     return dict(POLICY_MEMORY.get(policy, {"policy": policy}))
 
 
-def render_frames(episode, policy: str, bundle, storyboard_seed: int) -> np.ndarray:
+PASTS = ("generated", "truth")
+
+
+def _episode_renderer(episode, policy: str, bundle, storyboard_seed: int):
     from slotgen.render import Renderer
     from slotgen.storyboard import parse_storyboard
     from slotgen.world import episode_to_storyboard_yaml
 
     text = episode_to_storyboard_yaml(episode, seed=storyboard_seed, memory=memory_for(policy))
-    sb = parse_storyboard(text, f"<identity episode {episode.seed}>")
+    return Renderer(parse_storyboard(text, f"<identity episode {episode.seed}>"), bundle=bundle)
+
+
+def render_frames(episode, policy: str, bundle, storyboard_seed: int) -> np.ndarray:
     collector = FrameCollector()
-    Renderer(sb, bundle=bundle).stream([collector])
+    _episode_renderer(episode, policy, bundle, storyboard_seed).stream([collector])
     return collector.frames()
+
+
+@torch.no_grad()
+def ground_truth_latents(bundle, frames: np.ndarray) -> torch.Tensor:
+    """``uint8 (T, H, W, 3)`` video → the model's normalised latents ``(1, C, L, h, w)`` (VAE mean)."""
+    vae = bundle.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
+    z = vae.encode(x.to(bundle.device, bundle.dtype)).latent_dist.mean.float().cpu()
+    return ((z - mean) / std).to(bundle.device, bundle.dtype)
+
+
+def first_return_frame(episode, entity: int = 0) -> int:
+    """The first video frame of ``entity``'s first return segment (the protagonist's, by default)."""
+    for start, segment in zip(episode.segment_starts, episode.segments):
+        if segment.action == "return" and segment.entity == entity:
+            return start
+    raise ValueError(f"episode {episode.seed}: entity {entity} never returns")
+
+
+@torch.no_grad()
+def render_with_true_past(episode, policy: str, bundle, storyboard_seed: int) -> tuple[np.ndarray, int]:
+    """The ground-truth-past protocol (module docstring) → ``(frames, judged_from)``: the video and its
+    first generated frame."""
+    from slotgen.world import render_episode
+
+    renderer = _episode_renderer(episode, policy, bundle, storyboard_seed)
+    engine, sb = renderer.engine, renderer.storyboard
+    geo, F = engine.geometry, engine.geometry.chunk_frames
+    truth = render_episode(episode).frames
+    lat = ground_truth_latents(bundle, truth)
+    back = first_return_frame(episode)
+    judged_from = None
+    chunks = []
+    while geo.first_frame(engine.next_chunk) < sb.total_frames:
+        c = engine.next_chunk
+        start = geo.first_frame(c)
+        forced = start + geo.video_frames(c) <= back  # the chunk ends before the return: ground truth
+        if not forced and judged_from is None:
+            judged_from = start
+        k = sb.prompt_index_at(start / sb.fps)
+        res = engine.generate_chunk(k, sb.prompts[k].text, latents=lat[:, :, c * F : (c + 1) * F] if forced else None)
+        chunks.append(res.frames)
+    assert judged_from is not None  # the return lies inside the timeline
+    return np.concatenate(chunks)[: sb.total_frames], judged_from
 
 
 def _summary(reports: list, n_boot: int = 2000) -> dict:
@@ -140,14 +202,10 @@ def committed_ground_truth(bundle, episode, policy) -> Iterator[tuple[int, Calla
     from slotgen.world import render_episode
     from slotgen.world.grammar import episode_prompts
 
-    s, vae = bundle.settings, bundle.vae
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    s = bundle.settings
     truth = render_episode(episode)
     T = truth.frames.shape[0]
-    x = torch.from_numpy(truth.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
-    z = vae.encode(x.to(bundle.device, bundle.dtype)).latent_dist.mean.float().cpu()
-    lat = ((z - mean) / std).to(bundle.device, bundle.dtype)  # (1, C, L, h, w) normalised
+    lat = ground_truth_latents(bundle, truth.frames)  # (1, C, L, h, w) normalised
     engine = StreamingEngine(bundle, policy, EngineOptions(seed=episode.seed, fps=s.fps, width=episode.config.width,
                                                            height=episode.config.height, steps=s.steps, shift=s.shift))
     th, tw = engine.token_hw
@@ -204,12 +262,14 @@ def slot_purity(bundle, episodes: list, slot_memory: Optional[dict] = None) -> d
 
 
 def run_identity_bench(policies: list[str], gaps: list[int], episodes: int, model: str = "miniature", seed: int = 1000,
-                       similar: bool = True, purity: bool = True, bundle=None,
+                       similar: bool = True, purity: bool = True, bundle=None, past: str = "generated",
                        progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Render and score every (episode, policy); returns a JSON-able dict (see module docstring)."""
     from slotgen.models import load_model
     from slotgen.world import analyse_episode, render_episode
 
+    if past not in PASTS:
+        raise SlotgenError(f"--past: expected one of {', '.join(PASTS)}, got {past!r}")
     t0 = time.perf_counter()
     if bundle is None:
         bundle = load_model(model)
@@ -222,8 +282,11 @@ def run_identity_bench(policies: list[str], gaps: list[int], episodes: int, mode
         truth_reports.append(analyse_episode(render_episode(ep).frames, ep))
         for p in policies:
             t = time.perf_counter()
-            frames = render_frames(ep, p, bundle, storyboard_seed=item["seed"])
-            rep = analyse_episode(frames, ep)
+            if past == "truth":
+                frames, judged_from = render_with_true_past(ep, p, bundle, storyboard_seed=item["seed"])
+            else:
+                frames, judged_from = render_frames(ep, p, bundle, storyboard_seed=item["seed"]), 0
+            rep = analyse_episode(frames, ep, judged_from=judged_from)
             reports[p].append(rep)
             rows.append({"policy": p, "gap": item["gap"], "seed": item["seed"], "kind": item["kind"],
                          **{m: getattr(rep, m) for m in ("identity_recall", "size_recall", "marking_recall", "leakage",
@@ -251,7 +314,7 @@ def run_identity_bench(policies: list[str], gaps: list[int], episodes: int, mode
     truth = {"all": _summary(truth_reports)}
     result: dict[str, Any] = {
         "format": "slotgen-bench-identity", "version": 1, "model": bundle.name, "digest": bundle.digest,
-        "policies": policies, "gaps": gaps, "episodes_per_gap": episodes, "seed": seed, "similar": similar,
+        "policies": policies, "gaps": gaps, "episodes_per_gap": episodes, "seed": seed, "similar": similar, "past": past,
         "window_latent_frames": WINDOW_FRAMES, "window_video_frames": bundle.settings.vae_stride_t * WINDOW_FRAMES,
         "memory": {p: memory_for(p) for p in policies}, "chance_recall": CHANCE_RECALL,
         "summary": summary, "paired_vs_window": paired, "ground_truth": truth, "rows": rows,
@@ -284,7 +347,8 @@ def print_report(result: dict) -> None:
     console = Console(width=220)
     table = Table(title=f"slotgen bench identity — {result['model']} ({result['digest'][:12]}), window "
                         f"{result['window_latent_frames']} latent frames = {result['window_video_frames']} video frames; "
-                        f"chance recall {result['chance_recall']:.2f}")
+                        f"chance recall {result['chance_recall']:.2f}"
+                        + ("; ground-truth past up to the return (--past truth)" if result.get("past") == "truth" else ""))
     for col in ("policy", "gap", "n", "identity recall", "leakage", "compliance", "presence", "duplicates", "vanishings",
                 "flicker"):
         table.add_column(col, justify="right")
@@ -321,7 +385,8 @@ def write_plot(result: dict, path, size: tuple[int, int] = (640, 400)) -> None:
     d = ImageDraw.Draw(img)
     x0, y0, x1, y1 = 60, 30, W - 140, H - 50
     d.rectangle([x0, y0, x1, y1], outline="black")
-    d.text((x0, 8), f"identity recall vs absence gap ({result['model']})", fill="black")
+    past = "; ground-truth past" if result.get("past") == "truth" else ""
+    d.text((x0, 8), f"identity recall vs absence gap ({result['model']}{past})", fill="black")
     gaps = result["gaps"]
     gmax = max(max(gaps), result["window_video_frames"]) * 1.1 or 1
 

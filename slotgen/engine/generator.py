@@ -205,8 +205,12 @@ class StreamingEngine:
 
     # -- the loop -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_chunk(self, prompt_index: int, prompt: str) -> ChunkResult:
-        """Generate, commit and decode the next chunk under ``prompt``."""
+    def generate_chunk(self, prompt_index: int, prompt: str, latents: torch.Tensor | None = None) -> ChunkResult:
+        """Generate, commit and decode the next chunk under ``prompt``.
+
+        ``latents`` (``(1, C, F, h, w)``, normalised): commit these instead of sampling (teacher forcing,
+        e.g. a ground-truth past in ``bench identity --forced``); everything else is as for a sampled chunk.
+        """
         t0 = time.perf_counter()
         c = self.next_chunk
         F = self.geometry.chunk_frames
@@ -220,10 +224,15 @@ class StreamingEngine:
         self.policy.begin_chunk(ctx)
         self.state.epoch += 1
         shape = (1, self.bundle.transformer.config.in_channels, F, *self.latent_hw)
-        noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c, self.schedule.noise_draws())]
-        predict = x0_predictor(lambda x, t: self._forward(x, t, frame_start, embeds, commit=False),
-                               self.bundle.settings.prediction)
-        x0 = sample_chunk(predict, noises, self.schedule)
+        if latents is None:
+            noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c, self.schedule.noise_draws())]
+            predict = x0_predictor(lambda x, t: self._forward(x, t, frame_start, embeds, commit=False),
+                                   self.bundle.settings.prediction)
+            x0 = sample_chunk(predict, noises, self.schedule)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"forced latents must have shape {shape}, got {tuple(latents.shape)}")
+            x0 = latents.to(self.device, self.dtype)
         self._forward(x0, 0.0, frame_start, embeds, commit=True)  # commit pass: clean K/V → memory
         self.policy.end_chunk()
 

@@ -602,9 +602,9 @@ def _return_events(episode: Episode, matched: Sequence[Mapping[int, Detection]])
     return events
 
 
-def _compliance(episode: Episode, matched: Sequence[Mapping[int, Detection]]
+def _compliance(episode: Episode, matched: Sequence[Mapping[int, Detection]], judged_from: int = 0
                 ) -> tuple[list[bool], dict[str, list[bool]], list[bool]]:
-    """Per judged frame: complies (kind and motion); per action; present (kind only)."""
+    """Per judged frame (from ``judged_from`` on): complies (kind and motion); per action; present (kind only)."""
     trajectory = episode.trajectory
     starts = episode.segment_starts
     judged: list[bool] = []
@@ -614,7 +614,7 @@ def _compliance(episode: Episode, matched: Sequence[Mapping[int, Detection]]
         actor = segment.entity
         if actor is None:
             continue
-        for t in range(starts[index], starts[index + 1]):
+        for t in range(max(starts[index], judged_from), starts[index + 1]):
             if not trajectory.inside[t, actor]:
                 continue
             ok = actor in matched[t]
@@ -634,11 +634,12 @@ def _compliance(episode: Episode, matched: Sequence[Mapping[int, Detection]]
     return judged, by_action, present
 
 
-def _counts(episode: Episode, detections: Sequence[Sequence[Detection]]) -> tuple[list[bool], list[bool]]:
+def _counts(episode: Episode, detections: Sequence[Sequence[Detection]], judged_from: int = 0
+            ) -> tuple[list[bool], list[bool]]:
     trajectory = episode.trajectory
     duplicates: list[bool] = []
     vanished: list[bool] = []
-    for t in np.flatnonzero(trajectory.settled):
+    for t in np.flatnonzero(trajectory.settled[judged_from:]) + judged_from:
         scripted = Counter(e.kind for k, e in enumerate(episode.entities) if trajectory.inside[t, k])
         seen: Counter = Counter(d.kind for d in detections[t])
         duplicates.append(any(seen[kind] > scripted.get(kind, 0) for kind in seen))
@@ -684,12 +685,17 @@ def flicker_proxy(frames: np.ndarray, classes: np.ndarray, background: str) -> O
     return float(diff[region].mean())
 
 
-def analyse_episode(frames: np.ndarray, episode: Episode) -> EpisodeReport:
+def analyse_episode(frames: np.ndarray, episode: Episode, judged_from: int = 0) -> EpisodeReport:
     """Score a video of ``episode`` (rendered ground truth or a model's output).
 
     Args:
         frames: ``uint8 (T, H, W, 3)`` with ``T == episode.total_frames`` and the episode's canvas size.
         episode: the script the video was made from. Its entities' ``traits`` are NOT used.
+        judged_from: the first frame the model made. Frames before it were handed to the model (a
+            ground-truth past, ``bench identity --past truth``): compliance, presence, duplicate and
+            vanish rates and the flicker proxy count only frames from here on (flicker: pairs whose later
+            frame is here or after), while return events still read traits wherever the entity was
+            inside (before it left: from the given past).
 
     Returns:
         The :class:`EpisodeReport`.
@@ -703,9 +709,12 @@ def analyse_episode(frames: np.ndarray, episode: Episode) -> EpisodeReport:
     detections = detect_entities(frames, config, classes)
     matched = [associate(detections[t], episode, t) for t in range(len(frames))]
 
+    if not 0 <= judged_from < len(frames):
+        raise ValueError(f"judged_from must be a frame index in [0, {len(frames)}), got {judged_from}")
     events = _return_events(episode, matched)
-    judged, by_action, present = _compliance(episode, matched)
-    duplicates, vanished = _counts(episode, detections)
+    judged, by_action, present = _compliance(episode, matched, judged_from)
+    duplicates, vanished = _counts(episode, detections, judged_from)
+    start = max(judged_from - 1, 0)  # flicker: the pair (judged_from − 1, judged_from) is the first judged one
     leaks = [float(e.leaked) for e in events if e.leaked is not None]
     return EpisodeReport(
         frames=len(frames),
@@ -720,7 +729,7 @@ def analyse_episode(frames: np.ndarray, episode: Episode) -> EpisodeReport:
         duplicate_rate=_mean([float(d) for d in duplicates]),
         vanish_rate=_mean([float(v) for v in vanished]),
         settled_frames=len(duplicates),
-        flicker_proxy=flicker_proxy(frames, classes, episode.background),
+        flicker_proxy=flicker_proxy(frames[start:], classes[start:], episode.background),
         events=tuple(events),
     )
 
