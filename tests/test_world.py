@@ -368,6 +368,19 @@ def test_duplicates_and_vanishings_are_counted():
     assert report.duplicate_rate > 0.3
 
 
+def test_return_seen_says_how_many_returns_recall_judged():
+    episode = exit_return_episode(4, 24, 1)
+    rendered = render_episode(episode)
+    assert analyse_episode(rendered.frames, episode).return_seen == 1.0
+    back = next(s for s, seg in zip(episode.segment_starts, episode.segments) if seg.action == "return")
+    frames = rendered.frames.copy()
+    late = np.zeros(len(frames), bool)
+    late[back:] = True
+    frames[late[:, None, None] & (rendered.truth.labels == 1)] = BACKGROUND_COLOURS[episode.background]
+    report = analyse_episode(frames, episode)  # the protagonist never comes back
+    assert report.return_seen == 0.0 and report.identity_recall == 0.0
+
+
 def test_judged_from_scores_only_the_generated_frames():
     """``judged_from``: frames before it were handed to the model, so compliance, presence, duplicates,
     vanishings and flicker skip them, while a return still compares with the traits seen before it."""

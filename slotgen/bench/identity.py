@@ -50,7 +50,8 @@ POLICY_MEMORY = {
     "bank": {"policy": "bank"},
     "slot": {"policy": "slot"},
 }
-TABLE_METRICS = ("identity_recall", "leakage", "compliance", "presence", "duplicate_rate", "vanish_rate", "flicker_proxy")
+TABLE_METRICS = ("identity_recall", "leakage", "return_seen", "compliance", "presence", "duplicate_rate", "vanish_rate",
+                 "flicker_proxy")
 PAIRED_METRICS = ("identity_recall", "leakage", "compliance")
 CHANCE_RECALL = 1.0 / 9.0
 CELL_COVER = 0.20  # an entity labels a token cell when it covers at least this fraction of it
@@ -267,6 +268,7 @@ def run_identity_bench(policies: list[str], gaps: list[int], episodes: int, mode
     """Render and score every (episode, policy); returns a JSON-able dict (see module docstring)."""
     from slotgen.models import load_model
     from slotgen.world import analyse_episode, render_episode
+    from slotgen.world.analyse import METRICS
 
     if past not in PASTS:
         raise SlotgenError(f"--past: expected one of {', '.join(PASTS)}, got {past!r}")
@@ -289,9 +291,7 @@ def run_identity_bench(policies: list[str], gaps: list[int], episodes: int, mode
             rep = analyse_episode(frames, ep, judged_from=judged_from)
             reports[p].append(rep)
             rows.append({"policy": p, "gap": item["gap"], "seed": item["seed"], "kind": item["kind"],
-                         **{m: getattr(rep, m) for m in ("identity_recall", "size_recall", "marking_recall", "leakage",
-                                                         "compliance", "presence", "duplicate_rate", "vanish_rate",
-                                                         "flicker_proxy")},
+                         **{m: getattr(rep, m) for m in METRICS},
                          "seconds": time.perf_counter() - t})
         progress(f"episode {k + 1}/{len(eps)} (gap {item['gap']}, {item['kind']}) done, "
                  f"{time.perf_counter() - t0:.0f} s")
@@ -344,13 +344,13 @@ def print_report(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=220)
+    console = Console(width=240)
     table = Table(title=f"slotgen bench identity — {result['model']} ({result['digest'][:12]}), window "
                         f"{result['window_latent_frames']} latent frames = {result['window_video_frames']} video frames; "
                         f"chance recall {result['chance_recall']:.2f}"
                         + ("; ground-truth past up to the return (--past truth)" if result.get("past") == "truth" else ""))
-    for col in ("policy", "gap", "n", "identity recall", "leakage", "compliance", "presence", "duplicates", "vanishings",
-                "flicker"):
+    for col in ("policy", "gap", "n", "identity recall", "leakage", "returns seen", "compliance", "presence", "duplicates",
+                "vanishings", "flicker"):
         table.add_column(col, justify="right")
     for p in result["policies"]:
         for key in [*map(str, result["gaps"]), "all"]:

@@ -500,6 +500,9 @@ class EpisodeReport:
         identity_recall: mean of ``recalled`` over return events. Proxy for identity persistence.
         size_recall, marking_recall: the same per trait.
         leakage: mean of ``leaked`` over return events where it is defined (same-kind companions).
+        return_seen: fraction of return events whose *after* traits were measured (the returning entity
+            detected with its kind in most of its first frames back). Recall counts an unseen return as
+            not recalled, leakage as not leaked: this says how many returns the two actually judged.
         compliance: fraction of judged frames (the segment's actor scripted fully inside) in which
             the actor is detected with its prompted colour and shape and, in ``move`` segments, its
             centroid moved the prompted way since ``max(segment start − 1, t − MOTION_LAG)``.
@@ -521,6 +524,7 @@ class EpisodeReport:
     size_recall: Optional[float]
     marking_recall: Optional[float]
     leakage: Optional[float]
+    return_seen: Optional[float]
     compliance: Optional[float]
     presence: Optional[float]
     compliance_by_action: dict[str, float]
@@ -535,7 +539,7 @@ class EpisodeReport:
         """JSON-able dict of every field."""
         return {
             "frames": self.frames, "identity_recall": self.identity_recall, "size_recall": self.size_recall,
-            "marking_recall": self.marking_recall, "leakage": self.leakage, "compliance": self.compliance,
+            "marking_recall": self.marking_recall, "leakage": self.leakage, "return_seen": self.return_seen, "compliance": self.compliance,
             "presence": self.presence,
             "compliance_by_action": dict(self.compliance_by_action), "judged_frames": self.judged_frames,
             "duplicate_rate": self.duplicate_rate, "vanish_rate": self.vanish_rate,
@@ -544,8 +548,8 @@ class EpisodeReport:
         }
 
 
-METRICS: tuple[str, ...] = ("identity_recall", "size_recall", "marking_recall", "leakage", "compliance", "presence",
-                            "duplicate_rate", "vanish_rate", "flicker_proxy")
+METRICS: tuple[str, ...] = ("identity_recall", "size_recall", "marking_recall", "leakage", "return_seen", "compliance",
+                            "presence", "duplicate_rate", "vanish_rate", "flicker_proxy")
 """Per-episode scalar metrics that :func:`aggregate` summarises."""
 
 
@@ -722,6 +726,7 @@ def analyse_episode(frames: np.ndarray, episode: Episode, judged_from: int = 0) 
         size_recall=_mean([float(e.size_recalled) for e in events]),
         marking_recall=_mean([float(e.marking_recalled) for e in events]),
         leakage=_mean(leaks),
+        return_seen=_mean([float(e.after is not None) for e in events]),
         compliance=_mean([float(ok) for ok in judged]),
         presence=_mean([float(ok) for ok in present]),
         compliance_by_action={action: float(np.mean(oks)) for action, oks in by_action.items()},
