@@ -77,9 +77,10 @@ def test_slot_purity_scores_every_layer_on_ground_truth():
 def test_true_past_protocol_hands_over_ground_truth_until_the_return():
     """``--past truth``: every chunk that ends before the return is the episode's ground truth, bit for bit
     through the exact VAE; generation starts at the chunk holding the return; the run is deterministic."""
-    from slotgen.bench.identity import first_return_frame, render_frames, render_with_true_past
+    from slotgen.bench.identity import render_frames, render_with_true_past
     from slotgen.models.miniature import load_miniature
     from slotgen.world import exit_return_episode, render_episode
+    from slotgen.world.scene import first_return_frame
 
     bundle = load_miniature()
     ep = exit_return_episode(1000, 12, n_entities=1)

@@ -32,6 +32,7 @@ from slotgen.world.scene import (
     Segment,
     Traits,
     exit_return_episode,
+    first_return_frame,
     lane_rows,
     rasterise,
     render_episode,
@@ -372,7 +373,7 @@ def test_return_seen_says_how_many_returns_recall_judged():
     episode = exit_return_episode(4, 24, 1)
     rendered = render_episode(episode)
     assert analyse_episode(rendered.frames, episode).return_seen == 1.0
-    back = next(s for s, seg in zip(episode.segment_starts, episode.segments) if seg.action == "return")
+    back = first_return_frame(episode)
     frames = rendered.frames.copy()
     late = np.zeros(len(frames), bool)
     late[back:] = True
@@ -386,7 +387,7 @@ def test_judged_from_scores_only_the_generated_frames():
     vanishings and flicker skip them, while a return still compares with the traits seen before it."""
     episode = exit_return_episode(4, 24, 2)
     rendered = render_episode(episode)
-    back = next(s for s, seg in zip(episode.segment_starts, episode.segments) if seg.action == "return")
+    back = first_return_frame(episode)
     frames = rendered.frames.copy()
     early = np.zeros(len(frames), bool)
     early[: back - 12] = True

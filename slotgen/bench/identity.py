@@ -117,26 +117,21 @@ def ground_truth_latents(bundle, frames: np.ndarray) -> torch.Tensor:
     return ((z - mean) / std).to(bundle.device, bundle.dtype)
 
 
-def first_return_frame(episode, entity: int = 0) -> int:
-    """The first video frame of ``entity``'s first return segment (the protagonist's, by default)."""
-    for start, segment in zip(episode.segment_starts, episode.segments):
-        if segment.action == "return" and segment.entity == entity:
-            return start
-    raise ValueError(f"episode {episode.seed}: entity {entity} never returns")
-
-
 @torch.no_grad()
 def render_with_true_past(episode, policy: str, bundle, storyboard_seed: int) -> tuple[np.ndarray, int]:
     """The ground-truth-past protocol (module docstring) → ``(frames, judged_from)``: the video and its
     first generated frame."""
     from slotgen.world import render_episode
+    from slotgen.world.scene import first_return_frame
 
+    back = first_return_frame(episode)
+    if back is None:
+        raise ValueError(f"episode {episode.seed}: its protagonist never returns, so there is no past to hand over")
     renderer = _episode_renderer(episode, policy, bundle, storyboard_seed)
     engine, sb = renderer.engine, renderer.storyboard
     geo, F = engine.geometry, engine.geometry.chunk_frames
     truth = render_episode(episode).frames
     lat = ground_truth_latents(bundle, truth)
-    back = first_return_frame(episode)
     judged_from = None
     chunks = []
     while geo.first_frame(engine.next_chunk) < sb.total_frames:

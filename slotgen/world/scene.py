@@ -592,7 +592,7 @@ def render_episode(episode: Episode, *, return_traits: Optional[Mapping[int, Tra
     for k in overrides:
         if not 0 <= k < n_entities:
             raise ValueError(f"return_traits names entity {k}, but the episode has {n_entities}")
-    switch_frame = {k: _first_return_frame(episode, k) for k in overrides}
+    switch_frame = {k: first_return_frame(episode, k) for k in overrides}
 
     frames = np.empty((total, height, width, 3), dtype=np.uint8)
     frames[:] = np.array(BACKGROUND_COLOURS[episode.background], dtype=np.uint8)
@@ -638,7 +638,8 @@ def render_episode(episode: Episode, *, return_traits: Optional[Mapping[int, Tra
     return RenderedEpisode(episode=episode, frames=frames, truth=truth)
 
 
-def _first_return_frame(episode: Episode, entity: int) -> Optional[int]:
+def first_return_frame(episode: Episode, entity: int = 0) -> Optional[int]:
+    """The first video frame of ``entity``'s first ``return`` segment (the protagonist's by default), or None."""
     for start, segment in zip(episode.segment_starts, episode.segments):
         if segment.action == "return" and segment.entity == entity:
             return start
