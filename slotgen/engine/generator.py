@@ -209,7 +209,7 @@ class StreamingEngine:
         """Generate, commit and decode the next chunk under ``prompt``.
 
         ``latents`` (``(1, C, F, h, w)``, normalised): commit these instead of sampling (teacher forcing,
-        e.g. a ground-truth past in ``bench identity --forced``); everything else is as for a sampled chunk.
+        e.g. the ground-truth past of ``bench identity --past truth``); everything else is as for a sampled chunk.
         """
         t0 = time.perf_counter()
         c = self.next_chunk

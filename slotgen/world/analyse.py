@@ -539,8 +539,8 @@ class EpisodeReport:
         """JSON-able dict of every field."""
         return {
             "frames": self.frames, "identity_recall": self.identity_recall, "size_recall": self.size_recall,
-            "marking_recall": self.marking_recall, "leakage": self.leakage, "return_seen": self.return_seen, "compliance": self.compliance,
-            "presence": self.presence,
+            "marking_recall": self.marking_recall, "leakage": self.leakage, "return_seen": self.return_seen,
+            "compliance": self.compliance, "presence": self.presence,
             "compliance_by_action": dict(self.compliance_by_action), "judged_frames": self.judged_frames,
             "duplicate_rate": self.duplicate_rate, "vanish_rate": self.vanish_rate,
             "settled_frames": self.settled_frames, "flicker_proxy": self.flicker_proxy,
@@ -709,12 +709,12 @@ def analyse_episode(frames: np.ndarray, episode: Episode, judged_from: int = 0) 
     expected = (episode.total_frames, config.height, config.width, 3)
     if frames.shape != expected:
         raise ValueError(f"frames have shape {frames.shape}, the episode needs {expected}")
+    if not 0 <= judged_from < len(frames):
+        raise ValueError(f"judged_from must be a frame index in [0, {len(frames)}), got {judged_from}")
     classes = classify_pixels(frames)
     detections = detect_entities(frames, config, classes)
     matched = [associate(detections[t], episode, t) for t in range(len(frames))]
 
-    if not 0 <= judged_from < len(frames):
-        raise ValueError(f"judged_from must be a frame index in [0, {len(frames)}), got {judged_from}")
     events = _return_events(episode, matched)
     judged, by_action, present = _compliance(episode, matched, judged_from)
     duplicates, vanished = _counts(episode, detections, judged_from)
