@@ -118,9 +118,11 @@ def ground_truth_latents(bundle, frames: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def render_with_true_past(episode, policy: str, bundle, storyboard_seed: int) -> tuple[np.ndarray, int]:
+def render_with_true_past(episode, policy: str, bundle, storyboard_seed: int,
+                          truth_latents: Optional[torch.Tensor] = None) -> tuple[np.ndarray, int]:
     """The ground-truth-past protocol (module docstring) → ``(frames, judged_from)``: the video and its
-    first generated frame."""
+    first generated frame. ``truth_latents``: the episode's :func:`ground_truth_latents`, if already
+    computed (one encode serves every policy)."""
     from slotgen.world import render_episode
     from slotgen.world.scene import first_return_frame
 
@@ -130,8 +132,7 @@ def render_with_true_past(episode, policy: str, bundle, storyboard_seed: int) ->
     renderer = _episode_renderer(episode, policy, bundle, storyboard_seed)
     engine, sb = renderer.engine, renderer.storyboard
     geo, F = engine.geometry, engine.geometry.chunk_frames
-    truth = render_episode(episode).frames
-    lat = ground_truth_latents(bundle, truth)
+    lat = truth_latents if truth_latents is not None else ground_truth_latents(bundle, render_episode(episode).frames)
     judged_from = None
     chunks = []
     while geo.first_frame(engine.next_chunk) < sb.total_frames:
@@ -276,11 +277,14 @@ def run_identity_bench(policies: list[str], gaps: list[int], episodes: int, mode
     rows = []
     for k, item in enumerate(eps):
         ep = item["episode"]
-        truth_reports.append(analyse_episode(render_episode(ep).frames, ep))
+        truth = render_episode(ep).frames
+        truth_reports.append(analyse_episode(truth, ep))
+        truth_latents = ground_truth_latents(bundle, truth) if past == "truth" else None
         for p in policies:
             t = time.perf_counter()
             if past == "truth":
-                frames, judged_from = render_with_true_past(ep, p, bundle, storyboard_seed=item["seed"])
+                frames, judged_from = render_with_true_past(ep, p, bundle, storyboard_seed=item["seed"],
+                                                            truth_latents=truth_latents)
             else:
                 frames, judged_from = render_frames(ep, p, bundle, storyboard_seed=item["seed"]), 0
             rep = analyse_episode(frames, ep, judged_from=judged_from)

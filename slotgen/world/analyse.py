@@ -311,6 +311,7 @@ def match_template(ys: np.ndarray, xs: np.ndarray, config: WorldConfig) -> tuple
     my, mx = float(ys.mean()), float(xs.mean())  # pixel centroid
     n = int(round(2 * TEMPLATE_SEARCH))
     steps = [k / 2 for k in range(-n, n + 1)]  # half-pixel offsets
+    xs_grid = sorted({round((mx + d) * 2) / 2 for d in steps})  # the same for every shape and size
     best: tuple[float, Shape, str] = (-1.0, SHAPES[0], SIZES[0])
     for shape in SHAPES:
         for size in SIZES:
@@ -318,7 +319,7 @@ def match_template(ys: np.ndarray, xs: np.ndarray, config: WorldConfig) -> tuple
             cy0 = my - _template_offset(shape, radius)
             for cy in sorted({round((cy0 + d) * 2) / 2 for d in steps}):  # half-pixel grid
                 iy = math.floor(cy)
-                for cx in sorted({round((mx + d) * 2) / 2 for d in steps}):
+                for cx in xs_grid:
                     ix = math.floor(cx)
                     mask, tx, ty, t_area = _template(shape, radius, cx - ix, cy - iy)
                     top, left = ty + iy - oy, tx + ix - ox  # template origin in the crop
@@ -655,16 +656,7 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     """8-neighbour dilation of a ``(T, H, W)`` mask, ``steps`` times, within each frame."""
     out = mask.copy()
     for _ in range(steps):
-        grown = out.copy()
-        grown[:, 1:, :] |= out[:, :-1, :]
-        grown[:, :-1, :] |= out[:, 1:, :]
-        grown[:, :, 1:] |= out[:, :, :-1]
-        grown[:, :, :-1] |= out[:, :, 1:]
-        grown[:, 1:, 1:] |= out[:, :-1, :-1]
-        grown[:, 1:, :-1] |= out[:, :-1, 1:]
-        grown[:, :-1, 1:] |= out[:, 1:, :-1]
-        grown[:, :-1, :-1] |= out[:, 1:, 1:]
-        out = grown
+        out = out | (_neighbours(out) > 0)
     return out
 
 
