@@ -4,15 +4,18 @@
 #   scripts/gpu_train.sh [OUT_DIR] [MINUTES]     (defaults: $OUT/mini or out/mini, 5 minutes)
 #
 # Why a GPU: the 2 CPU cores of a dev machine give the recipe ~3,000 steps of batch 8 in its 55-minute
-# budget (docs/MINIATURE.md); one GPU gives it far more samples in the same wall clock. Batches and every random draw stay on the CPU (seeded), so
-# the data a run sees is the CPU run's; only the arithmetic moves (--device cuda, TF32).
+# budget (docs/MINIATURE.md), about 100 clips per training episode; the same recipe free-runs episodes it
+# has seen ~10,000 times (scripts/memorise_check.py). One GPU gives it far more samples in the same wall
+# clock. Batches and every random draw stay on the CPU (seeded), so the data a run sees is the CPU
+# run's; only the arithmetic moves (--device cuda, TF32).
 #
 # Steps: (1) a 5-step smoke run, so a device bug costs seconds, not the budget; (2) the run itself,
 # larger batches, more episodes; (3) `slotgen bench identity` on the result (2 episodes per gap, CPU
-# renders) and a strip of frames of one unseen episode, ground truth over the model's (no MP4: the
-# device image lacks imageio-ffmpeg, whose 68 MB wheel cannot travel), as a first look. Everything lands
-# in OUT_DIR (6 files) plus OUT_DIR/../identity.json and OUT_DIR/../frames.png (8 files: what a device
-# call can bring back).
+# renders), scripts/memorise_check.py on 2 of its own training episodes (the recipe's positive control,
+# docs/MINIATURE.md "Session 9"), and a strip of frames of one unseen episode, ground truth over the
+# model's (no MP4: the device image lacks imageio-ffmpeg, whose 68 MB wheel cannot travel), as a first
+# look. Everything lands in OUT_DIR (6 files) plus OUT_DIR/../identity.json and OUT_DIR/../frames.png
+# (8 files: what a device call can bring back).
 #
 # The device image has torch but not diffusers: put its wheel in .whl/ first (on the dev machine,
 # network allowed):
@@ -61,6 +64,10 @@ echo "== train: $minutes minutes on $device -> $out"
 echo "== bench identity (first look: 2 episodes per gap, CPU renders)"
 "$py" -m slotgen bench identity --model "$out" --episodes 2 --gaps 12,36 --no-purity \
   --json "$(dirname "$out")/identity.json"
+
+echo "== memorise check: does it draw 2 of its own training episodes? (Euler 1 and 12 steps, CPU renders)"
+"$py" scripts/memorise_check.py --model "$out" --episodes "${GPU_TRAIN_EPISODES:-256}" --score 2 \
+  --sampler-steps 1,12 --seeds 7
 
 echo "== frames: ground truth (top) vs the model (bottom), unseen episode 1100, every 12th frame"
 "$py" - "$out" "$(dirname "$out")/frames.png" <<'PY'

@@ -178,9 +178,14 @@ def clip_from_episode(ep) -> WorldClip:
     return WorldClip(frames, captions, near, None if ret is None else ret // CHUNK, before)
 
 
-def build_dataset(n: int, seed: int, max_gap: int) -> list[WorldClip]:
+def training_episodes(n: int, seed: int, max_gap: int) -> list:
+    """The ``n`` world episodes a run with ``--seed seed`` trains on (episode seeds ``seed·100000 + i``)."""
     rng = np.random.default_rng(seed)
-    return [clip_from_episode(random_episode(rng, seed * 100_000 + i, max_gap)) for i in range(n)]
+    return [random_episode(rng, seed * 100_000 + i, max_gap) for i in range(n)]
+
+
+def build_dataset(n: int, seed: int, max_gap: int) -> list[WorldClip]:
+    return [clip_from_episode(ep) for ep in training_episodes(n, seed, max_gap)]
 
 
 @torch.no_grad()

@@ -1,0 +1,84 @@
+"""Positive control for the miniature's recipe: can it free-run the episodes it was trained on?
+
+    python scripts/memorise_check.py --out DIR [--episodes 2] [--steps 2700] [--threads 2]
+                                     [--sampler-steps 1,4,12] [--seeds 7,8] [--score K] [--json FILE]
+    python scripts/memorise_check.py --model DIR ...        (score an existing folder, no training;
+                                                             --episodes and --seed as it was trained)
+
+Trains `slotgen train-miniature`'s recipe (same code, `TrainConfig` defaults) on only `--episodes`
+world episodes for an exact `--steps` count, then renders each *training* episode's storyboard
+free-running through the engine (`window` memory, every `--sampler-steps` Euler step count, every
+storyboard `--seeds` noise seed) and scores it with the world's analyser. Nothing here is unseen
+data: the question is whether the recipe, the engine and the sampler agree well enough for a model
+that has had enough samples of an episode to draw it. A failure here would be a recipe bug that no
+amount of compute fixes; a pass says the shipped model's failure on unseen episodes is samples per
+episode (docs/MINIATURE.md, "Session 9"). SlotMemory's φ is trained for a single step (the check uses
+`window` memory, which does not read it). With the same `--threads`, `--steps` repeats a run exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="train into this folder, then score it")
+    where.add_argument("--model", type=Path, help="score this trained folder (trained with --seed and --episodes)")
+    ap.add_argument("--episodes", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2700)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sampler-steps", default="1,4,12")
+    ap.add_argument("--seeds", default="7,8", help="storyboard seeds (the sampler's noise)")
+    ap.add_argument("--score", type=int, default=None, help="score only the first K training episodes (default: all)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+
+    from slotgen.bench.identity import render_frames
+    from slotgen.models.miniature import load_miniature
+    from slotgen.train.miniature import TrainConfig, train_miniature, training_episodes
+    from slotgen.train.slots import SlotTrainConfig
+    from slotgen.world import analyse_episode
+
+    cfg = TrainConfig(episodes=args.episodes, steps=args.steps, seed=args.seed, threads=args.threads,
+                      slots=SlotTrainConfig(episodes=2, steps=1, batch=4))
+    folder = args.model
+    t0 = time.perf_counter()
+    if folder is None:
+        folder = args.out
+        train_miniature(cfg, folder, command="python " + " ".join(sys.argv))
+    train_s = time.perf_counter() - t0
+    torch.set_num_threads(args.threads)
+    bundle = load_miniature(folder)
+    base = bundle.settings
+    rows = []
+    episodes = training_episodes(cfg.episodes, cfg.seed, cfg.max_gap)[: args.score]
+    for i, ep in enumerate(episodes):
+        for steps in (int(s) for s in args.sampler_steps.split(",")):
+            bundle.settings = dataclasses.replace(base, steps=steps)
+            for seed in (int(s) for s in args.seeds.split(",")):
+                report = analyse_episode(render_frames(ep, "window", bundle, storyboard_seed=seed), ep).to_dict()
+                row = {"episode": i, "episode_seed": ep.seed, "sampler_steps": steps, "storyboard_seed": seed,
+                       **{k: report[k] for k in ("presence", "compliance", "duplicate_rate", "vanish_rate")}}
+                rows.append(row)
+                print(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                      flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"folder": str(folder), "train": cfg.to_dict(), "train_seconds": train_s,
+                                         "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
