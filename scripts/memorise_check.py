@@ -27,6 +27,16 @@ import time
 from pathlib import Path
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers of at least 1, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = ap.add_mutually_exclusive_group(required=True)
@@ -36,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2700)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sampler-steps", default="1,4,12")
-    ap.add_argument("--seeds", default="7,8", help="storyboard seeds (the sampler's noise)")
+    ap.add_argument("--sampler-steps", type=_ints, default=[1, 4, 12], help="Euler step counts, e.g. 1,4,12")
+    ap.add_argument("--seeds", type=_ints, default=[7, 8], help="storyboard seeds (the sampler's noise), e.g. 7,8")
     ap.add_argument("--score", type=int, default=None, help="score only the first K training episodes (default: all)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -46,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from slotgen.bench.identity import render_frames
+    from slotgen.errors import SlotgenError
     from slotgen.models.miniature import load_miniature
     from slotgen.train.miniature import TrainConfig, train_miniature, training_episodes
     from slotgen.train.slots import SlotTrainConfig
@@ -53,21 +64,24 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = TrainConfig(episodes=args.episodes, steps=args.steps, seed=args.seed, threads=args.threads,
                       slots=SlotTrainConfig(episodes=2, steps=1, batch=4))
-    folder = args.model
-    t0 = time.perf_counter()
-    if folder is None:
-        folder = args.out
-        train_miniature(cfg, folder, command="python " + " ".join(sys.argv))
-    train_s = time.perf_counter() - t0
-    torch.set_num_threads(args.threads)
-    bundle = load_miniature(folder)
+    folder, train_s = args.model, None
+    try:
+        if folder is None:
+            folder, t0 = args.out, time.perf_counter()
+            train_miniature(cfg, folder, command="python " + " ".join(sys.argv))
+            train_s = time.perf_counter() - t0
+        torch.set_num_threads(args.threads)
+        bundle = load_miniature(folder)
+    except SlotgenError as e:
+        print(f"memorise_check: {e}", file=sys.stderr)
+        return 2
     base = bundle.settings
     rows = []
     episodes = training_episodes(cfg.episodes, cfg.seed, cfg.max_gap)[: args.score]
     for i, ep in enumerate(episodes):
-        for steps in (int(s) for s in args.sampler_steps.split(",")):
+        for steps in args.sampler_steps:
             bundle.settings = dataclasses.replace(base, steps=steps)
-            for seed in (int(s) for s in args.seeds.split(",")):
+            for seed in args.seeds:
                 report = analyse_episode(render_frames(ep, "window", bundle, storyboard_seed=seed), ep).to_dict()
                 row = {"episode": i, "episode_seed": ep.seed, "sampler_steps": steps, "storyboard_seed": seed,
                        **{k: report[k] for k in ("presence", "compliance", "duplicate_rate", "vanish_rate")}}

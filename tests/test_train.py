@@ -231,6 +231,7 @@ def test_memorise_check_scores_the_episodes_it_trained_on(tmp_path):
     spec = importlib.util.spec_from_file_location("memorise_check", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    assert mod.main(["--model", str(tmp_path / "missing")]) == 2  # a one-line error, not a traceback
     out = tmp_path / "report.json"
     assert mod.main(["--out", str(tmp_path / "m"), "--episodes", "2", "--steps", "2", "--seed", "3", "--threads", "1",
                      "--sampler-steps", "1", "--seeds", "7", "--json", str(out)]) == 0
