@@ -4,9 +4,9 @@
 #   scripts/gpu_train.sh [OUT_DIR] [MINUTES]     (defaults: $OUT/mini or out/mini, 5 minutes)
 #
 # Why a GPU: the 2 CPU cores of a dev machine give the recipe ~3,000 steps of batch 8 in its 55-minute
-# budget (docs/MINIATURE.md), about 100 clips per training episode; the same recipe free-runs episodes it
-# has seen ~10,000 times (scripts/memorise_check.py). One GPU gives it far more samples in the same wall
-# clock. Batches and every random draw stay on the CPU (seeded), so the data a run sees is the CPU
+# budget (docs/MINIATURE.md), about 100 clips per training episode, and it draws none of them; the same
+# recipe draws episodes it has seen ~10,000 times in 37-90 % of frames (scripts/memorise_check.py). One
+# GPU gives it far more samples in the same wall clock. Batches and every random draw stay on the CPU (seeded), so the data a run sees is the CPU
 # run's; only the arithmetic moves (--device cuda, TF32).
 #
 # Steps: (1) a 5-step smoke run, so a device bug costs seconds, not the budget; (2) the run itself,
