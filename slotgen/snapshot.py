@@ -125,10 +125,6 @@ class Snapshot:
     def seconds_emitted(self) -> float:
         return self.frames_emitted / self.options["fps"]
 
-    def build_policy(self):
-        """The memory policy object with the snapshot's state, without loading the model."""
-        return build_snapshot_policy(self)
-
     def summary(self) -> dict:
         """JSON-serialisable facts about the snapshot (what ``slotgen inspect`` prints)."""
         return {
@@ -157,8 +153,8 @@ class Snapshot:
         }
 
 
-def build_snapshot_policy(snapshot: Snapshot):
-    """``build_policy(config, num_layers)`` loaded with the snapshot's memory state (on the CPU).
+def snapshot_policy(snapshot: Snapshot):
+    """The snapshot's memory policy with its state loaded (on the CPU).
 
     Needs no model: ``slotgen inspect`` uses it to call ``policy.stats()``.
     """
@@ -166,16 +162,13 @@ def build_snapshot_policy(snapshot: Snapshot):
 
     policy = build_policy(snapshot.memory, snapshot.num_layers)
     try:
-        policy.load_state_dict(snapshot.memory_state)
+        policy.load_state_dict(snapshot.memory_state, device="cpu")
     except SlotgenError:
         raise
     except Exception as e:  # noqa: BLE001 - a policy's own validation: ValueError, KeyError, ...
         raise SnapshotError(f"{_where(snapshot.path)}the memory state does not fit policy {snapshot.policy!r}: "
                             f"{_one_line(e)}") from None
     return policy
-
-
-policy_from_snapshot = build_snapshot_policy  # the name `slotgen inspect` uses
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -471,8 +464,10 @@ def check_model(snapshot: Snapshot, bundle) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Continuing a timeline
 
-RESUME_FIXED_KEYS = ("seed", "fps", "resolution", "model", "sampler", "memory")
-"""Storyboard keys a continuation inherits from the snapshot (a more.yaml may repeat, never change them)."""
+RESUME_FIXED_KEYS = {"seed": "the seed", "fps": "the frame rate", "resolution": "the resolution", "model": "the model",
+                     "sampler": "the sampler", "memory": "the memory configuration"}
+"""Storyboard keys a continuation inherits from the snapshot (a more.yaml may repeat, never change them),
+with how messages name them."""
 
 
 def extend_storyboard(base, more=None, *, prompt: str | None = None, duration: float | None = None):
@@ -532,13 +527,13 @@ def snapshot_sizes(durations=(60.0, 600.0), policies=None, *, model: str = "mini
     The storyboard switches prompt halfway; each policy runs with its default configuration.
     ``resolution`` (``"WxH"``) and ``steps`` default to the model's.
     """
-    from slotgen.memory.config import MEMORY_POLICIES
+    from slotgen.memory.registry import policy_names
     from slotgen.models import load_model
     from slotgen.render import Renderer
     from slotgen.storyboard import parse_storyboard
 
     out = out if out is not None else sys.stdout
-    policies = list(policies or MEMORY_POLICIES)
+    policies = list(policies or policy_names())
     bundle = bundle if bundle is not None else load_model(model, device=device)
     extra = (f"resolution: {resolution}\n" if resolution else "") + (f"sampler: {{steps: {steps}}}\n" if steps else "")
     rows = []
@@ -598,6 +593,6 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
 
-__all__ = ["FORMAT", "VERSION", "Snapshot", "build_snapshot_policy", "check_model", "decode_snapshot", "policy_from_snapshot",
+__all__ = ["FORMAT", "VERSION", "Snapshot", "check_model", "decode_snapshot",
            "default_snapshot_path", "encode_snapshot", "extend_storyboard", "load_snapshot", "save_snapshot",
-           "snapshot_payload", "snapshot_sizes"]
+           "snapshot_payload", "snapshot_policy", "snapshot_sizes"]

@@ -9,7 +9,7 @@ Format (every key except ``prompts`` is optional)::
     seed: 0
     model: miniature        # a model name or a local checkpoint path
     sampler: {steps: 4, shift: 5.0}    # either key may be omitted = the model's default
-    memory: {policy: sink, sink: 3, window: 9}   # see slotgen.memory.config
+    memory: {policy: sink, sink: 3, window: 9}   # see slotgen.memory
     prompts:
       - prompt: a red circle moves left on a blue background      # starts at 0
       - at: 3s
@@ -57,18 +57,20 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializeAsAny,
     ValidationError,
     model_validator,
 )
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from slotgen.errors import StoryboardError
-from slotgen.memory.config import (
-    DEFAULT_MEMORY,
-    MEMORY_CONFIG_TYPES,
-    MEMORY_POLICIES,
-    MemoryConfig,
+from slotgen.memory.base import PolicyConfig
+from slotgen.memory.registry import (
+    UnknownPolicyError,
+    config_classes,
+    default_memory,
     parse_memory_config,
+    policy_names,
 )
 from slotgen.timeparse import format_time, parse_time
 
@@ -197,6 +199,10 @@ _Steps = Annotated[int, BeforeValidator(_no_bool("an integer")), Field(ge=1, le=
 _Shift = Annotated[float, BeforeValidator(_no_bool("a number")), Field(gt=0)]
 
 
+_Memory = Annotated[SerializeAsAny[PolicyConfig], BeforeValidator(parse_memory_config)]
+"""A memory section, validated by its policy's own config class (see :mod:`slotgen.memory.registry`)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Public models
 
@@ -251,7 +257,7 @@ class Storyboard(BaseModel):
     seed: _Seed = 0
     model: _Text = "miniature"
     sampler: Optional[SamplerConfig] = None
-    memory: MemoryConfig = DEFAULT_MEMORY
+    memory: _Memory = Field(default_factory=default_memory)
     prompts: list[PromptSpan] = Field(min_length=1)
 
     _lines: dict[FieldPath, int] = PrivateAttr(default_factory=dict)
@@ -462,7 +468,7 @@ def _expected_keys(parent: FieldPath, data: Any) -> list[str]:
         return list(SamplerConfig.model_fields)
     if parent == ("memory",) and isinstance(data, dict) and isinstance(data.get("memory"), dict):
         policy = data["memory"].get("policy")
-        config_type = MEMORY_CONFIG_TYPES.get(policy) if isinstance(policy, str) else None
+        config_type = config_classes().get(policy) if isinstance(policy, str) else None
         if config_type is not None:
             return list(config_type.model_fields)
     return []
@@ -539,12 +545,11 @@ def _problems_from(
     exc: ValidationError,
     prefix: FieldPath,
     data: Any,
-    strip_tag: Callable[[tuple[Any, ...]], tuple[Any, ...]] = lambda loc: loc,
 ) -> list[_Problem]:
     """Translate a pydantic ValidationError (raised for the value at ``prefix``) into problems."""
     problems = []
     for error in exc.errors(include_url=False):
-        loc = prefix + strip_tag(tuple(error["loc"]))
+        loc = prefix + tuple(error["loc"])
         kind = error["type"]
         if kind == "missing" and loc:
             problems.append(_Problem(loc[:-1], loc[:-1], f"missing required key '{loc[-1]}'", rank=1))
@@ -557,41 +562,35 @@ def _problems_from(
     return problems
 
 
-def _memory_problems(value: Any) -> tuple[MemoryConfig, list[_Problem]]:
-    """Validate the ``memory`` block, wording the policy (union tag) errors for users."""
+def _memory_problems(value: Any) -> tuple[PolicyConfig, list[_Problem]]:
+    """Validate the ``memory`` block with its policy's config, wording unknown-policy errors for users."""
     if value is None:
-        return DEFAULT_MEMORY, []
+        return default_memory(), []
     try:
         return parse_memory_config(value), []
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        policies = ", ".join(MEMORY_POLICIES)
-        kinds = {error["type"] for error in errors}
-        if "union_tag_not_found" in kinds:
-            known = list(dict.fromkeys(k for cls in MEMORY_CONFIG_TYPES.values() for k in cls.model_fields))
-            unknown = [key for key in value if key not in known] if isinstance(value, dict) else []
+    except UnknownPolicyError as exc:
+        names = policy_names()
+        policies = ", ".join(names)
+        if exc.policy is None:
+            known = list(dict.fromkeys(k for cls in config_classes().values() for k in cls.model_fields))
+            unknown = [key for key in value if key not in known]
             if unknown:  # most likely a misspelt 'policy'
                 message = _unknown_key_message(str(unknown[0]), known)
-                return DEFAULT_MEMORY, [_Problem(("memory", unknown[0]), ("memory",), message)]
+                return default_memory(), [_Problem(("memory", unknown[0]), ("memory",), message)]
             problem = _Problem(
                 ("memory",),
                 ("memory",),
                 f"missing required key 'policy'; expected one of: {policies}",
                 rank=1,
             )
-            return DEFAULT_MEMORY, [problem]
-        if "union_tag_invalid" in kinds:
-            policy = value.get("policy") if isinstance(value, dict) else None
-            message = f"unknown memory policy {_describe(policy)}; expected one of: {policies}"
-            close = difflib.get_close_matches(str(policy), MEMORY_POLICIES, 1)
-            if close:
-                message += f" (did you mean '{close[0]}'?)"
-            return DEFAULT_MEMORY, [_Problem(("memory", "policy"), ("memory", "policy"), message)]
-
-        def strip_tag(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-            return loc[1:] if loc and loc[0] in MEMORY_POLICIES else loc
-
-        return DEFAULT_MEMORY, _problems_from(exc, ("memory",), {"memory": value}, strip_tag)
+            return default_memory(), [problem]
+        message = f"unknown memory policy {_describe(exc.policy)}; expected one of: {policies}"
+        close = difflib.get_close_matches(str(exc.policy), names, 1)
+        if close:
+            message += f" (did you mean '{close[0]}'?)"
+        return default_memory(), [_Problem(("memory", "policy"), ("memory", "policy"), message)]
+    except ValidationError as exc:
+        return default_memory(), _problems_from(exc, ("memory",), {"memory": value})
 
 
 # --------------------------------------------------------------------------------------------------

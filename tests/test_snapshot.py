@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 from slotgen.cli import app
 from slotgen.engine.generator import ChunkGeometry
 from slotgen.errors import SnapshotError, StoryboardError
-from slotgen.memory.config import MEMORY_POLICIES
+from slotgen.memory.registry import policy_names
 from slotgen.render import Renderer, render, resume
 from slotgen.snapshot import (
     FORMAT,
     VERSION,
-    build_snapshot_policy,
+    snapshot_policy,
     encode_snapshot,
     extend_storyboard,
     load_snapshot,
@@ -80,7 +80,7 @@ def miniature():
 # -- exactness --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", MEMORY_POLICIES)
+@pytest.mark.parametrize("policy", policy_names())
 def test_resume_is_bit_exact(policy, miniature, tmp_path):
     """One story (red for 1.25 s, then green until 3.5 s) rendered in one go and in pieces.
 
@@ -102,7 +102,7 @@ def test_resume_is_bit_exact(policy, miniature, tmp_path):
     assert (snap.frames_emitted, len(snap.pending), snap.chunk, snap.prompt) == (20, 1, geo.num_chunks(20), RED)
     assert snap.policy == policy and snap.seed == 5 and not snap.interrupted and snap.complete
     # the policy can be rebuilt without the model (what `slotgen inspect` does)
-    assert build_snapshot_policy(snap).stats() == rep_a.memory_stats
+    assert snapshot_policy(snap).stats() == rep_a.memory_stats
     rep_b = resume(snap, tmp_path / "b.mkv", storyboard=more(2.25, (0, GREEN)), bundle=miniature,
                    snapshot_out=tmp_path / "b.pt")
     assert rep_b.first_frame == 20 and rep_b.frames == 36 and rep_b.prompt_chunks[0] == 1
@@ -347,7 +347,7 @@ def test_append_checks_the_original_frame_count(good_snapshot, tmp_path):
 # -- size ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", MEMORY_POLICIES)
+@pytest.mark.parametrize("policy", policy_names())
 def test_snapshot_size_does_not_grow_with_length(policy, miniature):
     """5 s and 20 s of video (both leave 1 pending frame) give the same snapshot size, up to noise.
 

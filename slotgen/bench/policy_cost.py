@@ -24,7 +24,7 @@ import torch
 
 from slotgen.memory import KVBlock, build_policy
 from slotgen.memory.base import ChunkContext
-from slotgen.memory.config import parse_memory_config
+from slotgen.memory.registry import parse_memory_config
 
 FULL = dict(layers=30, heads=12, head_dim=128, text_tokens=64)
 
