@@ -303,8 +303,7 @@ def resume(
     Seed, memory configuration, frame rate, resolution and sampler come from the snapshot. Without
     new prompts, an interrupted render's snapshot finishes its own storyboard.
     """
-    from slotgen.render import Renderer, append_source, continuation, continue_to_files
-    from slotgen.snapshot import RESUME_FIXED_KEYS, load_snapshot
+    from slotgen.resume import RESUME_FIXED_KEYS, prepare_resume
     from slotgen.timeparse import parse_time
 
     flags = {o.key: o.flag for o in memory_options()}
@@ -330,21 +329,14 @@ def resume(
         more = load_storyboard(storyboard)
     _check_outputs(output, lossless, stats, new_snapshot)
 
-    snap = load_snapshot(snapshot)
-    combined = continuation(snap, storyboard=more, prompt=prompt, duration=dur)
-    original = append_source(snap, append, append_to, output)
     with _interruptible():
-        bundle = None
-        if checkpoint is not None:
-            from slotgen.models import load_model
-
-            bundle = load_model(model or snap.model["spec"], device=device, checkpoint=checkpoint)
-        renderer = Renderer.from_snapshot(snap, combined, bundle=bundle, device=device, model=model)
+        job = prepare_resume(snapshot, output, storyboard=more, prompt=prompt, duration=dur, append=append,
+                             append_to=append_to, device=device, model=model, checkpoint=checkpoint)
+        renderer, original = job.renderer, job.original
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
-        report = _run_streaming(quiet, renderer, lambda on_chunk, stop: continue_to_files(
-            renderer, output, lossless=lossless, original=original, on_chunk=on_chunk, should_stop=stop,
-            stats=stats, snapshot_out=new_snapshot))
+        report = _run_streaming(quiet, renderer, lambda on_chunk, stop: job.stream(
+            lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot_out=new_snapshot))
     cmd = None
     if report.interrupted:
         rest = output if original is not None else output.with_name(output.stem + ".rest" + output.suffix)
@@ -411,18 +403,76 @@ def bench_speed(
     Console(width=200).print(table)
 
 
+@bench_app.command("policy-cost")
+@user_errors
+def bench_policy_cost(
+    resolution: str = typer.Option("832x480", "--resolution", help="WxH of the simulated Wan chunk."),
+    chunks: int = typer.Option(12, "--chunks", help="Chunks fed to every policy."),
+    policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated memory policies (default: every registered one)."),
+    layers: int = typer.Option(4, "--layers", help="Layers simulated (memory: ~0.23 GB per layer and policy)."),
+    miniature_slot_defaults: bool = typer.Option(False, "--miniature-slot-defaults", help="slot with its miniature defaults instead of docs/MEMORY.md's full-size values."),
+) -> None:
+    """A policy's own bookkeeping per chunk at full Wan2.1-1.3B shapes, without the model (one JSON line per policy)."""
+    import json as _json
+
+    from slotgen.bench.policy_cost import run
+    from slotgen.memory.registry import policy_names
+
+    names = policy_list(policies) if policies is not None else list(policy_names())
+    try:
+        w, h = (int(x) for x in resolution.lower().split("x"))
+    except ValueError:
+        raise SlotgenError(f"--resolution: expected WxH like 832x480, got {resolution!r}") from None
+    if chunks < 1 or layers < 1:
+        raise SlotgenError("--chunks and --layers must be at least 1")
+    for row in run((w, h), chunks, names, not miniature_slot_defaults, layers=layers):
+        print(_json.dumps(row))
+
+
+@bench_app.command("snapshot-sizes")
+@user_errors
+def bench_snapshot_sizes(
+    durations: str = typer.Option("60,600", "--durations", help="Video seconds, comma-separated."),
+    policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated memory policies (default: every registered one)."),
+    model: str = typer.Option("miniature", "--model"),
+    device: str = typer.Option("cpu", "--device"),
+    resolution: Optional[str] = typer.Option(None, "--resolution", help="WxH (default: the model's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the model's)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
+) -> None:
+    """Snapshot size per policy after long renders (no video written): bounded memory, bounded snapshots."""
+    import json as _json
+
+    from slotgen.bench.snapshot_size import snapshot_sizes
+
+    try:
+        seconds = [float(d) for d in durations.split(",") if d.strip()]
+    except ValueError:
+        raise SlotgenError(f"--durations: expected seconds like 60,600, got {durations!r}") from None
+    names = policy_list(policies) if policies is not None else None
+    rows = snapshot_sizes(seconds, names, model=model, device=device, resolution=resolution, steps=steps)
+    if json_out is not None:
+        json_out.write_text(_json.dumps(rows, indent=2) + "\n")
+
+
 @app.command()
 @user_errors
 def inspect(
     source: Path = typer.Argument(..., help="A snapshot (.pt) or a --stats JSON written by `slotgen render`."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw the last chunk's token→slot map and retrieved items (slot policy)."),
+    summary: bool = typer.Option(False, "--summary", help="For a snapshot: print its facts (model, position, prompts, video) as JSON instead."),
 ) -> None:
     """Dump memory statistics: per layer slots, items, tokens held, budget use, age, hits, relevance."""
     import json as _json
 
     from slotgen.inspect import build_report, load_stats, report_table, write_png
 
+    if summary:
+        from slotgen.snapshot import load_snapshot
+
+        print(_json.dumps(load_snapshot(source).summary(), indent=2))
+        return
     stats, _ = load_stats(source)
     report = build_report(stats, str(source))
     if png is not None:

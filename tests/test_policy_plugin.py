@@ -53,7 +53,8 @@ def miniature():
 
 def test_plugin_policy_renders_snapshots_resumes_and_inspects(stride, miniature, tmp_path):
     from slotgen.inspect import build_report, load_stats, report_schema, report_table
-    from slotgen.render import render, resume
+    from slotgen.render import render
+    from slotgen.resume import resume
     from slotgen.snapshot import load_snapshot, snapshot_policy
     from slotgen.storyboard import parse_storyboard
     from slotgen.video.writer import read_video

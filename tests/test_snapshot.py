@@ -18,16 +18,10 @@ from slotgen.cli import app
 from slotgen.engine.generator import ChunkGeometry
 from slotgen.errors import SnapshotError, StoryboardError
 from slotgen.memory.registry import policy_names
-from slotgen.render import Renderer, render, resume
-from slotgen.snapshot import (
-    FORMAT,
-    VERSION,
-    snapshot_policy,
-    encode_snapshot,
-    extend_storyboard,
-    load_snapshot,
-    snapshot_sizes,
-)
+from slotgen.bench.snapshot_size import snapshot_sizes
+from slotgen.render import render
+from slotgen.resume import extend_storyboard, resume
+from slotgen.snapshot import FORMAT, VERSION, encode_snapshot, load_snapshot, snapshot_policy
 from slotgen.storyboard import parse_storyboard
 from slotgen.video.writer import probe_video, read_video
 
@@ -259,18 +253,16 @@ def test_bad_snapshots_are_refused_with_one_line(good_snapshot, tmp_path):
     assert_one_line_error(_resume_cli(tmp_path / "missing.pt", tmp_path), "file not found")
 
 
-def test_summary_module_entry_point(good_snapshot, tmp_path, capsys):
+def test_inspect_summary(good_snapshot, tmp_path):
     import json
 
-    from slotgen.snapshot import main
-
-    assert main([str(good_snapshot)]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    res = runner.invoke(app, ["inspect", str(good_snapshot), "--summary"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
     assert summary["format"] == FORMAT and summary["frames_emitted"] == 8 and summary["pending_frames"] == 1
     assert summary["policy"] == "sink" and summary["model"]["name"] == "miniature" and len(summary["model"]["digest"]) == 64
     (tmp_path / "bad.pt").write_bytes(b"nope")
-    assert main([str(tmp_path / "bad.pt")]) == 2
-    assert capsys.readouterr().err.startswith("error: snapshot ")
+    assert_one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "bad.pt"), "--summary"]), "error: snapshot ")
 
 
 def test_malicious_pickles_never_run(good_snapshot, tmp_path):

@@ -2,8 +2,8 @@
 
 Everything is built from ``assets/miniature/config.json`` and loaded from ``weights.safetensors`` in
 the package, so rendering works offline on any laptop. ``slotgen train-miniature`` writes a folder in
-the same format (docs/MINIATURE.md is the model card); ``python -m slotgen.models.miniature --out DIR``
-writes the untrained configuration (random transformer, exact VAE) for tests.
+the same format (docs/MINIATURE.md is the model card); :func:`write_miniature` with a seed writes the
+untrained configuration (random transformer, exact VAE), which tests use.
 
 Sizes (64×64 video, 16 fps):
 
@@ -26,7 +26,6 @@ Sizes (64×64 video, 16 fps):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from importlib import resources
@@ -266,15 +265,3 @@ def write_miniature(out_dir: str | Path, seed: int = 0, modules=None, name: str 
         tokenizer.backend_tokenizer.save(str(tmp))
     atomic_write_bytes(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Write an untrained miniature folder (random transformer, exact VAE).")
-    parser.add_argument("--out", default=str(Path(__file__).parent / ASSET_DIR))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(write_miniature(args.out, seed=args.seed))
-
-
-if __name__ == "__main__":
-    main()
