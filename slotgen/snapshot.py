@@ -47,6 +47,7 @@ import torch
 
 from slotgen.atomic import atomic_write_bytes
 from slotgen.errors import SlotgenError, SnapshotError
+from slotgen.models.bundle import RETIRED_SETTINGS
 
 FORMAT = "slotgen-snapshot"
 VERSION = 1
@@ -391,7 +392,8 @@ def check_model(snapshot: Snapshot, bundle) -> None:
             f"{_where(snapshot.path)}was made with model {snapshot.model['name']!r} (digest {want[:12]}), "
             f"but the loaded model {bundle.name!r} has digest {bundle.digest[:12]}; pass --model with the original model"
         )
-    if bundle.settings.to_dict() != snapshot.model["settings"]:
+    recorded = {k: v for k, v in snapshot.model["settings"].items() if k not in RETIRED_SETTINGS}
+    if bundle.settings.to_dict() != recorded:
         raise SnapshotError(f"{_where(snapshot.path)}was made with other settings for model {bundle.name!r} "
                             f"(chunking, VAE strides or text length changed)")
     if len(bundle.transformer.blocks) != snapshot.num_layers:

@@ -196,6 +196,22 @@ def _payload(path) -> dict:
     return torch.load(io.BytesIO(outer["payload"].numpy().tobytes()), weights_only=True)
 
 
+def test_snapshots_with_retired_model_settings_still_resume(good_snapshot, miniature, tmp_path):
+    """Snapshots written while ModelSettings still carried `window`/`sink` (never read) keep resuming."""
+    payload = _payload(good_snapshot)
+    payload["model"]["settings"] = {**payload["model"]["settings"], "window": 12, "sink": 3}
+    old = tmp_path / "old.pt"
+    old.write_bytes(encode_snapshot(payload))
+    rep = resume(old, tmp_path / "b.mkv", prompt=GREEN, duration=0.5, bundle=miniature)
+    ref = resume(good_snapshot, tmp_path / "c.mkv", prompt=GREEN, duration=0.5, bundle=miniature)
+    assert rep.frames == ref.frames > 0
+    assert np.array_equal(read_video(tmp_path / "b.mkv"), read_video(tmp_path / "c.mkv"))
+    payload["model"]["settings"]["chunk_frames"] += 1  # a setting that matters is still checked
+    (tmp_path / "other.pt").write_bytes(encode_snapshot(payload))
+    with pytest.raises(SnapshotError):
+        resume(tmp_path / "other.pt", tmp_path / "d.mkv", prompt=GREEN, duration=0.5, bundle=miniature)
+
+
 def _resume_cli(snap, tmp_path, *extra):
     return runner.invoke(app, ["resume", str(snap), "-p", GREEN, "-d", "0.5", "-o", str(tmp_path / "o.mp4"),
                                "--quiet", *extra])
