@@ -27,20 +27,18 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from slotgen.memory.base import ChunkContext, Count, KVBlock, LatentFrames, PolicyConfig
+from slotgen.memory.base import ChunkContext, Count, KVBlock, LatentFrames
 from slotgen.memory.registry import register_policy
-from slotgen.memory.window import WindowMemory
+from slotgen.memory.window import SinkWindowConfig, WindowMemory
 
 
-class BankConfig(PolicyConfig):
+class BankConfig(SinkWindowConfig):
     """MemFlow narrative memory: sink + rolling window + a bank of whole latent frames kept by text relevance.
 
     On overflow the bank keeps the frames whose keys best match the current prompt's text keys.
     """
 
     policy: Literal["bank"] = "bank"
-    sink: LatentFrames = Field(default=3, ge=0, description="First latent frames kept forever.")
-    window: LatentFrames = Field(default=9, ge=1, description="Local window in latent frames.")
     bank_frames: LatentFrames = Field(default=3, ge=1, description="Latent frames held in the bank per "
                                       "layer (MemFlow: 3).")
     write_every: Count = Field(default=1, ge=1, description="A chunk's first non-sink frame joins the bank "

@@ -47,13 +47,13 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from slotgen.memory.bank import held_frames, text_relevance
-from slotgen.memory.base import ChunkContext, Count, KVBlock, LatentFrames, PolicyConfig, Real
+from slotgen.memory.base import ChunkContext, Count, KVBlock, Real
 from slotgen.memory.registry import register_policy
 from slotgen.memory.slot_attention import Phi, default_phi, farthest_point_init, slot_attention
-from slotgen.memory.window import WindowMemory
+from slotgen.memory.window import SinkWindowConfig, WindowMemory
 
 
-class SlotConfig(PolicyConfig):
+class SlotConfig(SinkWindowConfig):
     """SlotMemory: sink + rolling window + a token-budgeted bank of object-level K/V items per layer.
 
     Each chunk's keys are grouped into slots (slot attention, initialised from the previous chunk's
@@ -65,8 +65,6 @@ class SlotConfig(PolicyConfig):
     cli_names = {"num_slots": "slots"}
 
     policy: Literal["slot"] = "slot"
-    sink: LatentFrames = Field(default=3, ge=0, description="First latent frames kept forever.")
-    window: LatentFrames = Field(default=9, ge=1, description="Local window in latent frames.")
     num_slots: Count = Field(default=8, ge=1, description="Slots per chunk and layer.")
     iters: Count = Field(default=3, ge=1, description="Slot-attention (soft k-means) iterations per chunk.")
     temperature: Real = Field(default=0.1, gt=0, description="Softmax temperature over slots (features are "

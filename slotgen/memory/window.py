@@ -26,15 +26,20 @@ class WindowConfig(PolicyConfig):
     window: LatentFrames = Field(default=12, ge=1, description="Local window in latent frames.")
 
 
-class SinkConfig(PolicyConfig):
+class SinkWindowConfig(PolicyConfig):
+    """The keys of every policy built on LongLive's sink + window (``sink``, ``bank``, ``slot``)."""
+
+    sink: LatentFrames = Field(default=3, ge=0, description="First latent frames kept forever.")
+    window: LatentFrames = Field(default=9, ge=1, description="Local window in latent frames.")
+
+
+class SinkConfig(SinkWindowConfig):
     """LongLive attention sink: the first latent frames are kept forever, plus a rolling window.
 
     ``sink`` 0 makes this a plain rolling window; the window never includes the sink frames.
     """
 
     policy: Literal["sink"] = "sink"
-    sink: LatentFrames = Field(default=3, ge=0, description="First latent frames kept forever.")
-    window: LatentFrames = Field(default=9, ge=1, description="Local window in latent frames.")
 
 
 @register_policy
