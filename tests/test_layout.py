@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "slotgen"
 
@@ -124,6 +126,7 @@ def test_no_command_line_inside_package_modules():
     assert not offenders, offenders
 
 
+@pytest.mark.slow
 def test_running_the_miniature_module_leaves_the_shipped_weights_alone():
     assets = sorted((PACKAGE / "models" / "assets").rglob("*"))
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in assets if p.is_file()}

@@ -85,6 +85,7 @@ def test_plugin_policy_renders_snapshots_resumes_and_inspects(stride, miniature,
     assert [c.header for c in report_table(report).columns] == ["layer", "tokens", "kept frames"]
 
 
+@pytest.mark.slow
 def test_plugin_policy_through_the_cli(tmp_path):
     story = tmp_path / "s.yaml"
     story.write_text(STORY.format(duration=1.5, red=RED, green=GREEN).replace("stride: 2", "stride: 1"))

@@ -74,6 +74,7 @@ def miniature():
 # -- exactness --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", policy_names())
 def test_resume_is_bit_exact(policy, miniature, tmp_path):
     """One story (red for 1.25 s, then green until 3.5 s) rendered in one go and in pieces.
@@ -196,6 +197,7 @@ def _payload(path) -> dict:
     return torch.load(io.BytesIO(outer["payload"].numpy().tobytes()), weights_only=True)
 
 
+@pytest.mark.slow
 def test_snapshots_with_retired_model_settings_still_resume(good_snapshot, miniature, tmp_path):
     """Snapshots written while ModelSettings still carried `window`/`sink` (never read) keep resuming."""
     payload = _payload(good_snapshot)
@@ -355,6 +357,7 @@ def test_append_checks_the_original_frame_count(good_snapshot, tmp_path):
 # -- size ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", policy_names())
 def test_snapshot_size_does_not_grow_with_length(policy, miniature):
     """5 s and 20 s of video (both leave 1 pending frame) give the same snapshot size, up to noise.

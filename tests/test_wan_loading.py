@@ -542,6 +542,7 @@ def test_malicious_pickle_is_refused_without_running(tiny_folder, tmp_path, styl
 
 
 # --- the random full-size build --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_random_wan_has_the_real_1_3b_architecture():
     bundle = load_model("wan-1.3b-random")
     tr = bundle.transformer
