@@ -99,7 +99,7 @@ class Snapshot:
 
     @property
     def memory(self):
-        """The memory configuration (a validated ``MemoryConfig``)."""
+        """The memory configuration (its policy's validated config, a ``PolicyConfig``)."""
         return self.storyboard.memory
 
     @property

@@ -11,9 +11,8 @@ Sizes (64×64 video, 16 fps):
   block into 48 channels and back), one level, no temporal down-sampling, base_dim 52, z_dim 48, whose
   weights are not learned but *constructed* (:func:`make_exact_vae`): it maps the 48 channels to the
   48 latent channels and back, exact to ~1e-5 (every uint8 pixel of a world video survives encode →
-  decode; tested). Four training sessions of learned 4×/8× VAEs at this
-  size misdrew the world's entities (docs/MINIATURE.md), and a code that loses nothing takes the VAE
-  out of the identity question the benchmark asks. One latent frame is one video frame.
+  decode; tested). Learned 4×/8× VAEs at this size misdrew the world's entities (docs/MINIATURE.md);
+  a code that loses nothing takes the VAE out of the identity question the benchmark asks. One latent frame is one video frame.
 * **Transformer** — ``WanTransformer3DModel`` with patch (1, 4, 4) on the 16×16 latents: 4×4 = 16 tokens
   per frame, each a 16×16-pixel patch (as with Wan2.1's 8× VAE and patch 2), 768 values per token. It predicts the
   clean sample (``prediction = "sample"``, x0): a narrow transformer cannot carry 768 values of noise

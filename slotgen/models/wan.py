@@ -9,8 +9,8 @@ Everything runs on diffusers' and transformers' stock classes (``WanTransformer3
     word-level tokenizer. Speed does not depend on weight values, so this is what ``slotgen bench speed``
     runs where real weights are absent. The transformer is built on the meta device and materialised
     directly on ``device`` in its final dtypes, then filled by :func:`fast_init_` (PyTorch's default
-    ``nn.Linear``/``nn.Conv`` distributions from one seeded generator on the device): ~12 s on a 2-core
-    CPU in fp32 (5.7 GB, mostly first-touch page faults), well under a second on a GPU.
+    ``nn.Linear``/``nn.Conv`` distributions from one seeded generator on the device); in fp32 it takes
+    5.7 GB, and on a CPU most of the build's time is first-touch page faults.
 
 ``load_wan(path, device, dtype=None, checkpoint=None, lora=None, ...)``
     A diffusers-format Wan2.1 folder (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` as downloaded) with the
@@ -149,9 +149,8 @@ def fast_init_(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.M
     ``nn.Linear``/``nn.Conv*``: weight and bias ~ U(±1/sqrt(fan_in)) (what ``kaiming_uniform_(a=√5)``
     gives); normalisation layers: weight 1, bias 0; any other parameter (``scale_shift_table``,
     embeddings): N(0, 1)/sqrt(last dim), as diffusers initialises ``scale_shift_table``.
-    One ``uniform_`` pass per tensor instead of the modules' own ``reset_parameters`` (which computes
-    the same bounds through several kernels): ~12 s instead of ~18 s for 1.4 B fp32 parameters on a
-    2-core CPU (most of it is first-touch page faults), a fraction of a second on a GPU.
+    One ``uniform_`` pass per tensor instead of the modules' own ``reset_parameters``, which computes
+    the same bounds through several kernels.
     """
     done: set[int] = set()
     with torch.no_grad():
