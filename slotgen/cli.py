@@ -38,6 +38,9 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            from slotgen.memory.registry import policy_names
+
+            policy_names()  # a plug-in module that fails to import is reported here, as one line
             return fn(*args, **kwargs)
         except SlotgenError as e:
             err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True) if err_console.is_terminal \
@@ -60,11 +63,18 @@ class MemoryOption:
 
 
 def memory_options() -> list[MemoryOption]:
-    """The memory flags, derived from the registered policies' configs (first declaration wins the help)."""
-    from slotgen.memory.registry import config_classes
+    """The memory flags, derived from the registered policies' configs (first declaration wins the help).
 
+    When a plug-in module fails to import, the flags of the policies registered so far are offered;
+    the command itself then reports the failure (see :func:`user_errors`)."""
+    from slotgen.memory.registry import config_classes, registered_configs
+
+    try:
+        configs = config_classes()
+    except SlotgenError:
+        configs = registered_configs()
     found: dict[str, dict] = {}
-    for name, cfg in config_classes().items():
+    for name, cfg in configs.items():
         for key, field in cfg.model_fields.items():
             if key == "policy":
                 continue
@@ -74,7 +84,7 @@ def memory_options() -> list[MemoryOption]:
     out = []
     for key, e in found.items():
         kind = e["type"] if e["type"] in (int, float, bool) else str
-        scope = "" if len(e["policies"]) == len(config_classes()) else f" ({', '.join(e['policies'])})"
+        scope = "" if len(e["policies"]) == len(configs) else f" ({', '.join(e['policies'])})"
         out.append(MemoryOption(key, e["flag"], kind, e["help"].rstrip(".") + "." + scope, tuple(e["policies"])))
     return out
 

@@ -37,7 +37,10 @@ prompts:
 def stride():
     import importlib
 
-    module = importlib.import_module("tests.toy_policy")
+    from slotgen.memory.registry import register_policy
+
+    module = importlib.import_module("tests.toy_policy")  # registers it on first import
+    register_policy(module.StrideMemory)  # again after an earlier test's unregister (same class: allowed)
     assert "stride" in policy_names()
     yield module
     unregister_policy("stride")
@@ -49,6 +52,32 @@ def miniature():
     from slotgen.models import load_model
 
     return load_model("miniature")
+
+
+def test_registration_checks_the_contract(stride):
+    from typing import Literal
+
+    from slotgen.memory.base import PolicyConfig
+    from slotgen.memory.registry import register_policy
+
+    class OtherConfig(PolicyConfig):
+        policy: Literal["other"] = "other"
+
+    class NoConfig(stride.StrideMemory):
+        name = "noconfig"
+
+    class WrongTag(stride.StrideMemory):
+        name = "wrongtag"
+        config_class = OtherConfig
+
+    class Taken(stride.StrideMemory):
+        name = "stride"
+        config_class = stride.StrideConfig
+
+    for cls, needle in ((NoConfig, "config_class"), (WrongTag, "Literal"), (Taken, "already registered")):
+        with pytest.raises(TypeError, match=needle):
+            register_policy(cls)
+    assert policy_names()[-1] == "stride" and "noconfig" not in policy_names()
 
 
 def test_plugin_policy_renders_snapshots_resumes_and_inspects(stride, miniature, tmp_path):
@@ -111,6 +140,11 @@ def test_plugin_policy_through_the_cli(tmp_path):
     assert report["policy"] == "stride" and report["layers"][0]["kept_frames"]
     proc = slotgen("inspect", str(tmp_path / "a.pt"))
     assert proc.returncode == 0 and "kept frames" in proc.stdout, proc.stderr
+
+    broken = {**env, "SLOTGEN_POLICY_MODULES": "tests.no_such_policy"}
+    proc = slotgen("render", str(story), "-o", str(tmp_path / "x.mp4"), env=broken)
+    assert proc.returncode == 2 and "cannot import 'tests.no_such_policy'" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.mp4").exists()
 
     bare = {k: v for k, v in env.items() if k != "SLOTGEN_POLICY_MODULES"}
     proc = slotgen("inspect", str(tmp_path / "a.pt"), env=bare)  # the snapshot names the policy, never code

@@ -111,8 +111,13 @@ def policy_class(name: str) -> type[MemoryPolicy]:
 
 
 def config_classes() -> dict[str, type[PolicyConfig]]:
-    """Config class of every registered policy, by name."""
+    """Config class of every registered policy, by name (plug-ins discovered first)."""
     return {name: _POLICIES[name].config_class for name in policy_names()}
+
+
+def registered_configs() -> dict[str, type[PolicyConfig]]:
+    """Config class of every policy registered so far, without importing plug-ins."""
+    return {name: cls.config_class for name, cls in _POLICIES.items()}
 
 
 def default_memory() -> PolicyConfig:
@@ -152,5 +157,5 @@ def build_policy(config: PolicyConfig | Mapping[str, Any], num_layers: int, phi=
 
 
 __all__ = ["DEFAULT_POLICY", "ENTRY_POINT_GROUP", "POLICY_MODULES_ENV", "UnknownPolicyError", "build_policy",
-           "config_classes", "default_memory", "parse_memory_config", "policy_class", "policy_names",
+           "config_classes", "default_memory", "registered_configs", "parse_memory_config", "policy_class", "policy_names",
            "register_policy", "unregister_policy"]
