@@ -97,8 +97,8 @@ def report_table(report: dict):
     for c in ["layer", "tokens", *(title for title, _ in columns)]:
         table.add_column(c, justify="right")
     for row in report["layers"]:
-        extra = [cell(row) if len(row) > 2 else "-" for _, cell in columns]
-        table.add_row(str(row["layer"]), str(row["tokens"]), *extra)
+        reported = len(row) > 2  # inspect_layer added this layer's fields
+        table.add_row(str(row["layer"]), str(row["tokens"]), *(cell(row) if reported else "-" for _, cell in columns))
     return table
 
 
