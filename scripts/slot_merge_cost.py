@@ -7,7 +7,7 @@ torch.set_num_threads(1)
 from slotgen.bench.policy_cost import FULL
 from slotgen.memory import build_policy
 from slotgen.memory.base import ChunkContext, KVBlock
-from slotgen.memory.config import parse_memory_config
+from slotgen.memory.registry import parse_memory_config
 cfgs = {"sink": {"policy": "sink"}, "slot_m0.9": {"policy": "slot", "num_slots": 16, "top_r": 96, "top_k": 32, "budget": 9360, "merge": 0.9},
         "slot_m1.0": {"policy": "slot", "num_slots": 16, "top_r": 96, "top_k": 32, "budget": 9360, "merge": 1.0}}
 L, H, D, th, tw, F = 4, FULL["heads"], FULL["head_dim"], 30, 52, 3

@@ -1,14 +1,12 @@
 """slotgen: long, consistent, story-driven video generation with object-centric KV memory.
 
-Architecture (follow a chunk's K/V):
-
-    storyboard.py          YAML → validated Storyboard → chunk plan (which prompt drives which chunk)
-    engine/generator.py    the chunk loop: noise → few-step sampler → commit pass → decode → write
-    engine/attention.py    per-layer self-attention processor: [memory K/V ; chunk K/V], RoPE at
-                           engine-assigned positions; on the commit pass hands chunk K/V to memory
-    memory/                policies behind one interface: window, sink (and later bank, slot)
-    video/                 streaming causal VAE decode and MP4 / lossless writers (atomic)
-    models/                the embedded miniature and local Wan checkpoints
+Follow a chunk's K/V: ``storyboard`` (YAML → validated Storyboard) → ``render`` (Renderer: storyboard +
+model + memory policy) → ``engine.generator`` (noise → sampler → commit pass → decode) →
+``engine.attention`` (``[memory K/V ; chunk K/V]``, RoPE at engine-assigned positions; the commit pass
+hands the chunk's K/V to the policy) → ``memory`` (window, sink, bank, slot and plug-ins, one registry)
+→ ``video`` (streaming causal VAE decode, MP4 / lossless writers). ``snapshot`` is the file format,
+``resume`` continues a snapshot, ``cli`` is the command line. The README's "Layout" section lists
+every module.
 """
 
 __version__ = "0.1.0"

@@ -7,8 +7,10 @@ code 2, no traceback.
 from __future__ import annotations
 
 import functools
+import inspect as pyinspect
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +38,9 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            from slotgen.memory.registry import policy_names
+
+            policy_names()  # a plug-in module that fails to import is reported here, as one line
             return fn(*args, **kwargs)
         except SlotgenError as e:
             err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True) if err_console.is_terminal \
@@ -45,21 +50,77 @@ def user_errors(fn):
     return wrapper
 
 
-# -- memory options shared by render / resume / bench ------------------------------------------------
-MEMORY_OPTION_NAMES = {
-    "window": "window", "sink": "sink", "slots": "num_slots", "iters": "iters", "top_r": "top_r", "top_k": "top_k",
-    "budget": "budget", "w_text": "w_text", "w_vis": "w_vis", "bank_frames": "bank_frames",
-    "write_every": "write_every",
-}
+# -- memory options: one flag per key of every registered policy's config ------------------------------
+@dataclass(frozen=True)
+class MemoryOption:
+    """A ``slotgen render`` flag that sets one memory key (for every policy that has the key)."""
+
+    key: str  # the config field, e.g. num_slots
+    flag: str  # the flag without dashes, e.g. slots
+    type: type
+    help: str
+    policies: tuple[str, ...]
 
 
-def memory_overrides(storyboard, memory: str | None, **opts) -> object:
+def memory_options() -> list[MemoryOption]:
+    """The memory flags, derived from the registered policies' configs (first declaration wins the help).
+
+    When a plug-in module fails to import, the flags of the policies registered so far are offered;
+    the command itself then reports the failure (see :func:`user_errors`)."""
+    from slotgen.memory.registry import config_classes, registered_configs
+
+    try:
+        configs = config_classes()
+    except SlotgenError:
+        configs = registered_configs()
+    found: dict[str, dict] = {}
+    for name, cfg in configs.items():
+        for key, field in cfg.model_fields.items():
+            if key == "policy":
+                continue
+            entry = found.setdefault(key, {"flag": cfg.cli_names.get(key, key), "type": field.annotation,
+                                           "help": field.description or key, "policies": []})
+            entry["policies"].append(name)
+    out = []
+    for key, e in found.items():
+        kind = e["type"] if e["type"] in (int, float, bool) else str
+        scope = "" if len(e["policies"]) == len(configs) else f" ({', '.join(e['policies'])})"
+        out.append(MemoryOption(key, e["flag"], kind, e["help"].rstrip(".") + "." + scope, tuple(e["policies"])))
+    return out
+
+
+def with_memory_options(hidden: bool):
+    """Add a keyword parameter (``--<flag>``) per :func:`memory_options` to a command taking ``**memory``.
+
+    ``hidden``: the flags exist only to be refused (``resume``), so they take any text and are not shown."""
+
+    def decorate(fn):
+        sig = pyinspect.signature(fn, eval_str=True)
+        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        annotations = {p.name: p.annotation for p in params}
+        for opt in memory_options():
+            kind = str if hidden else opt.type
+            decl = f"--{opt.flag.replace('_', '-')}"
+            if kind is bool and not hidden:
+                decl = f"{decl}/--no-{opt.flag.replace('_', '-')}"
+            default = typer.Option(None, decl, help=opt.help, hidden=hidden)
+            params.append(pyinspect.Parameter(opt.key, pyinspect.Parameter.KEYWORD_ONLY, default=default,
+                                              annotation=Optional[kind]))
+            annotations[opt.key] = Optional[kind]
+        fn.__signature__ = sig.replace(parameters=params)
+        fn.__annotations__ = {**annotations, "return": None}
+        return fn
+
+    return decorate
+
+
+def memory_overrides(storyboard, memory: str | None, opts: dict) -> object:
     """The storyboard's memory section with CLI overrides applied (validated; errors name the flag)."""
     from pydantic import ValidationError
 
-    from slotgen.memory.config import parse_memory_config
+    from slotgen.memory.registry import UnknownPolicyError, parse_memory_config, policy_names
 
-    given = {MEMORY_OPTION_NAMES[k]: v for k, v in opts.items() if v is not None}
+    given = {k: v for k, v in opts.items() if v is not None}
     if memory is None and not given:
         return storyboard.memory
     base = storyboard.memory.model_dump()
@@ -68,15 +129,13 @@ def memory_overrides(storyboard, memory: str | None, **opts) -> object:
     base.update(given)
     try:
         return parse_memory_config(base)
+    except UnknownPolicyError:
+        raise SlotgenError(f"--memory: unknown policy {base['policy']!r}; expected one of "
+                           f"{', '.join(policy_names())}") from None
     except ValidationError as e:
-        from slotgen.memory.config import MEMORY_POLICIES
-
         err = e.errors()[0]
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            raise SlotgenError(f"--memory: unknown policy {base['policy']!r}; expected one of "
-                               f"{', '.join(MEMORY_POLICIES)}") from None
-        loc = [str(p) for p in err["loc"][1:]] or ["memory"]  # loc[0] is the union tag (the policy)
-        flag = {v: k for k, v in MEMORY_OPTION_NAMES.items()}.get(loc[-1], loc[-1]).replace("_", "-")
+        key = str(err["loc"][-1]) if err["loc"] else "memory"
+        flag = {o.key: o.flag for o in memory_options()}.get(key, key).replace("_", "-")
         if err["type"] == "extra_forbidden":
             raise SlotgenError(f"--{flag} does not apply to memory policy {base['policy']!r}") from None
         raise SlotgenError(f"--{flag}: {err['msg'][0].lower() + err['msg'][1:]}") from None
@@ -111,6 +170,7 @@ def _progress_callbacks(quiet: bool, total_chunks: int, total_frames: int):
 
 @app.command()
 @user_errors
+@with_memory_options(hidden=False)
 def render(
     storyboard: Path = typer.Argument(..., help="YAML storyboard of timed prompts."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output video (.mp4; .mkv = lossless FFV1). Default: <storyboard>.mp4"),
@@ -121,19 +181,10 @@ def render(
     model: Optional[str] = typer.Option(None, "--model", help="Override the model: 'miniature' or a local folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Causal generator weights for a Wan2.1 folder (Self-Forcing .pt, LongLive base+LoRA folder, diffusers transformer); see docs/REAL_MODEL.md."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
-    memory: Optional[str] = typer.Option(None, "--memory", help="Memory policy: window, sink, bank, slot."),
-    window: Optional[int] = typer.Option(None, "--window", help="Local window in latent frames."),
-    sink: Optional[int] = typer.Option(None, "--sink", help="Sink frames kept forever (sink, bank, slot)."),
-    slots: Optional[int] = typer.Option(None, "--slots", help="slot: number of slots per layer."),
-    iters: Optional[int] = typer.Option(None, "--iters", help="slot: slot-attention iterations."),
-    top_r: Optional[int] = typer.Option(None, "--top-r", help="slot: tokens stored per slot (R)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="slot: items retrieved per chunk (K)."),
-    budget: Optional[int] = typer.Option(None, "--budget", help="slot: bank budget in tokens per layer."),
-    w_text: Optional[float] = typer.Option(None, "--w-text", help="slot: weight of text relevance."),
-    w_vis: Optional[float] = typer.Option(None, "--w-vis", help="slot: weight of visual relevance."),
-    bank_frames: Optional[int] = typer.Option(None, "--bank-frames", help="bank: latent frames in the bank."),
-    write_every: Optional[int] = typer.Option(None, "--write-every", help="bank: write a frame every N chunks."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory policy: window, sink, bank, slot, or a "
+                                         "registered plug-in (see `slotgen.memory.registry`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    **memory_keys,
 ) -> None:
     """Render a storyboard to an MP4, streaming chunk by chunk (progress on stderr).
 
@@ -145,8 +196,7 @@ def render(
     from slotgen.storyboard import load_storyboard
 
     sb = load_storyboard(storyboard)
-    mem = memory_overrides(sb, memory, window=window, sink=sink, slots=slots, iters=iters, top_r=top_r, top_k=top_k,
-                           budget=budget, w_text=w_text, w_vis=w_vis, bank_frames=bank_frames, write_every=write_every)
+    mem = memory_overrides(sb, memory, memory_keys)
     overrides = {k: v for k, v in {"seed": seed, "model": model}.items() if v is not None}
     if mem is not sb.memory:
         overrides["memory"] = mem
@@ -234,14 +284,9 @@ def _report(report, renderer, quiet: bool, output: Path, resume_cmd: Optional[li
               f"{where}, {len(report.chunk_seconds)} chunks in {report.elapsed:.1f}s", file=sys.stderr)
 
 
-# flags `slotgen render` takes that a resume must not change: they come from the snapshot
-_FIXED_ON_RESUME = {"seed": "the seed", "memory": "the memory policy", "fps": "the frame rate",
-                    "resolution": "the resolution", **{k: "the memory configuration" for k in MEMORY_OPTION_NAMES
-                                                        if k not in ("memory",)}}
-
-
 @app.command()
 @user_errors
+@with_memory_options(hidden=True)
 def resume(
     snapshot: Path = typer.Argument(..., help="Snapshot written by `slotgen render --snapshot` (or by an interrupted render)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where the continuation goes (.mp4; .mkv = lossless). With --append: the joined video."),
@@ -261,33 +306,23 @@ def resume(
     memory: Optional[str] = typer.Option(None, "--memory", hidden=True),
     fps: Optional[str] = typer.Option(None, "--fps", hidden=True),
     resolution: Optional[str] = typer.Option(None, "--resolution", hidden=True),
-    window: Optional[str] = typer.Option(None, "--window", hidden=True),
-    sink: Optional[str] = typer.Option(None, "--sink", hidden=True),
-    slots: Optional[str] = typer.Option(None, "--slots", hidden=True),
-    iters: Optional[str] = typer.Option(None, "--iters", hidden=True),
-    top_r: Optional[str] = typer.Option(None, "--top-r", hidden=True),
-    top_k: Optional[str] = typer.Option(None, "--top-k", hidden=True),
-    budget: Optional[str] = typer.Option(None, "--budget", hidden=True),
-    w_text: Optional[str] = typer.Option(None, "--w-text", hidden=True),
-    w_vis: Optional[str] = typer.Option(None, "--w-vis", hidden=True),
-    bank_frames: Optional[str] = typer.Option(None, "--bank-frames", hidden=True),
-    write_every: Optional[str] = typer.Option(None, "--write-every", hidden=True),
+    **memory_keys,
 ) -> None:
     """Continue a snapshot: more prompts (--storyboard or --prompt/--duration), bit-identical to one long render.
 
     Seed, memory configuration, frame rate, resolution and sampler come from the snapshot. Without
     new prompts, an interrupted render's snapshot finishes its own storyboard.
     """
-    from slotgen.render import Renderer, append_source, continuation, continue_to_files
-    from slotgen.snapshot import load_snapshot
+    from slotgen.resume import RESUME_FIXED_KEYS, prepare_resume
     from slotgen.timeparse import parse_time
 
-    fixed = {"seed": seed, "memory": memory, "fps": fps, "resolution": resolution, "window": window, "sink": sink,
-             "slots": slots, "iters": iters, "top_r": top_r, "top_k": top_k, "budget": budget, "w_text": w_text,
-             "w_vis": w_vis, "bank_frames": bank_frames, "write_every": write_every}
-    for name, value in fixed.items():
+    flags = {o.key: o.flag for o in memory_options()}
+    fixed = [(name, name, value) for name, value in (("seed", seed), ("memory", memory), ("fps", fps),
+                                                     ("resolution", resolution))]
+    fixed += [(flags[key], "memory", value) for key, value in memory_keys.items()]
+    for flag, key, value in fixed:
         if value is not None:
-            raise SlotgenError(f"--{name.replace('_', '-')} cannot change on resume: {_FIXED_ON_RESUME[name]} comes "
+            raise SlotgenError(f"--{flag.replace('_', '-')} cannot change on resume: {RESUME_FIXED_KEYS[key]} comes "
                                f"from the snapshot (render a new story to change it)")
     if output is None:
         raise SlotgenError("resume needs -o/--output: where to write the continuation (with --append: the joined video)")
@@ -304,21 +339,14 @@ def resume(
         more = load_storyboard(storyboard)
     _check_outputs(output, lossless, stats, new_snapshot)
 
-    snap = load_snapshot(snapshot)
-    combined = continuation(snap, storyboard=more, prompt=prompt, duration=dur)
-    original = append_source(snap, append, append_to, output)
     with _interruptible():
-        bundle = None
-        if checkpoint is not None:
-            from slotgen.models import load_model
-
-            bundle = load_model(model or snap.model["spec"], device=device, checkpoint=checkpoint)
-        renderer = Renderer.from_snapshot(snap, combined, bundle=bundle, device=device, model=model)
+        job = prepare_resume(snapshot, output, storyboard=more, prompt=prompt, duration=dur, append=append,
+                             append_to=append_to, device=device, model=model, checkpoint=checkpoint)
+        renderer, original = job.renderer, job.original
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
-        report = _run_streaming(quiet, renderer, lambda on_chunk, stop: continue_to_files(
-            renderer, output, lossless=lossless, original=original, on_chunk=on_chunk, should_stop=stop,
-            stats=stats, snapshot_out=new_snapshot))
+        report = _run_streaming(quiet, renderer, lambda on_chunk, stop: job.stream(
+            lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot_out=new_snapshot))
     cmd = None
     if report.interrupted:
         rest = output if original is not None else output.with_name(output.stem + ".rest" + output.suffix)
@@ -329,13 +357,13 @@ def resume(
 
 
 def policy_list(text: str) -> list[str]:
-    """``--policies window,slot`` → ["window", "slot"], each a known memory policy."""
-    from slotgen.memory.config import MEMORY_POLICIES
+    """``--policies window,slot`` → ["window", "slot"], each a registered memory policy."""
+    from slotgen.memory.registry import policy_names
 
     names = [p.strip() for p in text.split(",") if p.strip()]
     for n in names:
-        if n not in MEMORY_POLICIES:
-            raise SlotgenError(f"--policies: unknown policy {n!r}; expected some of {', '.join(MEMORY_POLICIES)}")
+        if n not in policy_names():
+            raise SlotgenError(f"--policies: unknown policy {n!r}; expected some of {', '.join(policy_names())}")
     if not names:
         raise SlotgenError("--policies: name at least one memory policy")
     return names
@@ -385,18 +413,76 @@ def bench_speed(
     Console(width=200).print(table)
 
 
+@bench_app.command("policy-cost")
+@user_errors
+def bench_policy_cost(
+    resolution: str = typer.Option("832x480", "--resolution", help="WxH of the simulated Wan chunk."),
+    chunks: int = typer.Option(12, "--chunks", help="Chunks fed to every policy."),
+    policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated memory policies (default: every registered one)."),
+    layers: int = typer.Option(4, "--layers", help="Layers simulated (memory: ~0.23 GB per layer and policy)."),
+    miniature_slot_defaults: bool = typer.Option(False, "--miniature-slot-defaults", help="slot with its miniature defaults instead of docs/MEMORY.md's full-size values."),
+) -> None:
+    """A policy's own bookkeeping per chunk at full Wan2.1-1.3B shapes, without the model (one JSON line per policy)."""
+    import json as _json
+
+    from slotgen.bench.policy_cost import run
+    from slotgen.memory.registry import policy_names
+
+    names = policy_list(policies) if policies is not None else list(policy_names())
+    try:
+        w, h = (int(x) for x in resolution.lower().split("x"))
+    except ValueError:
+        raise SlotgenError(f"--resolution: expected WxH like 832x480, got {resolution!r}") from None
+    if chunks < 1 or layers < 1:
+        raise SlotgenError("--chunks and --layers must be at least 1")
+    for row in run((w, h), chunks, names, not miniature_slot_defaults, layers=layers):
+        print(_json.dumps(row))
+
+
+@bench_app.command("snapshot-sizes")
+@user_errors
+def bench_snapshot_sizes(
+    durations: str = typer.Option("60,600", "--durations", help="Video seconds, comma-separated."),
+    policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated memory policies (default: every registered one)."),
+    model: str = typer.Option("miniature", "--model"),
+    device: str = typer.Option("cpu", "--device"),
+    resolution: Optional[str] = typer.Option(None, "--resolution", help="WxH (default: the model's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the model's)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
+) -> None:
+    """Snapshot size per policy after long renders (no video written): bounded memory, bounded snapshots."""
+    import json as _json
+
+    from slotgen.bench.snapshot_size import snapshot_sizes
+
+    try:
+        seconds = [float(d) for d in durations.split(",") if d.strip()]
+    except ValueError:
+        raise SlotgenError(f"--durations: expected seconds like 60,600, got {durations!r}") from None
+    names = policy_list(policies) if policies is not None else None
+    rows = snapshot_sizes(seconds, names, model=model, device=device, resolution=resolution, steps=steps)
+    if json_out is not None:
+        json_out.write_text(_json.dumps(rows, indent=2) + "\n")
+
+
 @app.command()
 @user_errors
 def inspect(
     source: Path = typer.Argument(..., help="A snapshot (.pt) or a --stats JSON written by `slotgen render`."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw the last chunk's token→slot map and retrieved items (slot policy)."),
+    summary: bool = typer.Option(False, "--summary", help="For a snapshot: print its facts (model, position, prompts, video) as JSON instead."),
 ) -> None:
     """Dump memory statistics: per layer slots, items, tokens held, budget use, age, hits, relevance."""
     import json as _json
 
     from slotgen.inspect import build_report, load_stats, report_table, write_png
 
+    if summary:
+        from slotgen.snapshot import load_snapshot
+
+        print(_json.dumps(load_snapshot(source).summary(), indent=2))
+        return
     stats, _ = load_stats(source)
     report = build_report(stats, str(source))
     if png is not None:
@@ -482,7 +568,7 @@ def train_slots_cmd(
 def bench_identity(
     episodes: int = typer.Option(4, "--episodes", help="Seeded episodes per gap (plus as many similar-companion ones)."),
     gaps: str = typer.Option("12,36,72", "--gaps", help="Absence gaps in video frames (multiples of 12)."),
-    policies: str = typer.Option("window,sink,bank,slot", "--policies", help="Comma-separated memory policies."),
+    policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated memory policies (default: every registered one)."),
     model: str = typer.Option("miniature", "--model", help="'miniature' or a miniature-format folder."),
     seed: int = typer.Option(1000, "--seed", help="First episode seed (default 1000: the default training run uses episode seeds 0..255); the storyboard seed is the same for every policy."),
     similar: bool = typer.Option(True, "--similar/--no-similar", help="Also run two-entity similar episodes (leakage)."),
@@ -495,8 +581,9 @@ def bench_identity(
 ) -> None:
     """Identity persistence: exit-and-return episodes rendered with every policy on the same seeds and noise."""
     from slotgen.bench.identity import print_report, run_identity_bench, write_plot
+    from slotgen.memory.registry import policy_names
 
-    names = policy_list(policies)
+    names = policy_list(policies) if policies is not None else list(policy_names())
     try:
         gap_list = [int(g) for g in gaps.split(",") if g.strip()]
     except ValueError:

@@ -8,6 +8,12 @@ never a traceback. Internal bugs stay ordinary exceptions.
 from __future__ import annotations
 
 
+def one_line(text: object, limit: int = 200) -> str:
+    """``text`` (an exception or message) on one line, at most ``limit`` characters."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
 class SlotgenError(Exception):
     """An error caused by the user's input; ``str(err)`` is a complete one-line explanation."""
 

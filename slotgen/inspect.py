@@ -2,7 +2,8 @@
 
 Sources: a ``--stats`` JSON written by ``slotgen render`` or a snapshot (``.pt``). Both carry the
 memory policy's ``stats()`` — collected during the render at no extra forward passes — which this
-module normalises into one report (:func:`build_report`, schema :data:`REPORT_SCHEMA`).
+module normalises into one report (:func:`build_report`, schema :func:`report_schema`). What a policy
+adds to the report comes from its class (``inspect_layer``, ``inspect_schema``, ``inspect_columns``).
 """
 
 from __future__ import annotations
@@ -12,42 +13,33 @@ from pathlib import Path
 
 from slotgen.errors import SlotgenError
 
-REPORT_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "slotgen inspect report",
-    "type": "object",
-    "required": ["source", "policy", "frames_seen", "bytes", "layers"],
-    "properties": {
-        "source": {"type": "string"},
-        "policy": {"enum": ["window", "sink", "bank", "slot"]},
-        "frames_seen": {"type": "integer", "minimum": 0},
-        "bytes": {"type": "integer", "minimum": 0},
-        "sink_frames": {"type": "array", "items": {"type": "integer"}},
-        "local_frames": {"type": "array", "items": {"type": "integer"}},
-        "layers": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["layer", "tokens"],
-                "properties": {
-                    "layer": {"type": "integer", "minimum": 0},
-                    "tokens": {"type": "integer", "minimum": 0},
-                    "slots": {"type": "integer"},
-                    "items": {"type": "integer"},
-                    "bank_tokens": {"type": "integer"},
-                    "budget": {"type": "integer"},
-                    "budget_use": {"type": "number"},
-                    "mean_age": {"type": "number"},
-                    "max_age": {"type": "number"},
-                    "hits": {"type": "integer"},
-                    "retrieved": {"type": "array", "items": {"type": "integer"}},
-                    "relevance": {"type": "object"},
-                    "bank_frames": {"type": "array", "items": {"type": "integer"}},
-                },
+def report_schema() -> dict:
+    """JSON schema of :func:`build_report`'s output: the common keys plus every registered policy's
+    per-layer keys (``inspect_schema``)."""
+    from slotgen.memory.registry import policy_class, policy_names
+
+    layer_keys: dict[str, dict] = {"layer": {"type": "integer", "minimum": 0},
+                                   "tokens": {"type": "integer", "minimum": 0}}
+    for name in policy_names():
+        layer_keys.update(policy_class(name).inspect_schema)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "slotgen inspect report",
+        "type": "object",
+        "required": ["source", "policy", "frames_seen", "bytes", "layers"],
+        "properties": {
+            "source": {"type": "string"},
+            "policy": {"enum": list(policy_names())},
+            "frames_seen": {"type": "integer", "minimum": 0},
+            "bytes": {"type": "integer", "minimum": 0},
+            "sink_frames": {"type": "array", "items": {"type": "integer"}},
+            "local_frames": {"type": "array", "items": {"type": "integer"}},
+            "layers": {
+                "type": "array",
+                "items": {"type": "object", "required": ["layer", "tokens"], "properties": layer_keys},
             },
         },
-    },
-}
+    }
 
 
 def load_stats(path: str | Path) -> tuple[dict, dict]:
@@ -63,31 +55,24 @@ def load_stats(path: str | Path) -> tuple[dict, dict]:
         if not isinstance(doc, dict) or doc.get("format") != "slotgen-stats" or "memory" not in doc:
             raise SlotgenError(f"{p}: not a slotgen stats JSON (expected format 'slotgen-stats')")
         return doc["memory"], {k: v for k, v in doc.items() if k != "memory"}
-    from slotgen.snapshot import load_snapshot, policy_from_snapshot
+    from slotgen.snapshot import load_snapshot, snapshot_policy
 
     snap = load_snapshot(p)
-    return policy_from_snapshot(snap).stats(), {"storyboard": getattr(snap, "source", str(p))}
+    return snapshot_policy(snap).stats(), {"storyboard": snap.source or str(p)}
 
 
 def build_report(stats: dict, source: str) -> dict:
-    """Normalise any policy's stats into the inspect report (see REPORT_SCHEMA)."""
+    """Normalise any policy's stats into the inspect report (see :func:`report_schema`)."""
+    from slotgen.memory.registry import UnknownPolicyError, policy_class
+
     policy = stats["policy"]
-    tokens = stats.get("tokens_per_layer", [])
-    layers = []
-    for i, tok in enumerate(tokens):
-        row: dict = {"layer": i, "tokens": int(tok)}
-        if policy == "slot" and i < len(stats.get("layers", [])):
-            lay = stats["layers"][i]
-            row.update(
-                slots=int(lay["num_slots"]), items=int(lay["items"]), bank_tokens=int(lay["tokens"]),
-                budget=int(lay["budget"]), budget_use=float(lay["budget_use"]), mean_age=float(lay["mean_age"]),
-                max_age=float(lay["max_age"]), hits=int(sum(lay["hits"])), retrieved=[int(x) for x in lay["retrieved"]],
-                relevance={k: float(v["r"]) for k, v in lay.get("scores", {}).items()},
-            )
-        if policy == "bank" and i < len(stats.get("bank", [])):
-            row["bank_frames"] = [int(f) for f in stats["bank"][i]]
-            row["relevance"] = {k: float(v) for k, v in stats.get("bank_scores", [{}] * (i + 1))[i].items()}
-        layers.append(row)
+    try:
+        cls = policy_class(policy)
+    except UnknownPolicyError as e:
+        raise SlotgenError(f"{source}: {e} (a plug-in policy's module must be importable: see "
+                            f"slotgen.memory.registry)") from None
+    layers = [{"layer": i, "tokens": int(tok), **cls.inspect_layer(stats, i)}
+              for i, tok in enumerate(stats.get("tokens_per_layer", []))]
     return {
         "source": source,
         "policy": policy,
@@ -100,31 +85,20 @@ def build_report(stats: dict, source: str) -> dict:
 
 
 def report_table(report: dict):
-    """A rich table, one row per layer."""
+    """A rich table, one row per layer: layer, tokens, then the policy's own ``inspect_columns``."""
     from rich.table import Table
 
+    from slotgen.memory.registry import policy_class
+
+    columns = policy_class(report["policy"]).inspect_columns
     title = (f"{report['source']} — policy {report['policy']}, {report['frames_seen']} latent frames seen, "
              f"{report['bytes'] / 2**20:.2f} MiB held")
     table = Table(title=title)
-    cols = ["layer", "tokens"]
-    if report["policy"] == "slot":
-        cols += ["slots", "items", "bank tokens", "budget use", "mean age", "max age", "hits", "retrieved", "best r"]
-    if report["policy"] == "bank":
-        cols += ["bank frames", "relevance"]
-    for c in cols:
+    for c in ["layer", "tokens", *(title for title, _ in columns)]:
         table.add_column(c, justify="right")
     for row in report["layers"]:
-        cells = [str(row["layer"]), str(row["tokens"])]
-        if report["policy"] == "slot":
-            rel = row.get("relevance", {})
-            cells += [str(row["slots"]), str(row["items"]), str(row["bank_tokens"]), f"{row['budget_use']:.0%}",
-                      f"{row['mean_age']:.1f}", f"{row['max_age']:.0f}", str(row["hits"]), str(len(row["retrieved"])),
-                      f"{max(rel.values()):.2f}" if rel else "-"]
-        if report["policy"] == "bank":
-            rel = row.get("relevance", {})
-            cells += [" ".join(map(str, row["bank_frames"])) or "-",
-                      " ".join(f"{float(v):.2f}" for v in rel.values()) or "-"]
-        table.add_row(*cells)
+        reported = len(row) > 2  # inspect_layer added this layer's fields
+        table.add_row(str(row["layer"]), str(row["tokens"]), *(cell(row) if reported else "-" for _, cell in columns))
     return table
 
 
@@ -136,13 +110,14 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 def write_png(stats: dict, path: str | Path, layers: list[int] | None = None, cell: int = 16) -> Path:
     """Draw, per layer, the last chunk's token→slot assignment (a colour per slot) and the retrieved items.
 
-    Only the ``slot`` policy has slots; other policies are refused with a clear message.
+    Needs a policy whose stats record per-layer slot assignments (the ``slot`` policy); others are
+    refused with a clear message.
     """
     from PIL import Image, ImageDraw
 
-    if stats.get("policy") != "slot":
+    lays = stats.get("layers")
+    if not isinstance(lays, list) or not all(isinstance(lay, dict) and "assignment" in lay for lay in lays):
         raise SlotgenError(f"--png needs a render with the slot memory policy (this one used {stats.get('policy')!r})")
-    lays = stats["layers"]
     chosen = [i for i in (layers if layers is not None else range(len(lays))) if lays[i].get("assignment")]
     if not chosen:
         raise SlotgenError("no slot assignments recorded yet (the render has not committed a chunk)")

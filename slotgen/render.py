@@ -5,15 +5,16 @@ video: every chunk's frames go straight to the writers (MP4 and, optionally, a l
 memory stays bounded however long the video is. Frames a chunk decodes past the storyboard's end are
 kept as ``pending`` (a continuation emits them first, so render(A then B) == render(A) + resume(B)).
 
-:func:`render` and :func:`resume` add files on top: the writers, an optional ``--stats`` JSON and a
-snapshot (:mod:`slotgen.snapshot`). Both take ``should_stop`` (polled after every chunk): a stop
-finishes the current chunk, closes playable videos with every frame so far and writes a snapshot
-(``<output>.snapshot.pt`` unless one was asked for). :class:`InterruptGuard` turns SIGINT/SIGTERM
-into such a stop for the duration of a render.
+:func:`render` (and :func:`slotgen.resume.resume`) add files on top: the writers, an optional ``--stats``
+JSON and a snapshot (:meth:`Renderer.snapshot_payload`, written in the :mod:`slotgen.snapshot` format).
+Both take ``should_stop`` (polled after every chunk): a stop finishes the current chunk, closes playable
+videos with every frame so far and writes a snapshot (``<output>.snapshot.pt`` unless one was asked for).
+:class:`InterruptGuard` turns SIGINT/SIGTERM into such a stop for the duration of a render.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import signal
@@ -24,12 +25,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from slotgen.atomic import atomic_write_bytes
-from slotgen.errors import SlotgenError, SnapshotError
 from slotgen.engine.generator import ChunkResult, EngineOptions, StreamingEngine
 from slotgen.memory import build_policy
 from slotgen.models import ModelBundle, load_model
+from slotgen.snapshot import ENGINE_OPTIONS, default_snapshot_path, write_snapshot
 
 
 @dataclass
@@ -96,39 +98,7 @@ class Renderer:
         self.engine = StreamingEngine(self.bundle, self.policy, self.options)
         self.frames_emitted = 0  # video frames handed to the writers so far
         self.pending = np.zeros((0, height, width, 3), np.uint8)  # decoded past the timeline's end
-
-    @classmethod
-    def from_snapshot(cls, snapshot, storyboard=None, *, bundle: ModelBundle | None = None, device: str = "cpu",
-                      model: str | None = None) -> "Renderer":
-        """A renderer positioned where ``snapshot`` stopped, for ``storyboard`` (default: the snapshot's).
-
-        ``storyboard`` must extend the snapshot's (see :func:`slotgen.snapshot.extend_storyboard`). The
-        model is ``bundle``, else loaded from ``model`` or the snapshot's model spec; its weights digest
-        must match the snapshot's.
-        """
-        from slotgen.snapshot import check_model
-
-        sb = storyboard if storyboard is not None else snapshot.storyboard
-        if bundle is None:
-            bundle = load_model(model or snapshot.model["spec"], device=device)
-        check_model(snapshot, bundle)
-        renderer = cls(sb, bundle=bundle)
-        opts = {k: getattr(renderer.options, k) for k in snapshot.options}
-        if opts != snapshot.options:
-            diff = ", ".join(f"{k} {snapshot.options[k]!r} -> {opts[k]!r}" for k in opts if opts[k] != snapshot.options[k])
-            raise SnapshotError(f"snapshot {snapshot.path or ''}: the continuation's engine options differ ({diff}); "
-                                f"a continuation keeps the snapshot's")
-        try:
-            renderer.engine.load_state_dict(snapshot.engine_state)
-        except SlotgenError:
-            raise
-        except Exception as e:  # noqa: BLE001 - shapes/keys of an untrusted state
-            reason = " ".join(str(e).split())[:160]
-            raise SnapshotError(f"snapshot {snapshot.path or ''}: its state does not fit this model/policy ({reason})") from None
-        renderer.frames_emitted = snapshot.frames_emitted
-        renderer.pending = np.array(snapshot.pending, dtype=np.uint8, copy=True)
-        renderer.source = snapshot.source or None  # the story's first storyboard file, kept across resumes
-        return renderer
+        self.source: str | None = None  # the story's first storyboard file, kept across resumes
 
     @property
     def size(self) -> tuple[int, int]:
@@ -187,6 +157,70 @@ class Renderer:
             chunk_seconds=chunk_seconds, prompt_chunks=prompt_chunks, outputs=[], warnings=[],
             interrupted=interrupted, memory_stats=self.policy.stats(), first_frame=start, total_frames=total,
         )
+
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def _model_info(self) -> dict:
+        from slotgen.models import BUILTIN_MODELS
+
+        bundle = self.bundle
+        cfg = bundle.transformer.config
+        transformer = {}
+        for key in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "patch_size",
+                    "rope_max_seq_len"):
+            value = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
+            transformer[key] = list(value) if isinstance(value, (list, tuple)) else value
+        spec = self.storyboard.model
+        if spec not in BUILTIN_MODELS and Path(spec).expanduser().exists():
+            spec = str(Path(spec).expanduser().resolve())  # a resume may run from another directory
+        return {
+            "spec": spec,
+            "name": bundle.name,
+            "digest": bundle.digest,
+            "settings": bundle.settings.to_dict(),
+            "num_layers": len(bundle.transformer.blocks),
+            "transformer": transformer,
+            "dtype": str(bundle.dtype).replace("torch.", ""),
+            "device": str(bundle.device),
+        }
+
+    def snapshot_payload(self, *, video: str | Path | None = None, video_first_frame: int = 0,
+                         lossless: str | Path | None = None, lossless_first_frame: int = 0,
+                         interrupted: bool = False) -> dict:
+        """Where the render stands, as tensors and plain data (the payload of :mod:`slotgen.snapshot`)."""
+        from slotgen import __version__
+
+        engine = self.engine
+        sb = self.storyboard
+        return {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "slotgen_version": __version__,
+            "model": self._model_info(),
+            "storyboard": sb.to_yaml(),
+            "storyboard_source": self.source or sb.source_path,
+            "seed": int(self.options.seed),
+            "options": {k: getattr(self.options, k) for k in ENGINE_OPTIONS},
+            "position": {
+                "chunk": int(engine.next_chunk),
+                "frames_emitted": int(self.frames_emitted),
+                "total_frames": int(sb.total_frames),
+                "interrupted": bool(interrupted),
+            },
+            "prompt": engine.prompt,
+            "prompt_index": engine.prompt_index,
+            "engine": engine.state_dict(),
+            "pending": torch.from_numpy(np.ascontiguousarray(self.pending).copy()),
+            "video": {
+                "path": None if video is None else str(Path(video).resolve()),
+                "first_frame": int(video_first_frame),
+                "lossless": None if lossless is None else str(Path(lossless).resolve()),
+                "lossless_first_frame": int(lossless_first_frame),
+            },
+        }
+
+    def save_snapshot(self, path: str | Path, **video) -> Path:
+        """Write :meth:`snapshot_payload` (``video``: its keyword arguments) to ``path`` atomically."""
+        return write_snapshot(path, self.snapshot_payload(**video))
 
 
 def write_stats(path: str | Path, renderer: Renderer, report: RenderReport) -> None:
@@ -275,7 +309,6 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
     records about where the frames went. ``write_snapshot=False`` leaves the snapshot to the caller
     (``resume --append`` writes it after joining the videos).
     """
-    from slotgen.snapshot import default_snapshot_path, save_snapshot
     from slotgen.video.writer import open_writer
 
     fps = renderer.storyboard.fps
@@ -297,7 +330,7 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
     if snapshot is not None and write_snapshot:
         video = snapshot_video or {"video": output, "video_first_frame": report.first_frame, "lossless": lossless,
                                    "lossless_first_frame": report.first_frame}
-        report.snapshot = str(save_snapshot(snapshot, renderer, interrupted=report.interrupted, **video))
+        report.snapshot = str(renderer.save_snapshot(snapshot, interrupted=report.interrupted, **video))
     return report
 
 
@@ -315,132 +348,3 @@ def render(storyboard, output: str | Path, *, lossless: str | Path | None = None
                              stats=stats, snapshot=snapshot)
     report.warnings = renderer.warnings()
     return report
-
-
-def continuation(snapshot, *, storyboard=None, prompt: str | None = None, duration: float | None = None):
-    """The combined timeline a resume renders: the snapshot's storyboard + new prompts (shifted).
-
-    Times in ``storyboard`` (a more.yaml) and ``duration`` count from the END of the snapshot's
-    storyboard. With neither, an unfinished snapshot (an interrupted render) continues its own
-    storyboard; a finished one is an error.
-    """
-    from slotgen.snapshot import extend_storyboard
-
-    if storyboard is not None and prompt is not None:
-        raise SlotgenError("give either --storyboard or --prompt/--duration, not both")
-    if (prompt is None) != (duration is None):
-        raise SlotgenError("--prompt and --duration go together: what to show next, and for how long")
-    if prompt is not None and not prompt.strip():
-        raise SlotgenError("--prompt must not be empty")
-    combined = extend_storyboard(snapshot.storyboard, storyboard, prompt=prompt and prompt.strip(), duration=duration)
-    if combined.total_frames <= snapshot.frames_emitted:
-        if storyboard is None and prompt is None:
-            raise SlotgenError(f"the snapshot's storyboard is complete ({snapshot.frames_emitted} frames); give "
-                               f"--storyboard more.yaml or --prompt/--duration to continue the story")
-        raise SlotgenError(f"the continuation adds no frames at {combined.fps} fps; make it longer")
-    return combined
-
-
-def resume(snapshot, output: str | Path, *, storyboard=None, prompt: str | None = None,
-           duration: float | None = None, lossless: str | Path | None = None, append: bool = False,
-           append_to: str | Path | None = None, bundle: ModelBundle | None = None, device: str = "cpu",
-           model: str | None = None, on_chunk: Callable[[ChunkEvent], None] | None = None,
-           should_stop: Callable[[], bool] | None = None, stats: str | Path | None = None,
-           snapshot_out: str | Path | None = None) -> RenderReport:
-    """Continue ``snapshot`` (a :class:`~slotgen.snapshot.Snapshot` or a path) into ``output``.
-
-    The timeline is :func:`continuation` (new prompt times count from the END of the snapshot's
-    storyboard). ``output`` gets the continuation's frames only, or, with ``append``/``append_to``, a
-    copy of the original video (``append_to``, else the video recorded in the snapshot) followed by
-    the continuation (MP4 only; see :func:`~slotgen.video.writer.append_videos`). ``lossless`` is a
-    lossless copy of the continuation alone. ``snapshot_out`` snapshots the end of the continuation,
-    so a story can be extended again and again. The frames are bit-identical to rendering the
-    combined timeline in one go (same device and dtype).
-    """
-    from slotgen.snapshot import Snapshot, load_snapshot
-
-    snap = snapshot if isinstance(snapshot, Snapshot) else load_snapshot(snapshot)
-    combined = continuation(snap, storyboard=storyboard, prompt=prompt, duration=duration)
-    original = append_source(snap, append, append_to, output)
-    renderer = Renderer.from_snapshot(snap, combined, bundle=bundle, device=device, model=model)
-    return continue_to_files(renderer, output, lossless=lossless, original=original, on_chunk=on_chunk,
-                             should_stop=should_stop, stats=stats, snapshot_out=snapshot_out)
-
-
-def continue_to_files(renderer: Renderer, output: str | Path, *, lossless: str | Path | None = None,
-                      original: str | Path | None = None, on_chunk: Callable[[ChunkEvent], None] | None = None,
-                      should_stop: Callable[[], bool] | None = None, stats: str | Path | None = None,
-                      snapshot_out: str | Path | None = None) -> RenderReport:
-    """The file side of :func:`resume` for a renderer made by :meth:`Renderer.from_snapshot`.
-
-    ``original``: join this MP4 (checked by :func:`append_source`) and the continuation into ``output``.
-    """
-    from slotgen.atomic import check_output_path
-    from slotgen.snapshot import default_snapshot_path, save_snapshot
-    from slotgen.video.writer import append_videos
-
-    output = Path(output)
-    start = renderer.frames_emitted
-    lossless_rec = {"lossless": lossless, "lossless_first_frame": start}
-    if original is None:
-        report = stream_to_files(renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=should_stop,
-                                 stats=stats, snapshot=snapshot_out,
-                                 snapshot_video={"video": output, "video_first_frame": start, **lossless_rec})
-        report.warnings = renderer.warnings()
-        return report
-
-    check_output_path(output)
-    part = output.with_name(f".{output.stem}.continuation-{os.getpid()}.mp4")
-    try:
-        report = stream_to_files(renderer, part, lossless=lossless, on_chunk=on_chunk, should_stop=should_stop,
-                                 stats=stats, write_snapshot=False)  # written below, after the join
-        append_videos(original, part, output)
-    finally:
-        part.unlink(missing_ok=True)
-    report.outputs[0] = str(output)
-    target = snapshot_out
-    if target is None and report.interrupted:
-        target = default_snapshot_path(output)
-    if target is not None:
-        report.snapshot = str(save_snapshot(target, renderer, interrupted=report.interrupted, video=output,
-                                            video_first_frame=0, **lossless_rec))
-    report.warnings = renderer.warnings()
-    return report
-
-
-def append_source(snap, append: bool, append_to: str | Path | None, output: str | Path) -> Path | None:
-    """The MP4 a resume with ``--append`` joins the continuation to (None: no append), checked up front.
-
-    It must exist and hold exactly the snapshot's frames so far (else the join would repeat or skip some).
-    """
-    if not append and append_to is None:
-        return None
-    from slotgen.video.writer import probe_video
-
-    output = Path(output)
-    if output.suffix.lower() != ".mp4":
-        raise SlotgenError(f"--append writes an MP4; -o {str(output)!r} must end in .mp4")
-    if append_to is not None:
-        original = Path(append_to)
-    else:
-        recorded = snap.video.get("path")
-        if recorded is None:
-            raise SlotgenError("the snapshot records no video to append to; pass --append-to original.mp4")
-        if snap.video.get("first_frame", 0) != 0:
-            raise SlotgenError(f"the snapshot's video {recorded!r} starts at frame {snap.video['first_frame']}, "
-                               f"not at the story's start; pass --append-to with the whole video")
-        original = Path(recorded)
-    if not original.is_file():
-        raise SlotgenError(f"video to append to {str(original)!r} does not exist; pass --append-to original.mp4")
-    if original.suffix.lower() != ".mp4":
-        raise SlotgenError(f"--append joins MP4 videos; {str(original)!r} is not an .mp4")
-    try:
-        frames = probe_video(original)["frames"]
-    except SlotgenError:
-        raise
-    except Exception as e:  # noqa: BLE001 - PyAV errors on a broken file
-        raise SlotgenError(f"cannot read video {str(original)!r}: {' '.join(str(e).split())[:120]}") from None
-    if frames != snap.frames_emitted:
-        raise SlotgenError(f"video {str(original)!r} has {frames} frames but the snapshot continues after frame "
-                           f"{snap.frames_emitted}; pass --append-to with the video this snapshot was taken from")
-    return original

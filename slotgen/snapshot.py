@@ -28,17 +28,15 @@ The payload (format version 1) holds:
 
 The noise of chunk ``c`` is seeded by ``(seed, c)``, so no RNG state is needed.
 
-``python -m slotgen.snapshot --sizes`` prints snapshot sizes per policy for long renders.
+This module is the file format only: what writes a payload is :meth:`slotgen.render.Renderer.snapshot_payload`,
+what continues one is :mod:`slotgen.resume`.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import hashlib
 import io
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +47,14 @@ import torch
 
 from slotgen.atomic import atomic_write_bytes
 from slotgen.errors import SlotgenError, SnapshotError
+from slotgen.models.bundle import RETIRED_SETTINGS
 
 FORMAT = "slotgen-snapshot"
 VERSION = 1
 SNAPSHOT_SUFFIX = ".snapshot.pt"  # an interrupted render writes <output>.snapshot.pt
 _ZIP_MAGIC = b"PK\x03\x04"
-_ENGINE_OPTIONS = ("seed", "fps", "width", "height", "steps", "shift")
+ENGINE_OPTIONS = ("seed", "fps", "width", "height", "steps", "shift")
+"""The engine options a snapshot records (a continuation must keep them)."""
 
 
 def default_snapshot_path(output: str | Path) -> Path:
@@ -99,7 +99,7 @@ class Snapshot:
 
     @property
     def memory(self):
-        """The memory configuration (a validated ``MemoryConfig``)."""
+        """The memory configuration (its policy's validated config, a ``PolicyConfig``)."""
         return self.storyboard.memory
 
     @property
@@ -124,10 +124,6 @@ class Snapshot:
     @property
     def seconds_emitted(self) -> float:
         return self.frames_emitted / self.options["fps"]
-
-    def build_policy(self):
-        """The memory policy object with the snapshot's state, without loading the model."""
-        return build_snapshot_policy(self)
 
     def summary(self) -> dict:
         """JSON-serialisable facts about the snapshot (what ``slotgen inspect`` prints)."""
@@ -157,8 +153,8 @@ class Snapshot:
         }
 
 
-def build_snapshot_policy(snapshot: Snapshot):
-    """``build_policy(config, num_layers)`` loaded with the snapshot's memory state (on the CPU).
+def snapshot_policy(snapshot: Snapshot):
+    """The snapshot's memory policy with its state loaded (on the CPU).
 
     Needs no model: ``slotgen inspect`` uses it to call ``policy.stats()``.
     """
@@ -166,7 +162,7 @@ def build_snapshot_policy(snapshot: Snapshot):
 
     policy = build_policy(snapshot.memory, snapshot.num_layers)
     try:
-        policy.load_state_dict(snapshot.memory_state)
+        policy.load_state_dict(snapshot.memory_state, device="cpu")
     except SlotgenError:
         raise
     except Exception as e:  # noqa: BLE001 - a policy's own validation: ValueError, KeyError, ...
@@ -175,72 +171,8 @@ def build_snapshot_policy(snapshot: Snapshot):
     return policy
 
 
-policy_from_snapshot = build_snapshot_policy  # the name `slotgen inspect` uses
-
-
 # ----------------------------------------------------------------------------------------------------
 # Writing
-
-
-def _model_info(renderer) -> dict:
-    from slotgen.models import BUILTIN_MODELS
-
-    bundle = renderer.bundle
-    cfg = bundle.transformer.config
-    transformer = {}
-    for key in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "patch_size",
-                "rope_max_seq_len"):
-        value = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
-        transformer[key] = list(value) if isinstance(value, (list, tuple)) else value
-    spec = renderer.storyboard.model
-    if spec not in BUILTIN_MODELS and Path(spec).expanduser().exists():
-        spec = str(Path(spec).expanduser().resolve())  # a resume may run from another directory
-    return {
-        "spec": spec,
-        "name": bundle.name,
-        "digest": bundle.digest,
-        "settings": bundle.settings.to_dict(),
-        "num_layers": len(bundle.transformer.blocks),
-        "transformer": transformer,
-        "dtype": str(bundle.dtype).replace("torch.", ""),
-        "device": str(bundle.device),
-    }
-
-
-def snapshot_payload(renderer, *, video: str | Path | None = None, video_first_frame: int = 0,
-                     lossless: str | Path | None = None, lossless_first_frame: int = 0,
-                     interrupted: bool = False) -> dict:
-    """The state of ``renderer`` (a :class:`slotgen.render.Renderer`) as tensors and plain data."""
-    from slotgen import __version__
-
-    engine = renderer.engine
-    opts = renderer.options
-    sb = renderer.storyboard
-    return {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "slotgen_version": __version__,
-        "model": _model_info(renderer),
-        "storyboard": sb.to_yaml(),
-        "storyboard_source": getattr(renderer, "source", None) or sb.source_path,
-        "seed": int(opts.seed),
-        "options": {k: getattr(opts, k) for k in _ENGINE_OPTIONS},
-        "position": {
-            "chunk": int(engine.next_chunk),
-            "frames_emitted": int(renderer.frames_emitted),
-            "total_frames": int(sb.total_frames),
-            "interrupted": bool(interrupted),
-        },
-        "prompt": engine.prompt,
-        "prompt_index": engine.prompt_index,
-        "engine": engine.state_dict(),
-        "pending": torch.from_numpy(np.ascontiguousarray(renderer.pending).copy()),
-        "video": {
-            "path": None if video is None else str(Path(video).resolve()),
-            "first_frame": int(video_first_frame),
-            "lossless": None if lossless is None else str(Path(lossless).resolve()),
-            "lossless_first_frame": int(lossless_first_frame),
-        },
-    }
 
 
 def encode_snapshot(payload: dict) -> bytes:
@@ -258,9 +190,9 @@ def encode_snapshot(payload: dict) -> bytes:
     return outer.getvalue()
 
 
-def save_snapshot(path: str | Path, renderer, **video) -> Path:
-    """Write ``renderer``'s snapshot to ``path`` atomically (temporary file + rename)."""
-    return atomic_write_bytes(path, encode_snapshot(snapshot_payload(renderer, **video)))
+def write_snapshot(path: str | Path, payload: dict) -> Path:
+    """Write a payload (see the module docstring) to ``path`` as a snapshot, atomically (temporary file + rename)."""
+    return atomic_write_bytes(path, encode_snapshot(payload))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,7 +302,7 @@ def _from_payload(p: dict, version: int, path: str | None, nbytes: int, chk: _Ch
         raise chk.fail(f"has an invalid storyboard ({_one_line(e)})") from None
     seed = chk.get(p, "seed", int)
     options = chk.get(p, "options", dict)
-    for key in _ENGINE_OPTIONS:
+    for key in ENGINE_OPTIONS:
         chk.get(options, key, (float, int) if key == "shift" else int, "options ")
     pos = chk.get(p, "position", dict)
     chunk = chk.get(pos, "chunk", int, "position ")
@@ -460,7 +392,8 @@ def check_model(snapshot: Snapshot, bundle) -> None:
             f"{_where(snapshot.path)}was made with model {snapshot.model['name']!r} (digest {want[:12]}), "
             f"but the loaded model {bundle.name!r} has digest {bundle.digest[:12]}; pass --model with the original model"
         )
-    if bundle.settings.to_dict() != snapshot.model["settings"]:
+    recorded = {k: v for k, v in snapshot.model["settings"].items() if k not in RETIRED_SETTINGS}
+    if bundle.settings.to_dict() != recorded:
         raise SnapshotError(f"{_where(snapshot.path)}was made with other settings for model {bundle.name!r} "
                             f"(chunking, VAE strides or text length changed)")
     if len(bundle.transformer.blocks) != snapshot.num_layers:
@@ -468,136 +401,5 @@ def check_model(snapshot: Snapshot, bundle) -> None:
                             f"{len(bundle.transformer.blocks)}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Continuing a timeline
-
-RESUME_FIXED_KEYS = ("seed", "fps", "resolution", "model", "sampler", "memory")
-"""Storyboard keys a continuation inherits from the snapshot (a more.yaml may repeat, never change them)."""
-
-
-def extend_storyboard(base, more=None, *, prompt: str | None = None, duration: float | None = None):
-    """The combined timeline: ``base`` (the snapshot's storyboard) followed by new prompts.
-
-    New prompt times count from the END of ``base`` (``base.duration``): a ``more`` storyboard's
-    ``at: 0`` is the first instant after the snapshot's storyboard. ``prompt``/``duration`` is a
-    one-prompt ``more``. If the first new prompt has the same text as ``base``'s last one, the two
-    spans merge (the prompt simply continues). ``more`` may repeat the keys in
-    :data:`RESUME_FIXED_KEYS` with the same values; a different value is a StoryboardError on its line.
-    """
-    from slotgen.storyboard import PromptSpan
-
-    if more is None and prompt is None:
-        return base
-    if more is not None:
-        for key in RESUME_FIXED_KEYS:
-            if more.line_of(key) is None:
-                continue
-            mine, theirs = getattr(base, key), getattr(more, key)
-            if mine != theirs:
-                shown = _show(key, mine)
-                raise more.error_at(f"{_show(key, theirs)} differs from the snapshot's {shown}; a continuation keeps "
-                                    f"the snapshot's {key} (remove the key or set it to {shown})", key)
-        spans = [(p.start, p.end, p.text) for p in more.prompts]
-        extra = more.duration
-    else:
-        if duration is None or not duration > 0:
-            raise SlotgenError("--duration must be longer than 0s")
-        spans = [(0.0, duration, prompt)]
-        extra = duration
-    offset = base.duration
-    shifted = [PromptSpan(start=offset + a, end=offset + b, text=t) for a, b, t in spans]
-    prompts = list(base.prompts)
-    if prompts[-1].text == shifted[0].text:
-        last = prompts.pop()
-        shifted[0] = PromptSpan(start=last.start, end=shifted[0].end, text=last.text)
-    return base.with_overrides(duration=offset + extra, prompts=prompts + shifted)
-
-
-def _show(key: str, value: Any) -> str:
-    if key == "resolution":
-        return "default" if value is None else f"{value[0]}x{value[1]}"
-    if hasattr(value, "model_dump"):
-        return ", ".join(f"{k}={v}" for k, v in value.model_dump(exclude_none=True).items()) or "defaults"
-    return repr(value)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Sizes (for docs/BENCHMARKS.md): python -m slotgen.snapshot --sizes
-
-
-def snapshot_sizes(durations=(60.0, 600.0), policies=None, *, model: str = "miniature", device: str = "cpu",
-                   resolution: str | None = None, steps: int | None = None, bundle=None, out=None) -> list[dict]:
-    """Render each policy for each duration (no video written) and report the snapshot's size.
-
-    The storyboard switches prompt halfway; each policy runs with its default configuration.
-    ``resolution`` (``"WxH"``) and ``steps`` default to the model's.
-    """
-    from slotgen.memory.config import MEMORY_POLICIES
-    from slotgen.models import load_model
-    from slotgen.render import Renderer
-    from slotgen.storyboard import parse_storyboard
-
-    out = out if out is not None else sys.stdout
-    policies = list(policies or MEMORY_POLICIES)
-    bundle = bundle if bundle is not None else load_model(model, device=device)
-    extra = (f"resolution: {resolution}\n" if resolution else "") + (f"sampler: {{steps: {steps}}}\n" if steps else "")
-    rows = []
-    print(f"{'policy':>8} {'video s':>8} {'chunks':>7} {'snapshot bytes':>15} {'memory bytes':>13} "
-          f"{'history':>8} {'pending':>8}", file=out, flush=True)
-    for policy in policies:
-        for seconds in durations:
-            text = (f"duration: {seconds}\nseed: 0\nmodel: {model}\n{extra}memory: {{policy: {policy}}}\nprompts:\n"
-                    f"  - prompt: a red circle moves right on a blue background\n"
-                    f"  - at: {seconds / 2}\n    prompt: a green square enters from the left on a white background\n")
-            renderer = Renderer(parse_storyboard(text, f"<{policy} {seconds}s>"), bundle=bundle)
-            renderer.stream([])
-            size = len(encode_snapshot(snapshot_payload(renderer)))
-            row = {"policy": policy, "video_s": seconds, "chunks": renderer.engine.next_chunk, "bytes": size,
-                   "memory_bytes": renderer.policy.nbytes(), "history_frames": len(renderer.engine.history),
-                   "pending_frames": int(len(renderer.pending))}
-            rows.append(row)
-            print(f"{policy:>8} {seconds:>8g} {row['chunks']:>7} {size:>15,} {row['memory_bytes']:>13,} "
-                  f"{row['history_frames']:>8} {row['pending_frames']:>8}", file=out, flush=True)
-    return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slotgen.snapshot", description="Snapshot utilities.")
-    parser.add_argument("--sizes", action="store_true", help="print snapshot sizes per policy and duration")
-    parser.add_argument("--durations", default="60,600", help="video seconds, comma-separated (default 60,600)")
-    parser.add_argument("--policies", default=None, help="comma-separated policies (default: all)")
-    parser.add_argument("--model", default="miniature")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--resolution", default=None, help="WxH (default: the model's)")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON to this file")
-    parser.add_argument("snapshot", nargs="?", help="a snapshot to verify and summarise")
-    args = parser.parse_args(argv)
-    import json
-
-    try:
-        if args.sizes:
-            durations = [float(d) for d in args.durations.split(",") if d.strip()]
-            policies = [p.strip() for p in args.policies.split(",")] if args.policies else None
-            rows = snapshot_sizes(durations, policies, model=args.model, device=args.device,
-                                  resolution=args.resolution, steps=args.steps)
-            if args.json:
-                Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-            return 0
-        if args.snapshot:
-            print(json.dumps(load_snapshot(args.snapshot).summary(), indent=2))
-            return 0
-    except SlotgenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    parser.print_help()
-    return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
-
-
-__all__ = ["FORMAT", "VERSION", "Snapshot", "build_snapshot_policy", "check_model", "decode_snapshot", "policy_from_snapshot",
-           "default_snapshot_path", "encode_snapshot", "extend_storyboard", "load_snapshot", "save_snapshot",
-           "snapshot_payload", "snapshot_sizes"]
+__all__ = ["FORMAT", "VERSION", "Snapshot", "check_model", "decode_snapshot", "default_snapshot_path",
+           "encode_snapshot", "load_snapshot", "snapshot_policy", "write_snapshot"]

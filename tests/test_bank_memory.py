@@ -8,7 +8,7 @@ import math
 import torch
 
 from slotgen.memory import SinkMemory
-from slotgen.memory.bank import BankMemory, BankSettings, frame_key_means, text_relevance
+from slotgen.memory.bank import BankConfig, BankMemory, frame_key_means, text_relevance
 from slotgen.memory.base import ChunkContext, KVBlock
 from tests.test_slot_memory import make_engine, run
 
@@ -49,7 +49,7 @@ def test_text_relevance_is_the_memflow_mean_of_dot_products():
 
 
 def test_overflow_keeps_the_most_text_relevant_frames():
-    policy = BankMemory(1, BankSettings(window=1, sink=0, bank_frames=2))
+    policy = BankMemory(1, BankConfig(window=1, sink=0, bank_frames=2))
     text_keys = E[0].expand(1, 3, H, D).clone()  # the prompt points along e0
     strengths = [1.0, 3.0, 0.5, 2.0, 2.5, 2.5]
     for c, s in enumerate(strengths):
@@ -73,7 +73,7 @@ def test_overflow_keeps_the_most_text_relevant_frames():
 
 def test_write_every_and_sink_decide_which_frames_are_banked():
     text_keys = E[0].expand(1, 3, H, D).clone()
-    policy = BankMemory(1, BankSettings(window=1, sink=2, bank_frames=10, write_every=2))
+    policy = BankMemory(1, BankConfig(window=1, sink=2, bank_frames=10, write_every=2))
     for c in range(7):
         commit(policy, c, frame_block(c, E[0]), text_keys)
     assert bank_frames(policy) == [2, 4, 6]  # chunks 0, 2, 4, 6 write; frame 0 is a sink frame
@@ -82,7 +82,7 @@ def test_write_every_and_sink_decide_which_frames_are_banked():
 
 
 def test_capacity_is_never_exceeded_and_rows_are_never_duplicated():
-    policy = BankMemory(2, BankSettings(window=6, sink=3, bank_frames=3))  # window spans 2 chunks
+    policy = BankMemory(2, BankConfig(window=6, sink=3, bank_frames=3))  # window spans 2 chunks
     engine = make_engine(policy, steps=1)
     prompts = ["a red circle", "a green square", "a blue star"]
     read_bank = 0
@@ -101,7 +101,7 @@ def test_capacity_is_never_exceeded_and_rows_are_never_duplicated():
 
 def test_state_dict_round_trip_resumes_bit_exactly():
     prompts = ["a red circle"] * 4 + ["a green square"] * 4
-    settings = BankSettings(window=3, sink=0, bank_frames=2)
+    settings = BankConfig(window=3, sink=0, bank_frames=2)
     full_policy = BankMemory(2, settings)
     full = run(make_engine(full_policy), prompts)
     sink_only = run(make_engine(SinkMemory(2, window=3, sink=0)), prompts)
@@ -115,7 +115,7 @@ def test_state_dict_round_trip_resumes_bit_exactly():
     policy = BankMemory(2)
     resumed = make_engine(policy)
     resumed.load_state_dict(torch.load(buf, weights_only=True))
-    assert policy.settings == settings
+    assert policy.config == settings
     rest = [resumed.generate_chunk(1, p).latents for p in prompts[5:]]
     assert all(torch.equal(a, b) for a, b in zip(rest, full[5:]))
     assert policy.stats() == full_policy.stats()
@@ -127,11 +127,11 @@ def test_config_builds_the_policy_and_rejects_bad_values():
     import pytest
 
     from slotgen.memory import build_policy
-    from slotgen.memory.config import BankConfig, parse_memory_config
+    from slotgen.memory import BankConfig, parse_memory_config
 
     policy = build_policy(parse_memory_config({"policy": "bank", "bank_frames": 6, "write_every": "2"}), 3)
-    assert isinstance(policy, BankMemory) and policy.settings == BankSettings(bank_frames=6, write_every=2)
-    assert BankSettings(**BankConfig().model_dump(exclude={"policy"})) == BankSettings()  # one set of defaults
+    assert isinstance(policy, BankMemory) and policy.config == BankConfig(bank_frames=6, write_every=2)
+    assert BankMemory(1).config == BankConfig()  # the config class holds the only defaults
     for bad in [{"bank_frames": 0}, {"write_every": 0}, {"window": 0}, {"sink": -1}, {"top_k": 3}]:
         with pytest.raises(pydantic.ValidationError):
             parse_memory_config({"policy": "bank", **bad})

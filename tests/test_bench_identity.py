@@ -14,6 +14,7 @@ from slotgen.bench.identity import latent_to_video_frame, print_report, token_la
 from slotgen.cli import app
 
 
+@pytest.mark.slow
 def test_bench_identity_end_to_end(tmp_path, capsys):
     out_json, out_png = tmp_path / "id.json", tmp_path / "id.png"
     r = CliRunner().invoke(app, ["bench", "identity", "--episodes", "1", "--gaps", "0", "--policies", "window,slot",
@@ -74,6 +75,7 @@ def test_slot_purity_scores_every_layer_on_ground_truth():
     assert res["best_ari"] == max(layer["ari"] for layer in res["layers"])
 
 
+@pytest.mark.slow
 def test_true_past_protocol_hands_over_ground_truth_until_the_return():
     """``--past truth``: every chunk that ends before the return is the episode's ground truth, bit for bit
     through the exact VAE; generation starts at the chunk holding the return; the run is deterministic."""

@@ -98,6 +98,7 @@ def test_cli_never_tracebacks_on_garbage(tmp_path, text):
         assert res.output.startswith(f"error: {path}")
 
 
+@pytest.mark.slow
 def test_render_demo_subprocess(tmp_path):
     """The README's command, as a user runs it: a real MP4 and a clean exit."""
     out = tmp_path / "demo.mp4"

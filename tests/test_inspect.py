@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from slotgen.cli import app
-from slotgen.inspect import REPORT_SCHEMA, build_report, load_stats, report_table, write_png
+from slotgen.inspect import report_schema, build_report, load_stats, report_table, write_png
 
 STORY = """\
 duration: 2.5
@@ -47,7 +47,7 @@ def stats_files(tmp_path_factory):
 def test_report_from_slot_render(stats_files):
     stats, _ = load_stats(stats_files["slot"])
     report = build_report(stats, str(stats_files["slot"]))
-    jsonschema.validate(report, REPORT_SCHEMA)
+    jsonschema.validate(report, report_schema())
     assert report["policy"] == "slot" and len(report["layers"]) == 4
     lay = report["layers"][0]
     assert lay["items"] > 0 and 0 < lay["budget_use"] <= 1.0
@@ -82,7 +82,7 @@ def test_cli_inspect_table_json_png(stats_files, tmp_path):
     assert "policy slot" in res.output and "budget use" in res.output
     res = runner.invoke(app, ["inspect", str(stats_files["slot"]), "--json"])
     assert res.exit_code == 0
-    jsonschema.validate(json.loads(res.stdout), REPORT_SCHEMA)
+    jsonschema.validate(json.loads(res.stdout), report_schema())
     res = runner.invoke(app, ["inspect", str(stats_files["slot"]), "--png", str(tmp_path / "s.png")])
     assert res.exit_code == 0 and (tmp_path / "s.png").exists()
     res = runner.invoke(app, ["inspect", str(tmp_path / "missing.json")])
@@ -105,7 +105,7 @@ def test_cli_inspect_reads_a_snapshot(tmp_path):
     from_stats = runner.invoke(app, ["inspect", str(tmp_path / "s.json"), "--json"])
     assert from_snap.exit_code == 0, from_snap.output
     a, b = json.loads(from_snap.stdout), json.loads(from_stats.stdout)
-    jsonschema.validate(a, REPORT_SCHEMA)
+    jsonschema.validate(a, report_schema())
     assert a["layers"] == b["layers"] and a["bytes"] == b["bytes"]
     res = runner.invoke(app, ["inspect", str(tmp_path / "s.pt"), "--png", str(tmp_path / "snap.png")])
     assert res.exit_code == 0 and (tmp_path / "snap.png").stat().st_size > 0

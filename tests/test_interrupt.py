@@ -94,6 +94,7 @@ def _interrupted_render(tmp_path: Path, sig: int) -> tuple[subprocess.CompletedP
     return proc, "".join(lines) + err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_render_keeps_every_frame_and_resumes_exactly(sig, tmp_path, reference, miniature, monkeypatch):
     proc, err = _interrupted_render(tmp_path, sig)

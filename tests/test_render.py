@@ -56,6 +56,7 @@ def test_mp4_has_exact_frames_and_size(tmp_path, miniature):
     assert err < 24 and matched >= 0.9, (err, matched)
 
 
+@pytest.mark.slow
 def test_same_seed_same_frames_other_seed_differs(tmp_path, miniature):
     a = tmp_path / "a.mkv"
     b = tmp_path / "b.mkv"
@@ -68,6 +69,7 @@ def test_same_seed_same_frames_other_seed_differs(tmp_path, miniature):
     assert not np.array_equal(fa, fc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", ["0.5s", "0.5625s", "1.3s", "2s"])
 def test_prompt_switch_lands_on_documented_chunk(switch, miniature):
     """A switch takes effect at the first chunk whose first frame time is at or after the switch time."""
@@ -81,6 +83,7 @@ def test_prompt_switch_lands_on_documented_chunk(switch, miniature):
     assert 1 in expected and 0 in expected
 
 
+@pytest.mark.slow
 def test_prompt_switch_recaches_and_changes_output(miniature):
     """The re-cache reruns the local window under the new prompt: outputs differ from no-switch."""
     with_switch = Renderer(story(duration=3.0, switch="1.5s", policy="window"), bundle=miniature)
@@ -93,6 +96,7 @@ def test_prompt_switch_recaches_and_changes_output(miniature):
     assert not np.array_equal(lat_a[first_switched].numpy(), lat_b[first_switched].numpy())
 
 
+@pytest.mark.slow
 def test_memory_is_bounded_over_a_long_render(miniature):
     sb = story(duration=20.0, policy="sink", switch="10s")
     r = Renderer(sb, bundle=miniature)

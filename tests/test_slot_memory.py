@@ -15,7 +15,7 @@ from slotgen.engine.attention import assign_positions
 from slotgen.engine.generator import EngineOptions, StreamingEngine
 from slotgen.memory import SinkMemory, WindowMemory
 from slotgen.memory.base import ChunkContext, KVBlock
-from slotgen.memory.slot import SlotItem, SlotMemory, SlotSettings, zscore
+from slotgen.memory.slot import SlotConfig, SlotItem, SlotMemory, zscore
 from slotgen.memory.slot_attention import adjusted_rand_index, default_phi, farthest_point_init, slot_attention
 from tests.conftest import tiny_bundle
 
@@ -88,7 +88,7 @@ def test_slot_attention_recovers_known_clusters():
     gen = torch.Generator().manual_seed(0)
     centres = 2.0 * torch.randn(4, 12, generator=gen)  # 4 well-separated directions
     k, labels = clustered_keys(gen, centres, per_cluster=12, noise=0.5)  # (1, 48, 2, 12)
-    policy = SlotMemory(1, SlotSettings(window=3, sink=0, num_slots=4, top_k=0, budget=1000))
+    policy = SlotMemory(1, SlotConfig(window=3, sink=0, num_slots=4, top_k=0, budget=1000))
     policy.begin_chunk(ctx_for(0))
     policy.write(0, chunk_block(k, 0))
     owner = policy.last_assign[0]["slot"]  # (48,)
@@ -102,7 +102,7 @@ def test_slot_attention_recovers_known_clusters():
 def test_items_hold_top_r_owned_tokens_with_original_kv():
     gen = torch.Generator().manual_seed(1)
     k, _ = clustered_keys(gen, 2.0 * torch.randn(4, 12, generator=gen), per_cluster=12, noise=0.5)
-    policy = SlotMemory(1, SlotSettings(window=3, sink=3, num_slots=4, top_r=5, top_k=0, budget=1000))
+    policy = SlotMemory(1, SlotConfig(window=3, sink=3, num_slots=4, top_r=5, top_k=0, budget=1000))
     for c in range(2):  # chunk 0 lies in the sink: no items from it
         policy.begin_chunk(ctx_for(c))
         block = chunk_block(k, c)
@@ -111,7 +111,7 @@ def test_items_hold_top_r_owned_tokens_with_original_kv():
     assert items and all(it.chunk == 1 for it in items)
     owner = policy.last_assign[0]["slot"]  # (N,)
     x = default_phi(0, block.k[0])  # (N, D')
-    a = torch.softmax(policy.prev_slots[0] @ x.T / policy.settings.temperature, dim=0)  # (S, N) the returned A
+    a = torch.softmax(policy.prev_slots[0] @ x.T / policy.config.temperature, dim=0)  # (S, N) the returned A
     token_id = block.frames * 1000 + block.hw[:, 1]  # (N,) unique per token
     for it in items:
         idx = torch.nonzero(torch.isin(token_id, it.rows.frames * 1000 + it.rows.hw[:, 1])).flatten()  # ascending
@@ -128,7 +128,7 @@ def test_items_hold_top_r_owned_tokens_with_original_kv():
 def test_temporal_init_keeps_assignment_on_a_static_scene():
     gen = torch.Generator().manual_seed(2)
     k, _ = clustered_keys(gen, 2.0 * torch.randn(4, 12, generator=gen), per_cluster=12, noise=0.5)
-    policy = SlotMemory(1, SlotSettings(window=3, sink=0, num_slots=4, top_k=0, budget=1000))
+    policy = SlotMemory(1, SlotConfig(window=3, sink=0, num_slots=4, top_k=0, budget=1000))
     owners = []
     for c in range(5):  # the same keys every chunk
         policy.begin_chunk(ctx_for(c))
@@ -143,7 +143,7 @@ def test_temporal_init_keeps_slot_identity_when_token_order_and_noise_change():
 
     def mappings(temporal_init: bool) -> list[list[int]]:
         gen = torch.Generator().manual_seed(3)
-        policy = SlotMemory(1, SlotSettings(window=3, sink=0, num_slots=4, top_k=0, budget=1000, temporal_init=temporal_init))
+        policy = SlotMemory(1, SlotConfig(window=3, sink=0, num_slots=4, top_k=0, budget=1000, temporal_init=temporal_init))
         out = []
         for c in range(8):
             k, labels = clustered_keys(gen, centres, per_cluster=12, noise=0.3)
@@ -192,7 +192,7 @@ def test_retrieval_is_prompt_aware_and_follows_the_formula():
     local = KVBlock(torch.zeros(1, 2, H, D), torch.zeros(1, 2, H, D), torch.tensor([9, 10]), torch.zeros(2, 2, dtype=torch.long))
 
     def retrieve(w_text: float, w_vis: float, top_k: int = 3) -> SlotMemory:
-        policy = SlotMemory(1, SlotSettings(window=2, sink=0, top_k=top_k, budget=1000, w_text=w_text, w_vis=w_vis))
+        policy = SlotMemory(1, SlotConfig(window=2, sink=0, top_k=top_k, budget=1000, w_text=w_text, w_vis=w_vis))
         policy.items[0] = [dataclasses.replace(it) for it in items]
         policy.local[0] = local
         policy.window_slots[0] = [(9, 10, window_slot[None])]
@@ -220,7 +220,7 @@ def test_retrieval_is_prompt_aware_and_follows_the_formula():
 def test_retrieval_during_recache_never_sees_frames_being_recached_and_counts_no_hits():
     e = torch.eye(D)
     text_keys = e[0].expand(1, 3, H, D).clone()
-    policy = SlotMemory(1, SlotSettings(window=6, sink=0, top_k=4, budget=1000))
+    policy = SlotMemory(1, SlotConfig(window=6, sink=0, top_k=4, budget=1000))
     policy.items[0] = [make_item(0, 2, e[0], e[1]), make_item(1, 7, e[0], e[1])]
     policy.begin_chunk(ChunkContext(2, 6, 3, 1, "new", recache=True, text_keys=lambda layer: text_keys))
     assert policy.read(0).frames.tolist() == [2, 2]  # frame 7 is re-cached after this group: not visible yet
@@ -235,7 +235,7 @@ def test_eviction_follows_the_documented_rule():
     strengths, last_used = [3.0, 1.0, 2.0, 0.5], [0, 5, 5, 5]
 
     def evict(recency_weight: float) -> tuple[list[int], torch.Tensor]:
-        policy = SlotMemory(1, SlotSettings(budget=6, recency_weight=recency_weight, recency_decay=2.0))
+        policy = SlotMemory(1, SlotConfig(budget=6, recency_weight=recency_weight, recency_decay=2.0))
         policy.items[0] = [make_item(i, 3 + i, s * e[0], e[1], tokens=2, last_used=u)
                            for i, (s, u) in enumerate(zip(strengths, last_used))]  # 8 tokens > budget 6
         r_text = torch.tensor(strengths) / math.sqrt(D)  # <e0, s·e0> / sqrt(D), mean over everything
@@ -250,14 +250,14 @@ def test_eviction_follows_the_documented_rule():
     kept, value = evict(5.0)
     assert kept == [1, 2, 3] and int(value.argmin()) == 0  # long-unused item goes despite its relevance
 
-    policy = SlotMemory(1, SlotSettings(budget=4, recency_weight=0.0))  # ties: the older item goes first
+    policy = SlotMemory(1, SlotConfig(budget=4, recency_weight=0.0))  # ties: the older item goes first
     policy.items[0] = [make_item(i, 3 + i, e[0], e[1]) for i in range(3)]
     policy.evict(0, ctx)
     assert [it.id for it in policy.items[0]] == [1, 2]
 
 
 def test_budget_is_never_exceeded_over_a_long_run():
-    settings = SlotSettings(window=3, sink=0, num_slots=4, top_r=3, top_k=3, budget=20)
+    settings = SlotConfig(window=3, sink=0, num_slots=4, top_r=3, top_k=3, budget=20)
     policy = SlotMemory(2, settings)
     engine = make_engine(policy, steps=1)
     prompts = ["a red circle", "a green square", "a blue star", "a red circle"]
@@ -277,7 +277,7 @@ def test_budget_is_never_exceeded_over_a_long_run():
 @pytest.mark.parametrize("window,sink", [(6, 0), (3, 3)])
 def test_top_k_zero_equals_window_policy(window, sink):
     prompts = ["a red circle"] * 3 + ["a green square"] * 3  # prompt switch (re-cache) at chunk 3
-    slot = SlotMemory(2, SlotSettings(window=window, sink=sink, num_slots=4, top_k=0, budget=24))
+    slot = SlotMemory(2, SlotConfig(window=window, sink=sink, num_slots=4, top_k=0, budget=24))
     reference = WindowMemory(2, window=window) if sink == 0 else SinkMemory(2, window=window, sink=sink)
     ours, ref = run(make_engine(slot), prompts), run(make_engine(reference), prompts)
     assert all(torch.equal(a, b) for a, b in zip(ours, ref))
@@ -286,7 +286,7 @@ def test_top_k_zero_equals_window_policy(window, sink):
 
 def test_state_dict_round_trip_resumes_bit_exactly():
     prompts = ["a red circle"] * 4 + ["a green square"] * 4
-    settings = SlotSettings(window=3, sink=0, num_slots=4, top_r=3, top_k=3, budget=30)
+    settings = SlotConfig(window=3, sink=0, num_slots=4, top_r=3, top_k=3, budget=30)
     full_policy = SlotMemory(2, settings)
     full = run(make_engine(full_policy), prompts)
     window_only = run(make_engine(WindowMemory(2, window=3)), prompts)
@@ -299,10 +299,10 @@ def test_state_dict_round_trip_resumes_bit_exactly():
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
 
-    policy = SlotMemory(2, SlotSettings())  # settings come back from the state
+    policy = SlotMemory(2, SlotConfig())  # settings come back from the state
     resumed = make_engine(policy)
     resumed.load_state_dict(state)
-    assert policy.settings == settings
+    assert policy.config == settings
     rest = [resumed.generate_chunk(1, p).latents for p in prompts[5:]]
     assert all(torch.equal(a, b) for a, b in zip(rest, full[5:]))
     assert policy.stats() == full_policy.stats()
@@ -312,7 +312,7 @@ def test_state_dict_round_trip_resumes_bit_exactly():
 def test_stats_are_json_serialisable_and_describe_the_bank():
     import json
 
-    policy = SlotMemory(2, SlotSettings(window=3, sink=0, num_slots=4, top_r=3, top_k=3, budget=30))
+    policy = SlotMemory(2, SlotConfig(window=3, sink=0, num_slots=4, top_r=3, top_k=3, budget=30))
     engine = make_engine(policy, steps=1)
     run(engine, ["a red circle"] * 4)
     stats = json.loads(json.dumps(policy.stats()))
@@ -327,12 +327,12 @@ def test_config_builds_the_policy_and_rejects_bad_values():
     import pydantic
 
     from slotgen.memory import build_policy
-    from slotgen.memory.config import SlotConfig, parse_memory_config
+    from slotgen.memory import parse_memory_config
 
     policy = build_policy(parse_memory_config({"policy": "slot", "num_slots": "5", "top_k": 2, "w_text": 1.0}), 4)
     assert isinstance(policy, SlotMemory) and policy.num_layers == 4
-    assert policy.settings == SlotSettings(num_slots=5, top_k=2, w_text=1.0)
-    assert SlotSettings(**SlotConfig().model_dump(exclude={"policy"})) == SlotSettings()  # one set of defaults
+    assert policy.config == SlotConfig(num_slots=5, top_k=2, w_text=1.0)
+    assert SlotMemory(1).config == SlotConfig()  # the config class holds the only defaults
     for bad in [{"top_r": 200}, {"w_vis": -0.1}, {"num_slots": 0}, {"temperature": 0}, {"budget": True},
                 {"w_text": 0, "w_vis": 0}, {"bank_frames": 3}]:
         with pytest.raises(pydantic.ValidationError):
@@ -351,7 +351,7 @@ def test_spare_slots_on_one_object_are_merged_and_reseeded():
     k, labels = clustered_keys(gen, 2.0 * centres, per_cluster=24, noise=0.4)  # (1, 48, 2, 12)
     owners = {}
     for merge in (1.0, 0.9):
-        policy = SlotMemory(1, SlotSettings(window=3, sink=0, num_slots=6, top_k=0, budget=1000, merge=merge))
+        policy = SlotMemory(1, SlotConfig(window=3, sink=0, num_slots=6, top_k=0, budget=1000, merge=merge))
         policy.begin_chunk(ctx_for(0))
         policy.write(0, chunk_block(k, 0))
         owners[merge] = policy.last_assign[0]["slot"]
@@ -374,4 +374,4 @@ def test_spare_slots_on_one_object_are_merged_and_reseeded():
 
 def test_bad_merge_threshold_is_refused():
     with pytest.raises(ValueError, match="merge"):
-        SlotSettings(merge=1.5)
+        SlotConfig(merge=1.5)

@@ -17,17 +17,11 @@ from typer.testing import CliRunner
 from slotgen.cli import app
 from slotgen.engine.generator import ChunkGeometry
 from slotgen.errors import SnapshotError, StoryboardError
-from slotgen.memory.config import MEMORY_POLICIES
-from slotgen.render import Renderer, render, resume
-from slotgen.snapshot import (
-    FORMAT,
-    VERSION,
-    build_snapshot_policy,
-    encode_snapshot,
-    extend_storyboard,
-    load_snapshot,
-    snapshot_sizes,
-)
+from slotgen.memory.registry import policy_names
+from slotgen.bench.snapshot_size import snapshot_sizes
+from slotgen.render import render
+from slotgen.resume import extend_storyboard, resume
+from slotgen.snapshot import FORMAT, VERSION, encode_snapshot, load_snapshot, snapshot_policy
 from slotgen.storyboard import parse_storyboard
 from slotgen.video.writer import probe_video, read_video
 
@@ -80,7 +74,8 @@ def miniature():
 # -- exactness --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", MEMORY_POLICIES)
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", policy_names())
 def test_resume_is_bit_exact(policy, miniature, tmp_path):
     """One story (red for 1.25 s, then green until 3.5 s) rendered in one go and in pieces.
 
@@ -102,7 +97,7 @@ def test_resume_is_bit_exact(policy, miniature, tmp_path):
     assert (snap.frames_emitted, len(snap.pending), snap.chunk, snap.prompt) == (20, 1, geo.num_chunks(20), RED)
     assert snap.policy == policy and snap.seed == 5 and not snap.interrupted and snap.complete
     # the policy can be rebuilt without the model (what `slotgen inspect` does)
-    assert build_snapshot_policy(snap).stats() == rep_a.memory_stats
+    assert snapshot_policy(snap).stats() == rep_a.memory_stats
     rep_b = resume(snap, tmp_path / "b.mkv", storyboard=more(2.25, (0, GREEN)), bundle=miniature,
                    snapshot_out=tmp_path / "b.pt")
     assert rep_b.first_frame == 20 and rep_b.frames == 36 and rep_b.prompt_chunks[0] == 1
@@ -202,6 +197,23 @@ def _payload(path) -> dict:
     return torch.load(io.BytesIO(outer["payload"].numpy().tobytes()), weights_only=True)
 
 
+@pytest.mark.slow
+def test_snapshots_with_retired_model_settings_still_resume(good_snapshot, miniature, tmp_path):
+    """Snapshots written while ModelSettings still carried `window`/`sink` (never read) keep resuming."""
+    payload = _payload(good_snapshot)
+    payload["model"]["settings"] = {**payload["model"]["settings"], "window": 12, "sink": 3}
+    old = tmp_path / "old.pt"
+    old.write_bytes(encode_snapshot(payload))
+    rep = resume(old, tmp_path / "b.mkv", prompt=GREEN, duration=0.5, bundle=miniature)
+    ref = resume(good_snapshot, tmp_path / "c.mkv", prompt=GREEN, duration=0.5, bundle=miniature)
+    assert rep.frames == ref.frames > 0
+    assert np.array_equal(read_video(tmp_path / "b.mkv"), read_video(tmp_path / "c.mkv"))
+    payload["model"]["settings"]["chunk_frames"] += 1  # a setting that matters is still checked
+    (tmp_path / "other.pt").write_bytes(encode_snapshot(payload))
+    with pytest.raises(SnapshotError):
+        resume(tmp_path / "other.pt", tmp_path / "d.mkv", prompt=GREEN, duration=0.5, bundle=miniature)
+
+
 def _resume_cli(snap, tmp_path, *extra):
     return runner.invoke(app, ["resume", str(snap), "-p", GREEN, "-d", "0.5", "-o", str(tmp_path / "o.mp4"),
                                "--quiet", *extra])
@@ -259,18 +271,16 @@ def test_bad_snapshots_are_refused_with_one_line(good_snapshot, tmp_path):
     assert_one_line_error(_resume_cli(tmp_path / "missing.pt", tmp_path), "file not found")
 
 
-def test_summary_module_entry_point(good_snapshot, tmp_path, capsys):
+def test_inspect_summary(good_snapshot, tmp_path):
     import json
 
-    from slotgen.snapshot import main
-
-    assert main([str(good_snapshot)]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    res = runner.invoke(app, ["inspect", str(good_snapshot), "--summary"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
     assert summary["format"] == FORMAT and summary["frames_emitted"] == 8 and summary["pending_frames"] == 1
     assert summary["policy"] == "sink" and summary["model"]["name"] == "miniature" and len(summary["model"]["digest"]) == 64
     (tmp_path / "bad.pt").write_bytes(b"nope")
-    assert main([str(tmp_path / "bad.pt")]) == 2
-    assert capsys.readouterr().err.startswith("error: snapshot ")
+    assert_one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "bad.pt"), "--summary"]), "error: snapshot ")
 
 
 def test_malicious_pickles_never_run(good_snapshot, tmp_path):
@@ -347,7 +357,8 @@ def test_append_checks_the_original_frame_count(good_snapshot, tmp_path):
 # -- size ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", MEMORY_POLICIES)
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", policy_names())
 def test_snapshot_size_does_not_grow_with_length(policy, miniature):
     """5 s and 20 s of video (both leave 1 pending frame) give the same snapshot size, up to noise.
 

@@ -11,13 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slotgen.errors import StoryboardError
-from slotgen.memory.config import (
-    DEFAULT_MEMORY,
-    MEMORY_POLICIES,
-    SinkConfig,
-    WindowConfig,
-    parse_memory_config,
-)
+from slotgen.memory import SinkConfig, WindowConfig, default_memory, parse_memory_config, policy_names
 from slotgen.storyboard import (
     PromptSpan,
     SamplerConfig,
@@ -119,7 +113,7 @@ def test_defaults_and_derived_duration():
     assert sb.seed == 0
     assert sb.model == "miniature"
     assert sb.sampler is None
-    assert sb.memory == DEFAULT_MEMORY == SinkConfig(policy="sink", sink=3, window=9)
+    assert sb.memory == default_memory() == SinkConfig(policy="sink", sink=3, window=9)
     assert spans(sb) == [(0.0, 2.0, "a red circle stays")]
     assert sb.total_frames == 32
 
@@ -234,7 +228,7 @@ def test_resolution_list_form_and_text_fields():
         ("memory:\n  policy: window\n", WindowConfig(policy="window", window=12)),
         ("memory:\n  policy: sink\n", SinkConfig(policy="sink", sink=3, window=9)),
         ("memory:\n  policy: sink\n  sink: 0\n  window: 4\n", SinkConfig(policy="sink", sink=0, window=4)),
-        ("", DEFAULT_MEMORY),
+        ("", default_memory()),
     ],
 )
 def test_memory_defaults_per_policy(block, expected):
@@ -244,7 +238,7 @@ def test_memory_defaults_per_policy(block, expected):
 
 def test_parse_memory_config_for_cli():
     assert parse_memory_config({"policy": "window", "window": "8"}) == WindowConfig(policy="window", window=8)
-    assert MEMORY_POLICIES == ("window", "sink", "bank", "slot")
+    assert policy_names() == ("window", "sink", "bank", "slot")
     with pytest.raises(Exception, match="window"):
         parse_memory_config({"policy": "frames"})
 

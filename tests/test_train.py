@@ -86,6 +86,7 @@ def test_training_mask_is_block_causal():
     assert torch.equal(grp, b.groups) and base.shape == m.shape
 
 
+@pytest.mark.slow
 def test_return_clips_relocate_a_chunk_with_the_protagonist_before_it_left():
     """With return_prob 1 every sample covers the protagonist's return, and its relocated chunk is one in
     which the protagonist was fully inside, before the leave: the trait copy the memory must make."""
@@ -121,6 +122,7 @@ def test_x0_loss_weights_entities_and_low_noise():
     assert per_pixel_ent > 2 * per_pixel_bg
 
 
+@pytest.mark.slow
 def test_tiny_training_run_learns_and_writes_a_loadable_miniature(tmp_path):
     cfg = TrainConfig(minutes=5, seed=0, steps=30, episodes=4, batch=2, clip_chunks=2, slots=TINY_SLOTS)
     res = train_miniature(cfg, tmp_path / "mini", log=lambda m: None, command="test")
@@ -143,6 +145,7 @@ def test_tiny_training_run_learns_and_writes_a_loadable_miniature(tmp_path):
     assert "--steps 30" in card and "--episodes 4 --batch 2 --clip-chunks 2" in card and "--device" not in card
 
 
+@pytest.mark.slow
 def test_training_is_reproducible_step_for_step(tmp_path):
     cfg = TrainConfig(seed=1, steps=3, episodes=3, batch=2, clip_chunks=2, slots=TINY_SLOTS)
     a = train_miniature(cfg, tmp_path / "a", log=lambda m: None)
@@ -219,6 +222,7 @@ def test_training_forward_reproduces_the_engine_stream():
         torch.testing.assert_close(out, full[:, :, j * CHUNK : (j + 1) * CHUNK], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_memorise_check_scores_the_episodes_it_trained_on(tmp_path):
     """scripts/memorise_check.py (the recipe's positive control, docs/MINIATURE.md): a run trains, then every
     training episode is rendered free-running and analysed; rows name those episodes' seeds."""

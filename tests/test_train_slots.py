@@ -97,6 +97,7 @@ def test_training_phi_groups_tokens_the_training_free_phi_cannot():
     assert learned > 0.7 and learned > free + 0.5, (learned, free)
 
 
+@pytest.mark.slow
 def test_train_slots_ships_phi_in_the_folder_and_the_render_uses_it(tmp_path):
     from slotgen.models.miniature import load_miniature, write_miniature
     from slotgen.render import Renderer

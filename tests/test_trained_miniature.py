@@ -34,6 +34,7 @@ def test_shipped_weights_are_the_trained_ones(shipped):
     assert config["digest"] == shipped.digest
 
 
+@pytest.mark.slow
 @NOT_DRAWING
 @pytest.mark.parametrize("seed", [1003, 1004])
 def test_prompted_entity_is_present_in_nine_of_ten_frames(shipped, seed):

@@ -255,6 +255,7 @@ def test_ground_truth_scores_perfectly(truth_reports):
     json.dumps(summary)
 
 
+@pytest.mark.slow
 def test_shuffled_traits_score_near_chance(episodes, truth_reports):
     """The returning entity wears another episode's traits: recall must fall to about chance (1/9)."""
     reports = []
@@ -287,6 +288,7 @@ def _unpatch(patches: np.ndarray, shape: tuple, p: int = 16) -> np.ndarray:
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_analyser_tolerates_the_errors_of_a_rank_limited_generator(episodes):
     """A generator's frames are never pixel-exact. The miniature's transformer writes each 16×16 patch
     (768 values) through a linear head from its 128-wide stream, so even a perfect one outputs a

@@ -44,12 +44,6 @@ import torch
 from slotgen.errors import SlotgenError
 
 WINDOW_FRAMES = 9  # local window of every policy (latent frames); × the VAE's temporal stride in video frames
-POLICY_MEMORY = {
-    "window": {"policy": "window", "window": WINDOW_FRAMES},
-    "sink": {"policy": "sink"},
-    "bank": {"policy": "bank"},
-    "slot": {"policy": "slot"},
-}
 TABLE_METRICS = ("identity_recall", "leakage", "return_seen", "compliance", "presence", "duplicate_rate", "vanish_rate",
                  "flicker_proxy")
 PAIRED_METRICS = ("identity_recall", "leakage", "compliance")
@@ -85,7 +79,14 @@ def bench_episodes(gaps: list[int], episodes: int, seed: int, similar: bool) -> 
 
 
 def memory_for(policy: str) -> dict:
-    return dict(POLICY_MEMORY.get(policy, {"policy": policy}))
+    """The benchmark's memory section for ``policy``: its defaults, with a local window of
+    :data:`WINDOW_FRAMES` where the policy has one (only ``window``'s default differs)."""
+    from slotgen.memory.registry import policy_class
+
+    field = policy_class(policy).config_class.model_fields.get("window")
+    if field is not None and field.default != WINDOW_FRAMES:
+        return {"policy": policy, "window": WINDOW_FRAMES}
+    return {"policy": policy}
 
 
 PASTS = ("generated", "truth")
@@ -227,13 +228,12 @@ def committed_ground_truth(bundle, episode, policy) -> Iterator[tuple[int, Calla
 def slot_purity(bundle, episodes: list, slot_memory: Optional[dict] = None) -> dict:
     """ARI between the slot policy's token→slot assignment and ground truth (see module docstring)."""
     from slotgen.memory import build_policy
-    from slotgen.memory.config import parse_memory_config
     from slotgen.memory.slot_attention import adjusted_rand_index
 
     n_layers = len(bundle.transformer.blocks)
     per_layer: list[list[float]] = [[] for _ in range(n_layers)]
     for ep in episodes:
-        policy = build_policy(parse_memory_config(slot_memory or memory_for("slot")), n_layers, phi=bundle.slot_phi)
+        policy = build_policy(slot_memory or memory_for("slot"), n_layers, phi=bundle.slot_phi)
         tw = ep.config.width // bundle.stride  # token grid width
         for _, cells in committed_ground_truth(bundle, ep, policy):
             stats = policy.stats()

@@ -1,6 +1,6 @@
 """Cost of a memory policy's own bookkeeping per chunk, at full Wan2.1-1.3B shapes, without the model.
 
-``python -m slotgen.bench.policy_cost [--resolution 832x480] [--chunks 12] [--policies window,sink,bank,slot]``
+``slotgen bench policy-cost [--resolution 832x480] [--chunks 12] [--policies window,sink,bank,slot]``
 
 Feeds ``write`` and ``read`` of ``--layers`` layers (default 4; layers are independent, so the cost
 scales by 30 / layers) the K/V shapes of a real chunk (3 latent frames; 1560 tokens per frame at
@@ -15,8 +15,6 @@ the per-chunk medians are compared.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
@@ -24,7 +22,7 @@ import torch
 
 from slotgen.memory import KVBlock, build_policy
 from slotgen.memory.base import ChunkContext
-from slotgen.memory.config import parse_memory_config
+from slotgen.memory.registry import parse_memory_config
 
 FULL = dict(layers=30, heads=12, head_dim=128, text_tokens=64)
 
@@ -71,21 +69,3 @@ def run(resolution: tuple[int, int], chunks: int, policies: list[str], full_size
                     "rows_read_last_layer": rows[p],
                     "memory_mb": mems[p].nbytes() / 2**20, "config": configs[p].model_dump()})
     return out
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--resolution", default="832x480")
-    ap.add_argument("--chunks", type=int, default=12)
-    ap.add_argument("--policies", default="window,sink,bank,slot")
-    ap.add_argument("--layers", type=int, default=4, help="layers simulated (memory: ~0.23 GB per layer and policy)")
-    ap.add_argument("--miniature-slot-defaults", action="store_true", help="slot with its miniature defaults")
-    args = ap.parse_args()
-    w, h = (int(x) for x in args.resolution.lower().split("x"))
-    res = run((w, h), args.chunks, [p.strip() for p in args.policies.split(",")], not args.miniature_slot_defaults, layers=args.layers)
-    for r in res:
-        print(json.dumps(r))
-
-
-if __name__ == "__main__":
-    main()

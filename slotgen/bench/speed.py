@@ -135,6 +135,10 @@ def run_worker(policy: str, duration: float, model: str, device: str, resolution
     return out
 
 
+_WORKER = ("import json, sys; from slotgen.bench.speed import run_worker; "
+           "print(json.dumps(run_worker(**json.loads(sys.argv[1]))))")  # one JSON argument, one JSON line out
+
+
 def run_speed_bench(policies: list[str], durations: list[float], model: str = "miniature", device: str = "cpu",
                     resolution: str | None = None, fps: int | None = None, chunks: int | None = None,
                     steps: int | None = None, isolate: bool = True) -> list[dict]:
@@ -147,13 +151,10 @@ def run_speed_bench(policies: list[str], durations: list[float], model: str = "m
             if not isolate:
                 rows.append(run_worker(**args))
                 continue
-            proc = subprocess.run([sys.executable, "-m", "slotgen.bench.speed", json.dumps(args)],
+            proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(args)],
                                   capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if proc.returncode != 0:
                 raise RuntimeError(f"benchmark worker failed for {policy}:\n{proc.stderr[-2000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return rows
 
-
-if __name__ == "__main__":  # worker entry: one JSON argument, one JSON line out
-    print(json.dumps(run_worker(**json.loads(sys.argv[1]))))

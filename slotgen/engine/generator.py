@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -247,7 +247,7 @@ class StreamingEngine:
         return ChunkResult(c, prompt_index, prompt, self.geometry.first_frame(c), frames, x0,
                            time.perf_counter() - t0, recached)
 
-    def run(self, timeline, start_chunk: int | None = None) -> Iterator[ChunkResult]:
+    def run(self, timeline) -> Iterator[ChunkResult]:
         """Generate every remaining chunk of ``timeline`` (a Storyboard: prompts, fps, total frames)."""
         total = timeline.total_frames
         while self.geometry.first_frame(self.next_chunk) < total:

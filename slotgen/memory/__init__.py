@@ -1,32 +1,26 @@
 """Memory policies: where a chunk's K/V goes and what later chunks attend to.
 
-``build_policy(config, num_layers)`` turns a validated ``memory:`` section (see ``config.py``) into a
-policy object implementing :class:`~slotgen.memory.base.MemoryPolicy`.
+Each policy is one module holding its config, its class and how ``slotgen inspect`` shows it
+(:mod:`slotgen.memory.base` states the contract); the modules register themselves with
+:mod:`slotgen.memory.registry`, which turns a storyboard's ``memory:`` section into a policy object
+(``build_policy(config, num_layers)``). Importing this package registers the built-in policies.
 """
 
 from __future__ import annotations
 
-from slotgen.memory.bank import BankMemory, BankSettings
-from slotgen.memory.base import ChunkContext, KVBlock, MemoryPolicy
-from slotgen.memory.slot import SlotMemory, SlotSettings
-from slotgen.memory.window import SinkMemory, WindowMemory
+from slotgen.memory.bank import BankConfig, BankMemory
+from slotgen.memory.base import ChunkContext, KVBlock, MemoryPolicy, PolicyConfig
+from slotgen.memory.registry import (
+    build_policy,
+    default_memory,
+    parse_memory_config,
+    policy_class,
+    policy_names,
+    register_policy,
+)
+from slotgen.memory.slot import SlotConfig, SlotMemory
+from slotgen.memory.window import SinkConfig, SinkMemory, WindowConfig, WindowMemory
 
-
-def build_policy(config, num_layers: int, phi=None) -> MemoryPolicy:
-    """A fresh policy for ``config`` (a MemoryConfig model) over ``num_layers`` transformer layers.
-
-    ``phi``: the model's learned slot projection (``ModelBundle.slot_phi``), used by ``slot``; None keeps
-    the training-free one."""
-    if config.policy == "window":
-        return WindowMemory(num_layers, window=config.window)
-    if config.policy == "sink":
-        return SinkMemory(num_layers, window=config.window, sink=config.sink)
-    if config.policy == "bank":
-        return BankMemory(num_layers, BankSettings(**config.model_dump(exclude={"policy"})))
-    if config.policy == "slot":
-        return SlotMemory(num_layers, SlotSettings(**config.model_dump(exclude={"policy"})), phi=phi)
-    raise ValueError(f"unknown memory policy {config.policy!r}")
-
-
-__all__ = ["ChunkContext", "KVBlock", "MemoryPolicy", "WindowMemory", "SinkMemory", "BankMemory", "BankSettings",
-           "SlotMemory", "SlotSettings", "build_policy"]
+__all__ = ["BankConfig", "BankMemory", "ChunkContext", "KVBlock", "MemoryPolicy", "PolicyConfig", "SinkConfig",
+           "SinkMemory", "SlotConfig", "SlotMemory", "WindowConfig", "WindowMemory", "build_policy", "default_memory",
+           "parse_memory_config", "policy_class", "policy_names", "register_policy"]

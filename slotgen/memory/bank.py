@@ -22,12 +22,27 @@ Prompt switch: drop the local window (the engine re-caches it), keep sink and ba
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from slotgen.memory.base import ChunkContext, KVBlock
-from slotgen.memory.window import WindowMemory
+from slotgen.memory.base import ChunkContext, Count, KVBlock, LatentFrames
+from slotgen.memory.registry import register_policy
+from slotgen.memory.window import SinkWindowConfig, WindowMemory
+
+
+class BankConfig(SinkWindowConfig):
+    """MemFlow narrative memory: sink + rolling window + a bank of whole latent frames kept by text relevance.
+
+    On overflow the bank keeps the frames whose keys best match the current prompt's text keys.
+    """
+
+    policy: Literal["bank"] = "bank"
+    bank_frames: LatentFrames = Field(default=3, ge=1, description="Latent frames held in the bank per "
+                                      "layer (MemFlow: 3).")
+    write_every: Count = Field(default=1, ge=1, description="A chunk's first non-sink frame joins the bank "
+                               "every N chunks.")
 
 
 def text_relevance(text_keys: torch.Tensor | None, key_means: torch.Tensor) -> torch.Tensor:
@@ -60,31 +75,37 @@ def held_frames(*blocks: KVBlock | None) -> torch.Tensor:
     return torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)
 
 
-@dataclass(frozen=True)
-class BankSettings:
-    """Parameters of :class:`BankMemory` (all counts in latent frames or chunks)."""
-
-    window: int = 9  # local window (latent frames), excluding the sink
-    sink: int = 3  # first latent frames kept forever
-    bank_frames: int = 3  # whole latent frames held in the bank per layer (MemFlow: 3)
-    write_every: int = 1  # a frame joins the bank on chunks c with c % write_every == 0
-
-    def __post_init__(self):
-        if self.window < 1 or self.sink < 0 or self.bank_frames < 1 or self.write_every < 1:
-            raise ValueError(f"invalid bank settings {self}: need window ≥ 1, sink ≥ 0, bank_frames ≥ 1, write_every ≥ 1")
-
-
+@register_policy
 class BankMemory(WindowMemory):
     """MemFlow narrative memory: sink + local window + text-relevance-compressed frame bank. See module doc."""
 
     name = "bank"
+    config_class = BankConfig
+    inspect_schema = {"bank_frames": {"type": "array", "items": {"type": "integer"}},
+                      "relevance": {"type": "object"}}
+    inspect_columns = (
+        ("bank frames", lambda row: " ".join(map(str, row["bank_frames"])) or "-"),
+        ("relevance", lambda row: " ".join(f"{float(v):.2f}" for v in row["relevance"].values()) or "-"),
+    )
 
-    def __init__(self, num_layers: int, settings: BankSettings | None = None):
-        settings = settings or BankSettings()
-        super().__init__(num_layers, window=settings.window, sink=settings.sink)
-        self.settings = settings
+    def __init__(self, num_layers: int, config: BankConfig | None = None):
+        config = config or BankConfig()
+        super().__init__(num_layers, window=config.window, sink=config.sink)
+        self.config = config
         self.bank: list[KVBlock | None] = [None] * num_layers  # rows of the banked frames
         self.scores: list[dict[int, float]] = [{} for _ in range(num_layers)]  # frame → last relevance
+
+    @classmethod
+    def from_config(cls, config: BankConfig, num_layers: int, *, phi=None) -> "BankMemory":
+        return cls(num_layers, config)
+
+    @classmethod
+    def inspect_layer(cls, stats: dict, layer: int) -> dict:
+        if layer >= len(stats.get("bank", [])):
+            return {}
+        scores = stats.get("bank_scores", [])
+        return {"bank_frames": [int(f) for f in stats["bank"][layer]],
+                "relevance": {k: float(v) for k, v in (scores[layer] if layer < len(scores) else {}).items()}}
 
     # -- protocol -----------------------------------------------------------------------------------
     def _bank_rows(self, layer: int) -> KVBlock | None:
@@ -104,7 +125,7 @@ class BankMemory(WindowMemory):
     def write(self, layer: int, block: KVBlock) -> None:
         super().write(layer, block)
         ctx = self.ctx
-        if ctx.recache or ctx.chunk % self.settings.write_every:
+        if ctx.recache or ctx.chunk % self.config.write_every:
             return
         candidates = block.frames[block.frames >= self.sink]  # (N',) rows outside the sink
         if candidates.numel() == 0:
@@ -123,10 +144,10 @@ class BankMemory(WindowMemory):
         text_keys = ctx.text_keys(layer) if ctx.text_keys is not None else None
         score = text_relevance(text_keys, means)  # (U,)
         self.scores[layer] = {int(f): float(s) for f, s in zip(frames, score)}
-        if frames.numel() <= self.settings.bank_frames:
+        if frames.numel() <= self.config.bank_frames:
             return
         order = torch.sort(score, descending=True, stable=True).indices  # (U,) best first, ties → older
-        kept = frames[order[: self.settings.bank_frames]]  # (bank_frames,)
+        kept = frames[order[: self.config.bank_frames]]  # (bank_frames,)
         self.bank[layer] = bank.select(torch.isin(bank.frames, kept))
 
     def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
@@ -136,8 +157,8 @@ class BankMemory(WindowMemory):
     def stats(self) -> dict:
         out = super().stats()
         out.update({
-            "bank_frames": self.settings.bank_frames,
-            "write_every": self.settings.write_every,
+            "bank_frames": self.config.bank_frames,
+            "write_every": self.config.write_every,
             "bank": [sorted({int(f) for f in b.frames.unique()}) if b is not None else [] for b in self.bank],
             "bank_scores": [{str(f): s for f, s in sc.items()} for sc in self.scores],
             "tokens_per_layer": [t + (b.num_tokens if b is not None else 0)
@@ -149,7 +170,7 @@ class BankMemory(WindowMemory):
     def state_dict(self) -> dict:
         out = super().state_dict()
         out.update({
-            "settings": asdict(self.settings),
+            "settings": self.config.settings(),
             "bank": [b.to_state() if b is not None else None for b in self.bank],
             "scores": [[[f, s] for f, s in sorted(sc.items())] for sc in self.scores],
         })
@@ -157,7 +178,7 @@ class BankMemory(WindowMemory):
 
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
         super().load_state_dict(state, device)
-        self.settings = BankSettings(**state["settings"])
+        self.config = BankConfig(**state["settings"])
         self.bank = [KVBlock.from_state(d, device) if d is not None else None for d in state["bank"]]
         self.scores = [{int(f): float(s) for f, s in sc} for sc in state["scores"]]
 

@@ -14,15 +14,56 @@ commit passes, each wrapped in ``begin_chunk(ctx with recache=True)`` / ``end_ch
 Keys are stored **un-roped** (after ``norm_k``), with each row's absolute latent frame and (row, col)
 grid cell; the engine assigns RoPE positions at read time (see ``engine/attention.py``), so memory
 contents never depend on how long the video is.
+
+A policy is one module: a :class:`PolicyConfig` subclass (its storyboard keys, defaults and checks),
+a :class:`MemoryPolicy` subclass naming that config in ``config_class``, and
+``@register_policy`` (:mod:`slotgen.memory.registry`) on the class. Everything else (storyboard
+validation, CLI flags, snapshots, ``slotgen inspect``, benchmarks) reads the registry.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Annotated, Any, Callable, ClassVar
 
 import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+
+def _reject_bool(value: Any) -> Any:
+    """Refuse booleans for numeric fields (pydantic would otherwise read ``true`` as 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {str(value).lower()}")
+    return value
+
+
+LatentFrames = Annotated[int, BeforeValidator(_reject_bool)]
+"""A count of latent frames (the unit the K/V cache is stored in)."""
+Count = Annotated[int, BeforeValidator(_reject_bool)]
+"""A count of tokens, slots, items, iterations or chunks."""
+Real = Annotated[float, BeforeValidator(_reject_bool)]
+
+
+class PolicyConfig(BaseModel):
+    """A policy's ``memory:`` section: the single source of its keys, defaults and checks.
+
+    A subclass declares ``policy: Literal["<name>"] = "<name>"`` and one pydantic field per key
+    (``Field(default, ge=..., description=...)``; the description is the CLI flag's help). Every key
+    becomes a ``slotgen render`` flag ``--<key>`` (underscores as dashes) unless ``cli_names`` renames it.
+    Numeric strings such as ``"8"`` are accepted, so CLI values can be passed as they come.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cli_names: ClassVar[dict[str, str]] = {}
+    """Field → flag name where the flag is not the field's name (``{"num_slots": "slots"}``)."""
+
+    policy: str
+
+    def settings(self) -> dict[str, Any]:
+        """The keys besides ``policy``, as plain data (what a policy's ``state_dict`` records)."""
+        return self.model_dump(exclude={"policy"})
 
 
 @dataclass
@@ -92,12 +133,44 @@ class ChunkContext:
 
 
 class MemoryPolicy(ABC):
-    """A bounded self-attention memory. Subclasses keep per-layer state; see the module docstring."""
+    """A bounded self-attention memory. Subclasses keep per-layer state; see the module docstring.
 
-    name: str = "base"
+    The whole contract:
+
+    * class attributes ``name`` (the storyboard's ``policy:`` value) and ``config_class`` (its
+      :class:`PolicyConfig`); :meth:`from_config` builds a fresh policy from a validated config;
+    * the chunk protocol (module docstring): ``begin_chunk``, ``read``, ``write``, ``end_chunk``,
+      ``on_prompt_switch``, ``recache_span``;
+    * ``stats()``: JSON data with at least ``policy``, ``tokens_per_layer`` (one int per layer) and
+      ``bytes``; ``slotgen inspect`` also shows ``frames_seen``, ``sink_frames`` and ``local_frames``
+      when present, and the columns of :meth:`inspect_layer`;
+    * ``state_dict()`` / ``load_state_dict(state, device=...)``: the full state as tensors and plain
+      data (a snapshot stores it; loaded with ``torch.load(weights_only=True)``), restored onto
+      ``device``; after a restore the policy continues bit-identically;
+    * ``nbytes()``.
+    """
+
+    name: ClassVar[str] = "base"
+    config_class: ClassVar[type[PolicyConfig]] = PolicyConfig
+
+    inspect_schema: ClassVar[dict[str, dict]] = {}
+    """JSON-schema properties of the per-layer keys :meth:`inspect_layer` adds to the inspect report."""
+    inspect_columns: ClassVar[tuple[tuple[str, Callable[[dict], str]], ...]] = ()
+    """``(title, cell(layer_row) -> str)`` for each extra column of the ``slotgen inspect`` table."""
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
+
+    @classmethod
+    def from_config(cls, config: PolicyConfig, num_layers: int, *, phi: Any = None) -> "MemoryPolicy":
+        """A fresh policy for ``config`` over ``num_layers`` layers. ``phi``: the model's learned slot
+        projection (``ModelBundle.slot_phi``) or None; a policy that has no use for it ignores it."""
+        return cls(num_layers, config)  # type: ignore[call-arg]
+
+    @classmethod
+    def inspect_layer(cls, stats: dict, layer: int) -> dict:
+        """Extra fields of layer ``layer``'s row in the inspect report, from this policy's ``stats()``."""
+        return {}
 
     # -- the chunk protocol ---------------------------------------------------------------------
     def begin_chunk(self, ctx: ChunkContext) -> None:
@@ -132,7 +205,8 @@ class MemoryPolicy(ABC):
         """Full state as tensors / plain Python (loadable with ``torch.load(weights_only=True)``)."""
 
     @abstractmethod
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        """Restore ``state_dict()``'s output, with tensors on ``device``; raise ValueError when it does not fit."""
 
     @abstractmethod
     def nbytes(self) -> int:

@@ -39,57 +39,57 @@ all items (old and new) under the current prompt at chunk c; items are dropped i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
 from slotgen.memory.bank import held_frames, text_relevance
-from slotgen.memory.base import ChunkContext, KVBlock
+from slotgen.memory.base import ChunkContext, Count, KVBlock, Real
+from slotgen.memory.registry import register_policy
 from slotgen.memory.slot_attention import Phi, default_phi, farthest_point_init, slot_attention
-from slotgen.memory.window import WindowMemory
+from slotgen.memory.window import SinkWindowConfig, WindowMemory
 
 
-@dataclass(frozen=True)
-class SlotSettings:
-    """Parameters of :class:`SlotMemory`; defaults suit the miniature (16 tokens per latent frame).
+class SlotConfig(SinkWindowConfig):
+    """SlotMemory: sink + rolling window + a token-budgeted bank of object-level K/V items per layer.
 
-    See docs/MEMORY.md for full-size (1560 tokens per frame) suggestions.
+    Each chunk's keys are grouped into slots (slot attention, initialised from the previous chunk's
+    slots); each slot stores its ``top_r`` most typical tokens' original K/V as an item. Each chunk
+    attends to the ``top_k`` items that best match the prompt and the current scene. Defaults suit the
+    miniature (16 tokens per latent frame); docs/MEMORY.md lists full-size (1560 tokens per frame) values.
     """
 
-    window: int = 9  # local window (latent frames), excluding the sink
-    sink: int = 3  # first latent frames kept forever
-    num_slots: int = 8  # slots S per chunk and layer
-    iters: int = 3  # slot-attention (soft k-means) iterations
-    temperature: float = 0.1  # τ of the softmax over slots (features are unit vectors)
-    top_r: int = 4  # tokens per memory item (R)
-    top_k: int = 8  # items retrieved per chunk and layer (K); 0 = plain sink/window
-    budget: int = 96  # tokens the bank may hold per layer
-    w_text: float = 0.7  # weight of the normalised text relevance
-    w_vis: float = 0.3  # weight of the normalised visual relevance
-    recency_weight: float = 0.5  # weight of recency of use in the eviction value
-    recency_decay: float = 4.0  # chunks; recency = exp(−chunks since last retrieved / recency_decay)
-    temporal_init: bool = True  # initialise slots from the previous chunk's slots (False: ablation)
-    merge: float = 0.9  # slots whose vectors have cosine above this after slot attention are one slot (the
-    # lowest index keeps the tokens): spare slots that settled on the same object stop splitting it; 1 = never
+    cli_names = {"num_slots": "slots"}
 
-    def __post_init__(self):
-        ints = {"window": 1, "sink": 0, "num_slots": 1, "iters": 1, "top_r": 1, "top_k": 0, "budget": 1}
-        for name, low in ints.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"slot memory: {name} must be ≥ {low}, got {getattr(self, name)}")
-        for name in ("temperature", "recency_decay"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"slot memory: {name} must be > 0, got {getattr(self, name)}")
-        if not -1.0 <= self.merge <= 1.0:
-            raise ValueError(f"slot memory: merge must be a cosine in [-1, 1], got {self.merge}")
-        for name in ("w_text", "w_vis", "recency_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"slot memory: {name} must be ≥ 0, got {getattr(self, name)}")
+    policy: Literal["slot"] = "slot"
+    num_slots: Count = Field(default=8, ge=1, description="Slots per chunk and layer.")
+    iters: Count = Field(default=3, ge=1, description="Slot-attention (soft k-means) iterations per chunk.")
+    temperature: Real = Field(default=0.1, gt=0, description="Softmax temperature over slots (features are "
+                              "unit vectors: smaller is harder).")
+    top_r: Count = Field(default=4, ge=1, description="Tokens (original K/V rows) stored per item (R), at most "
+                         "the budget.")
+    top_k: Count = Field(default=8, ge=0, description="Items retrieved per chunk and layer (K); 0 behaves "
+                         "exactly like sink.")
+    budget: Count = Field(default=96, ge=1, description="Tokens the bank may hold per layer.")
+    w_text: Real = Field(default=0.7, ge=0, description="Weight of the z-scored text relevance in retrieval.")
+    w_vis: Real = Field(default=0.3, ge=0, description="Weight of the z-scored visual relevance in retrieval.")
+    recency_weight: Real = Field(default=0.5, ge=0, description="Weight of recency of use in the eviction value.")
+    recency_decay: Real = Field(default=4.0, gt=0, description="Chunks over which recency decays by a factor e.")
+    temporal_init: bool = Field(default=True, description="Initialise slots from the previous chunk's slots "
+                                "(off: an ablation).")
+    merge: Real = Field(default=0.9, ge=-1, le=1, description="Cosine above which two slots are one (merged; a "
+                        "duplicate is re-seeded at the next temporal init); 1 = off.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SlotConfig":
         if self.top_r > self.budget:
-            raise ValueError(f"slot memory: top_r ({self.top_r}) must not exceed budget ({self.budget})")
+            raise ValueError(f"top_r ({self.top_r}) must not exceed budget ({self.budget}): an item would never fit")
         if self.top_k > 0 and self.w_text + self.w_vis == 0:
-            raise ValueError("slot memory: w_text and w_vis cannot both be 0 when top_k > 0")
+            raise ValueError("w_text and w_vis cannot both be 0 when top_k > 0")
+        return self
 
 
 @dataclass
@@ -178,15 +178,34 @@ class SlotScores:
     r: torch.Tensor  # w_text · z_text + w_vis · z_vis
 
 
+@register_policy
 class SlotMemory(WindowMemory):
     """Sink + local window + a token-budgeted bank of slot-addressed K/V items. See the module docstring."""
 
     name = "slot"
+    config_class = SlotConfig
+    inspect_schema = {
+        "slots": {"type": "integer"}, "items": {"type": "integer"}, "bank_tokens": {"type": "integer"},
+        "budget": {"type": "integer"}, "budget_use": {"type": "number"}, "mean_age": {"type": "number"},
+        "max_age": {"type": "number"}, "hits": {"type": "integer"},
+        "retrieved": {"type": "array", "items": {"type": "integer"}}, "relevance": {"type": "object"},
+    }
+    inspect_columns = (
+        ("slots", lambda row: str(row["slots"])),
+        ("items", lambda row: str(row["items"])),
+        ("bank tokens", lambda row: str(row["bank_tokens"])),
+        ("budget use", lambda row: f"{row['budget_use']:.0%}"),
+        ("mean age", lambda row: f"{row['mean_age']:.1f}"),
+        ("max age", lambda row: f"{row['max_age']:.0f}"),
+        ("hits", lambda row: str(row["hits"])),
+        ("retrieved", lambda row: str(len(row["retrieved"]))),
+        ("best r", lambda row: f"{max(row['relevance'].values()):.2f}" if row["relevance"] else "-"),
+    )
 
-    def __init__(self, num_layers: int, settings: SlotSettings | None = None, phi: Phi | None = None):
-        settings = settings or SlotSettings()
-        super().__init__(num_layers, window=settings.window, sink=settings.sink)
-        self.settings = settings
+    def __init__(self, num_layers: int, config: SlotConfig | None = None, phi: Phi | None = None):
+        config = config or SlotConfig()
+        super().__init__(num_layers, window=config.window, sink=config.sink)
+        self.config = config
         self.phi: Phi = phi if phi is not None else default_phi  # hook for a learned projection
         self.items: list[list[SlotItem]] = [[] for _ in range(num_layers)]  # ordered by id
         self.prev_slots: list[torch.Tensor | None] = [None] * num_layers  # (S, D') last chunk's slots
@@ -201,6 +220,22 @@ class SlotMemory(WindowMemory):
         self.last_retrieved: list[list[int]] = [[] for _ in range(num_layers)]  # item ids, best first
         self.last_scores: list[dict[int, tuple[float, float, float]]] = [{} for _ in range(num_layers)]
 
+    @classmethod
+    def from_config(cls, config: SlotConfig, num_layers: int, *, phi: Phi | None = None) -> "SlotMemory":
+        return cls(num_layers, config, phi=phi)
+
+    @classmethod
+    def inspect_layer(cls, stats: dict, layer: int) -> dict:
+        if layer >= len(stats.get("layers", [])):
+            return {}
+        lay = stats["layers"][layer]
+        return dict(
+            slots=int(lay["num_slots"]), items=int(lay["items"]), bank_tokens=int(lay["tokens"]),
+            budget=int(lay["budget"]), budget_use=float(lay["budget_use"]), mean_age=float(lay["mean_age"]),
+            max_age=float(lay["max_age"]), hits=int(sum(lay["hits"])), retrieved=[int(x) for x in lay["retrieved"]],
+            relevance={k: float(v["r"]) for k, v in lay.get("scores", {}).items()},
+        )
+
     # -- scoring ------------------------------------------------------------------------------------
     def _text_keys(self, layer: int, ctx: ChunkContext) -> torch.Tensor | None:
         return ctx.text_keys(layer) if ctx.text_keys is not None else None
@@ -208,7 +243,7 @@ class SlotMemory(WindowMemory):
     def score_items(self, layer: int, ctx: ChunkContext) -> SlotScores:
         """r_text, r_vis, their z-scores and the fused score r for every item of ``layer`` (bank order)."""
         items = self.items[layer]
-        s = self.settings
+        s = self.config
         key_means = torch.stack([it.key_mean for it in items])  # (I, H, D)
         r_text = text_relevance(self._text_keys(layer, ctx), key_means)  # (I,)
         slots = F.normalize(torch.stack([it.slot for it in items]).float(), dim=-1)  # (I, D')
@@ -222,7 +257,7 @@ class SlotMemory(WindowMemory):
 
     def recency(self, item: SlotItem, chunk: int) -> float:
         """exp(−(chunk − last_used) / recency_decay) ∈ (0, 1]: 1 for an item used (or made) at ``chunk``."""
-        return math.exp(-max(chunk - item.last_used, 0) / self.settings.recency_decay)
+        return math.exp(-max(chunk - item.last_used, 0) / self.config.recency_decay)
 
     # -- protocol -----------------------------------------------------------------------------------
     def begin_chunk(self, ctx: ChunkContext) -> None:
@@ -241,7 +276,7 @@ class SlotMemory(WindowMemory):
         sc = self.score_items(layer, ctx)
         self.last_scores[layer] = {it.id: scores for it, scores in
                                    zip(items, torch.stack([sc.r_text, sc.r_vis, sc.r], dim=1).tolist())}  # (I, 3)
-        if self.settings.top_k == 0:
+        if self.config.top_k == 0:
             self.last_retrieved[layer] = []
             return None
         held = held_frames(self.sink_rows[layer], self.local[layer])  # (Uh,)
@@ -254,7 +289,7 @@ class SlotMemory(WindowMemory):
         first_frame = torch.stack([f.min() for f in first]).tolist()  # (I,) oldest visible frame per item
         r = sc.r.tolist()
         eligible = [i for i in range(len(items)) if first_frame[i] < never]  # items with a visible row
-        ranked = sorted(eligible, key=lambda i: (-r[i], items[i].id))[: self.settings.top_k]  # best first
+        ranked = sorted(eligible, key=lambda i: (-r[i], items[i].id))[: self.config.top_k]  # best first
         self.last_retrieved[layer] = [items[i].id for i in ranked]
         if not ctx.recache:
             for i in ranked:
@@ -271,7 +306,7 @@ class SlotMemory(WindowMemory):
         ctx = self.ctx
         if ctx.recache:
             return
-        s = self.settings
+        s = self.config
         x = self.phi(layer, block.k.float().mean(dim=0))  # (B, N, H, D) → (N, H, D) → (N, D')
         prev = self.prev_slots[layer]
         if s.temporal_init and prev is not None and prev.shape[1] == x.shape[1]:
@@ -302,7 +337,7 @@ class SlotMemory(WindowMemory):
             if tokens.numel() == 0:
                 continue
             order = torch.sort(a[s, tokens], descending=True, stable=True).indices  # (n_s,)
-            chosen = torch.sort(tokens[order[: self.settings.top_r]]).values  # (≤R,) token order
+            chosen = torch.sort(tokens[order[: self.config.top_r]]).values  # (≤R,) token order
             rows = block.select(chosen)  # (B, ≤R, H, D) copies
             items.append(SlotItem(
                 id=self.next_id, rows=rows, slot=u[s].clone(), key_mean=rows.k.float().mean(dim=(0, 1)),  # (H, D)
@@ -317,19 +352,19 @@ class SlotMemory(WindowMemory):
         key_means = torch.stack([it.key_mean for it in items])  # (I, H, D)
         z_text = zscore(text_relevance(self._text_keys(layer, ctx), key_means))  # (I,)
         rec = torch.tensor([self.recency(it, ctx.chunk) for it in items], device=z_text.device)  # (I,)
-        return z_text + self.settings.recency_weight * rec  # (I,)
+        return z_text + self.config.recency_weight * rec  # (I,)
 
     def evict(self, layer: int, ctx: ChunkContext) -> None:
         """Drop items in increasing (value, id) order until the bank holds ≤ budget tokens."""
         items = self.items[layer]
         total = sum(it.rows.num_tokens for it in items)
-        if total <= self.settings.budget:
+        if total <= self.config.budget:
             return
         values = self.eviction_values(layer, ctx).tolist()  # (I,)
         order = sorted(range(len(items)), key=lambda i: (values[i], items[i].id))
         dropped = set()
         for i in order:
-            if total <= self.settings.budget:
+            if total <= self.config.budget:
                 break
             dropped.add(i)
             total -= items[i].rows.num_tokens
@@ -342,7 +377,7 @@ class SlotMemory(WindowMemory):
     # -- introspection / persistence ------------------------------------------------------------------
     def stats(self) -> dict:
         out = super().stats()
-        s = self.settings
+        s = self.config
         layers = []
         for layer in range(self.num_layers):
             items = self.items[layer]
@@ -366,14 +401,14 @@ class SlotMemory(WindowMemory):
                 "assignment": None if assign is None else {
                     "slot": assign["slot"].tolist(), "frames": assign["frames"].tolist(), "hw": assign["hw"].tolist()},
             })
-        out.update({"settings": asdict(s), "chunk": self.now, "layers": layers, "bytes": self.nbytes(),
+        out.update({"settings": s.settings(), "chunk": self.now, "layers": layers, "bytes": self.nbytes(),
                     "tokens_per_layer": [t + lay["tokens"] for t, lay in zip(out["tokens_per_layer"], layers)]})
         return out
 
     def state_dict(self) -> dict:
         out = super().state_dict()
         out.update({
-            "settings": asdict(self.settings),
+            "settings": self.config.settings(),
             "items": [[it.to_state() for it in items] for items in self.items],
             "prev_slots": [u.cpu() if u is not None else None for u in self.prev_slots],
             "window_slots": [[[lo, hi, u.cpu()] for lo, hi, u in ws] for ws in self.window_slots],
@@ -388,7 +423,7 @@ class SlotMemory(WindowMemory):
 
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
         super().load_state_dict(state, device)
-        self.settings = SlotSettings(**state["settings"])
+        self.config = SlotConfig(**state["settings"])
         self.items = [[SlotItem.from_state(d, device) for d in items] for items in state["items"]]
         self.prev_slots = [u.to(device) if u is not None else None for u in state["prev_slots"]]
         self.window_slots = [[(int(lo), int(hi), u.to(device)) for lo, hi, u in ws] for ws in state["window_slots"]]

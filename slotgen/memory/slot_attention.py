@@ -106,11 +106,6 @@ def batched_slot_attention(x: torch.Tensor, init: torch.Tensor, iters: int, temp
     return u, a
 
 
-def match_slots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """For each slot of ``a`` (S, D') the most similar slot of ``b`` (S', D') by cosine → (S,) long."""
-    return torch.argmax(F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T, dim=1)  # (S, S') → (S,)
-
-
 def adjusted_rand_index(labels_a: torch.Tensor, labels_b: torch.Tensor) -> float:
     """Adjusted Rand index (Hubert & Arabie) of two labelings of the same N items; 1 = identical partitions.
 

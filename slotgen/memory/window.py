@@ -7,15 +7,47 @@ On a prompt switch both drop the local window (the sink stays) and ask the engin
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
-from slotgen.memory.base import ChunkContext, KVBlock, MemoryPolicy
+from slotgen.memory.base import ChunkContext, KVBlock, LatentFrames, MemoryPolicy, PolicyConfig
+from slotgen.memory.registry import register_policy
 
 
+class WindowConfig(PolicyConfig):
+    """Self-Forcing rolling local window: attend only to the most recent latent frames.
+
+    Older frames are forgotten, so content that leaves the window can drift.
+    """
+
+    policy: Literal["window"] = "window"
+    window: LatentFrames = Field(default=12, ge=1, description="Local window in latent frames.")
+
+
+class SinkWindowConfig(PolicyConfig):
+    """The keys of every policy built on LongLive's sink + window (``sink``, ``bank``, ``slot``)."""
+
+    sink: LatentFrames = Field(default=3, ge=0, description="First latent frames kept forever.")
+    window: LatentFrames = Field(default=9, ge=1, description="Local window in latent frames.")
+
+
+class SinkConfig(SinkWindowConfig):
+    """LongLive attention sink: the first latent frames are kept forever, plus a rolling window.
+
+    ``sink`` 0 makes this a plain rolling window; the window never includes the sink frames.
+    """
+
+    policy: Literal["sink"] = "sink"
+
+
+@register_policy
 class WindowMemory(MemoryPolicy):
     """Rolling local window of the most recent ``window`` latent frames (Self-Forcing)."""
 
     name = "window"
+    config_class = WindowConfig
 
     def __init__(self, num_layers: int, window: int, sink: int = 0):
         super().__init__(num_layers)
@@ -26,6 +58,10 @@ class WindowMemory(MemoryPolicy):
         self.local: list[KVBlock | None] = [None] * num_layers  # rows of the last `window` frames
         self.sink_rows: list[KVBlock | None] = [None] * num_layers  # rows of frames < sink
         self.frames_seen = 0  # one past the newest frame written
+
+    @classmethod
+    def from_config(cls, config, num_layers: int, *, phi=None) -> "WindowMemory":
+        return cls(num_layers, window=config.window, sink=getattr(config, "sink", 0))
 
     # -- protocol -----------------------------------------------------------------------------------
     def read(self, layer: int) -> KVBlock | None:
@@ -88,7 +124,9 @@ class WindowMemory(MemoryPolicy):
         return sum(b.nbytes() for b in self.local + self.sink_rows if b is not None)
 
 
+@register_policy
 class SinkMemory(WindowMemory):
     """LongLive: the first ``sink`` latent frames kept forever plus a local window of ``window`` frames."""
 
     name = "sink"
+    config_class = SinkConfig

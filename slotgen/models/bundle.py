@@ -12,6 +12,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 
+RETIRED_SETTINGS = ("window", "sink")
+"""Keys older model settings carried (memory defaults that nothing read): older snapshots, slotgen.json files
+and miniature configs may hold them; they are ignored (a storyboard's ``memory:`` section sets them)."""
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """Sampling and geometry defaults that come with a model (a storyboard may override some)."""
@@ -26,8 +31,6 @@ class ModelSettings:
     text_len: int = 32  # tokens per prompt (Wan: 512); padding rows are zeroed
     vae_stride_t: int = 4  # T latent frames <-> 1 + 4(T - 1) video frames
     vae_stride_s: int = 8  # pixels per latent cell
-    window: int = 12  # default local window for window/sink policies (latent frames)
-    sink: int = 3
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -2,8 +2,8 @@
 
 Everything is built from ``assets/miniature/config.json`` and loaded from ``weights.safetensors`` in
 the package, so rendering works offline on any laptop. ``slotgen train-miniature`` writes a folder in
-the same format (docs/MINIATURE.md is the model card); ``python -m slotgen.models.miniature --out DIR``
-writes the untrained configuration (random transformer, exact VAE) for tests.
+the same format (docs/MINIATURE.md is the model card); :func:`write_miniature` with a seed writes the
+untrained configuration (random transformer, exact VAE), which tests use.
 
 Sizes (64×64 video, 16 fps):
 
@@ -11,9 +11,8 @@ Sizes (64×64 video, 16 fps):
   block into 48 channels and back), one level, no temporal down-sampling, base_dim 52, z_dim 48, whose
   weights are not learned but *constructed* (:func:`make_exact_vae`): it maps the 48 channels to the
   48 latent channels and back, exact to ~1e-5 (every uint8 pixel of a world video survives encode →
-  decode; tested). Four training sessions of learned 4×/8× VAEs at this
-  size misdrew the world's entities (docs/MINIATURE.md), and a code that loses nothing takes the VAE
-  out of the identity question the benchmark asks. One latent frame is one video frame.
+  decode; tested). Learned 4×/8× VAEs at this size misdrew the world's entities (docs/MINIATURE.md);
+  a code that loses nothing takes the VAE out of the identity question the benchmark asks. One latent frame is one video frame.
 * **Transformer** — ``WanTransformer3DModel`` with patch (1, 4, 4) on the 16×16 latents: 4×4 = 16 tokens
   per frame, each a 16×16-pixel patch (as with Wan2.1's 8× VAE and patch 2), 768 values per token. It predicts the
   clean sample (``prediction = "sample"``, x0): a narrow transformer cannot carry 768 values of noise
@@ -26,7 +25,6 @@ Sizes (64×64 video, 16 fps):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from importlib import resources
@@ -266,15 +264,3 @@ def write_miniature(out_dir: str | Path, seed: int = 0, modules=None, name: str 
         tokenizer.backend_tokenizer.save(str(tmp))
     atomic_write_bytes(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Write an untrained miniature folder (random transformer, exact VAE).")
-    parser.add_argument("--out", default=str(Path(__file__).parent / ASSET_DIR))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(write_miniature(args.out, seed=args.seed))
-
-
-if __name__ == "__main__":
-    main()

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from slotgen.errors import SlotgenError
-from slotgen.memory.slot import SlotSettings
+from slotgen.memory.slot import SlotConfig
 from slotgen.memory.slot_attention import LinearPhi, batched_slot_attention, farthest_point_init
 
 
@@ -100,13 +100,12 @@ def collect_keys(bundle, episodes: list) -> list[tuple[list[torch.Tensor], torch
     """Per committed chunk: each layer's un-roped keys (N, H·D) and the tokens' ground-truth labels (N,)."""
     from slotgen.bench.identity import committed_ground_truth, memory_for
     from slotgen.memory import build_policy
-    from slotgen.memory.config import parse_memory_config
 
     n_layers = len(bundle.transformer.blocks)
     F_ = bundle.settings.chunk_frames
     out = []
     for ep in episodes:
-        policy = build_policy(parse_memory_config(memory_for("slot")), n_layers)  # the training-free φ
+        policy = build_policy(memory_for("slot"), n_layers)  # the training-free φ
         keys: list[torch.Tensor] = []
         write = policy.write
 
@@ -174,7 +173,7 @@ def train_slot_phi(bundle, cfg: SlotTrainConfig, log: Callable[[str], None] = pr
     keys = [torch.stack([d[0][l] for d in data]) for l in range(n_layers)]  # L × (M, N, H·D)
     labels = torch.stack([d[1] for d in data])  # (M, N)
     rng = np.random.default_rng([cfg.seed, 11])
-    settings = SlotSettings()  # the policy's slot count, iterations and temperature
+    settings = SlotConfig()  # the policy's slot count, iterations and temperature
     res = SlotTrainResult(phi=LinearPhi([]), chunks=len(data))
     for step in range(cfg.steps):
         idx = torch.from_numpy(rng.integers(0, len(data), size=cfg.batch))

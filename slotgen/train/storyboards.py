@@ -1,6 +1,6 @@
 """Write the example storyboards in ``storyboards/`` from shape-world scripts (vocabulary words only).
 
-``python -m slotgen.train.storyboards [--out storyboards]`` writes:
+``python scripts/write_storyboards.py [--out storyboards]`` (:func:`write_all`) writes:
 
 * ``exit_return.yaml`` – one entity enters, moves, leaves, is away for 72 frames (2× the local
   window of 36 video frames) and returns (slot memory);
@@ -16,7 +16,6 @@ every switch falls on a chunk boundary (segment lengths 21, then multiples of 12
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -72,14 +71,3 @@ def write_all(out: Path) -> list[Path]:
         (out / name).write_text(text)
         written.append(out / name)
     return written
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="storyboards")
-    for p in write_all(Path(parser.parse_args().out)):
-        print(p)
-
-
-if __name__ == "__main__":
-    main()

@@ -145,7 +145,7 @@ def episode_to_storyboard_yaml(
         fps: frames per second (default: the episode's ``config.fps``).
         seed: the storyboard's generation seed (default: the episode's seed, or 0).
         memory: a ``memory:`` section — a mapping such as ``{"policy": "slot"}`` or a memory config
-            model; validated with :func:`slotgen.memory.config.parse_memory_config`. None leaves it
+            model; validated with :func:`slotgen.memory.registry.parse_memory_config`. None leaves it
             out (the storyboard default).
         title: the storyboard title (default: ``"world episode, seed N"``).
 
@@ -165,7 +165,7 @@ def episode_to_storyboard_yaml(
         "seed": int(seed),
     }
     if memory is not None:
-        from slotgen.memory.config import parse_memory_config
+        from slotgen.memory.registry import parse_memory_config
 
         data["memory"] = parse_memory_config(memory).model_dump()
     data["prompts"] = [{"at": _seconds(cue.start, fps), "prompt": cue.text} for cue in episode_prompts(episode)]

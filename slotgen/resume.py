@@ -1,0 +1,244 @@
+"""Continuing a story from a snapshot: the one composition behind ``slotgen resume`` and :func:`resume`.
+
+:func:`prepare_resume` reads the snapshot, builds the combined timeline (:func:`continuation`: the
+snapshot's storyboard plus new prompts whose times count from its end), checks an ``--append`` target
+(:func:`append_source`), loads the model and positions a :class:`~slotgen.render.Renderer` where the
+snapshot stopped (:func:`renderer_from_snapshot`). :meth:`Resumption.stream` renders the continuation
+into files. The CLI and the library call these same two steps; only the progress bar differs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from slotgen.errors import SlotgenError, SnapshotError
+from slotgen.models import ModelBundle, load_model
+from slotgen.render import ChunkEvent, Renderer, RenderReport, stream_to_files
+from slotgen.snapshot import Snapshot, check_model, default_snapshot_path, load_snapshot
+from slotgen.storyboard import PromptSpan
+
+RESUME_FIXED_KEYS = {"seed": "the seed", "fps": "the frame rate", "resolution": "the resolution", "model": "the model",
+                     "sampler": "the sampler", "memory": "the memory configuration"}
+"""Storyboard keys a continuation inherits from the snapshot (a more.yaml may repeat, never change them),
+with how messages name them."""
+
+
+def extend_storyboard(base, more=None, *, prompt: str | None = None, duration: float | None = None):
+    """The combined timeline: ``base`` (the snapshot's storyboard) followed by new prompts.
+
+    New prompt times count from the END of ``base`` (``base.duration``): a ``more`` storyboard's
+    ``at: 0`` is the first instant after the snapshot's storyboard. ``prompt``/``duration`` is a
+    one-prompt ``more``. If the first new prompt has the same text as ``base``'s last one, the two
+    spans merge (the prompt simply continues). ``more`` may repeat the keys in
+    :data:`RESUME_FIXED_KEYS` with the same values; a different value is a StoryboardError on its line.
+    """
+    if more is None and prompt is None:
+        return base
+    if more is not None:
+        for key in RESUME_FIXED_KEYS:
+            if more.line_of(key) is None:
+                continue
+            mine, theirs = getattr(base, key), getattr(more, key)
+            if mine != theirs:
+                shown = _show(key, mine)
+                raise more.error_at(f"{_show(key, theirs)} differs from the snapshot's {shown}; a continuation keeps "
+                                    f"the snapshot's {key} (remove the key or set it to {shown})", key)
+        spans = [(p.start, p.end, p.text) for p in more.prompts]
+        extra = more.duration
+    else:
+        if duration is None or not duration > 0:
+            raise SlotgenError("--duration must be longer than 0s")
+        spans = [(0.0, duration, prompt)]
+        extra = duration
+    offset = base.duration
+    shifted = [PromptSpan(start=offset + a, end=offset + b, text=t) for a, b, t in spans]
+    prompts = list(base.prompts)
+    if prompts[-1].text == shifted[0].text:
+        last = prompts.pop()
+        shifted[0] = PromptSpan(start=last.start, end=shifted[0].end, text=last.text)
+    return base.with_overrides(duration=offset + extra, prompts=prompts + shifted)
+
+
+def _show(key: str, value: Any) -> str:
+    if key == "resolution":
+        return "default" if value is None else f"{value[0]}x{value[1]}"
+    if hasattr(value, "model_dump"):
+        return ", ".join(f"{k}={v}" for k, v in value.model_dump(exclude_none=True).items()) or "defaults"
+    return repr(value)
+
+
+def continuation(snapshot, *, storyboard=None, prompt: str | None = None, duration: float | None = None):
+    """The combined timeline a resume renders: the snapshot's storyboard + new prompts (shifted).
+
+    Times in ``storyboard`` (a more.yaml) and ``duration`` count from the END of the snapshot's
+    storyboard. With neither, an unfinished snapshot (an interrupted render) continues its own
+    storyboard; a finished one is an error.
+    """
+    if storyboard is not None and prompt is not None:
+        raise SlotgenError("give either --storyboard or --prompt/--duration, not both")
+    if (prompt is None) != (duration is None):
+        raise SlotgenError("--prompt and --duration go together: what to show next, and for how long")
+    if prompt is not None and not prompt.strip():
+        raise SlotgenError("--prompt must not be empty")
+    combined = extend_storyboard(snapshot.storyboard, storyboard, prompt=prompt and prompt.strip(), duration=duration)
+    if combined.total_frames <= snapshot.frames_emitted:
+        if storyboard is None and prompt is None:
+            raise SlotgenError(f"the snapshot's storyboard is complete ({snapshot.frames_emitted} frames); give "
+                               f"--storyboard more.yaml or --prompt/--duration to continue the story")
+        raise SlotgenError(f"the continuation adds no frames at {combined.fps} fps; make it longer")
+    return combined
+
+
+def renderer_from_snapshot(snapshot: Snapshot, storyboard=None, *, bundle: ModelBundle | None = None,
+                           device: str = "cpu", model: str | None = None,
+                           checkpoint: str | Path | None = None) -> Renderer:
+    """A renderer positioned where ``snapshot`` stopped, for ``storyboard`` (default: the snapshot's).
+
+    ``storyboard`` must extend the snapshot's (see :func:`extend_storyboard`). The model is ``bundle``,
+    else loaded from ``model`` or the snapshot's model spec (with ``checkpoint`` for a Wan2.1 folder);
+    its weights digest must match the snapshot's.
+    """
+    sb = storyboard if storyboard is not None else snapshot.storyboard
+    if bundle is None:
+        bundle = load_model(model or snapshot.model["spec"], device=device, checkpoint=checkpoint)
+    check_model(snapshot, bundle)
+    renderer = Renderer(sb, bundle=bundle)
+    opts = {k: getattr(renderer.options, k) for k in snapshot.options}
+    if opts != snapshot.options:
+        diff = ", ".join(f"{k} {snapshot.options[k]!r} -> {opts[k]!r}" for k in opts if opts[k] != snapshot.options[k])
+        raise SnapshotError(f"snapshot {snapshot.path or ''}: the continuation's engine options differ ({diff}); "
+                            f"a continuation keeps the snapshot's")
+    try:
+        renderer.engine.load_state_dict(snapshot.engine_state)
+    except SlotgenError:
+        raise
+    except Exception as e:  # noqa: BLE001 - shapes/keys of an untrusted state
+        reason = " ".join(str(e).split())[:160]
+        raise SnapshotError(f"snapshot {snapshot.path or ''}: its state does not fit this model/policy ({reason})") from None
+    renderer.frames_emitted = snapshot.frames_emitted
+    renderer.pending = np.array(snapshot.pending, dtype=np.uint8, copy=True)
+    renderer.source = snapshot.source or None  # the story's first storyboard file, kept across resumes
+    return renderer
+
+
+@dataclass
+class Resumption:
+    """A continuation ready to render: the positioned renderer and where its frames go."""
+
+    renderer: Renderer
+    output: Path  # the continuation's video, or with ``original`` the joined one
+    original: Path | None  # the MP4 the continuation is appended to (``--append``), checked
+
+    def stream(self, *, lossless: str | Path | None = None, on_chunk: Callable[[ChunkEvent], None] | None = None,
+               should_stop: Callable[[], bool] | None = None, stats: str | Path | None = None,
+               snapshot_out: str | Path | None = None) -> RenderReport:
+        """Render the continuation into :attr:`output` (joined to :attr:`original` when set), then write
+        ``stats`` and ``snapshot_out`` (the end of the continuation, to extend the story again)."""
+        renderer, output, original = self.renderer, self.output, self.original
+        start = renderer.frames_emitted
+        lossless_rec = {"lossless": lossless, "lossless_first_frame": start}
+        if original is None:
+            report = stream_to_files(renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=should_stop,
+                                     stats=stats, snapshot=snapshot_out,
+                                     snapshot_video={"video": output, "video_first_frame": start, **lossless_rec})
+            report.warnings = renderer.warnings()
+            return report
+
+        from slotgen.atomic import check_output_path
+        from slotgen.video.writer import append_videos
+
+        check_output_path(output)
+        part = output.with_name(f".{output.stem}.continuation-{os.getpid()}.mp4")
+        try:
+            report = stream_to_files(renderer, part, lossless=lossless, on_chunk=on_chunk, should_stop=should_stop,
+                                     stats=stats, write_snapshot=False)  # written below, after the join
+            append_videos(original, part, output)
+        finally:
+            part.unlink(missing_ok=True)
+        report.outputs[0] = str(output)
+        target = snapshot_out
+        if target is None and report.interrupted:
+            target = default_snapshot_path(output)
+        if target is not None:
+            report.snapshot = str(renderer.save_snapshot(target, interrupted=report.interrupted, video=output,
+                                                         video_first_frame=0, **lossless_rec))
+        report.warnings = renderer.warnings()
+        return report
+
+
+def prepare_resume(snapshot: Snapshot | str | Path, output: str | Path, *, storyboard=None, prompt: str | None = None,
+                   duration: float | None = None, append: bool = False, append_to: str | Path | None = None,
+                   bundle: ModelBundle | None = None, device: str = "cpu", model: str | None = None,
+                   checkpoint: str | Path | None = None) -> Resumption:
+    """Read ``snapshot`` (a :class:`~slotgen.snapshot.Snapshot` or a path), combine the timeline
+    (:func:`continuation`), check the ``append``/``append_to`` target (:func:`append_source`) and
+    position a renderer (:func:`renderer_from_snapshot`). Every check runs before the model loads."""
+    snap = snapshot if isinstance(snapshot, Snapshot) else load_snapshot(snapshot)
+    combined = continuation(snap, storyboard=storyboard, prompt=prompt, duration=duration)
+    original = append_source(snap, append, append_to, output)
+    renderer = renderer_from_snapshot(snap, combined, bundle=bundle, device=device, model=model, checkpoint=checkpoint)
+    return Resumption(renderer, Path(output), original)
+
+
+def resume(snapshot: Snapshot | str | Path, output: str | Path, *, storyboard=None, prompt: str | None = None,
+           duration: float | None = None, lossless: str | Path | None = None, append: bool = False,
+           append_to: str | Path | None = None, bundle: ModelBundle | None = None, device: str = "cpu",
+           model: str | None = None, checkpoint: str | Path | None = None,
+           on_chunk: Callable[[ChunkEvent], None] | None = None, should_stop: Callable[[], bool] | None = None,
+           stats: str | Path | None = None, snapshot_out: str | Path | None = None) -> RenderReport:
+    """Continue ``snapshot`` into ``output``: :func:`prepare_resume` then :meth:`Resumption.stream`.
+
+    ``output`` gets the continuation's frames only, or, with ``append``/``append_to``, a copy of the
+    original video (``append_to``, else the video recorded in the snapshot) followed by the continuation
+    (MP4 only; see :func:`~slotgen.video.writer.append_videos`). ``lossless`` is a lossless copy of the
+    continuation alone. ``snapshot_out`` snapshots the end of the continuation, so a story can be
+    extended again and again. The frames are bit-identical to rendering the combined timeline in one
+    go (same device and dtype).
+    """
+    job = prepare_resume(snapshot, output, storyboard=storyboard, prompt=prompt, duration=duration, append=append,
+                         append_to=append_to, bundle=bundle, device=device, model=model, checkpoint=checkpoint)
+    return job.stream(lossless=lossless, on_chunk=on_chunk, should_stop=should_stop, stats=stats,
+                      snapshot_out=snapshot_out)
+
+
+def append_source(snap, append: bool, append_to: str | Path | None, output: str | Path) -> Path | None:
+    """The MP4 a resume with ``--append`` joins the continuation to (None: no append), checked up front.
+
+    It must exist and hold exactly the snapshot's frames so far (else the join would repeat or skip some).
+    """
+    if not append and append_to is None:
+        return None
+    from slotgen.video.writer import probe_video
+
+    output = Path(output)
+    if output.suffix.lower() != ".mp4":
+        raise SlotgenError(f"--append writes an MP4; -o {str(output)!r} must end in .mp4")
+    if append_to is not None:
+        original = Path(append_to)
+    else:
+        recorded = snap.video.get("path")
+        if recorded is None:
+            raise SlotgenError("the snapshot records no video to append to; pass --append-to original.mp4")
+        if snap.video.get("first_frame", 0) != 0:
+            raise SlotgenError(f"the snapshot's video {recorded!r} starts at frame {snap.video['first_frame']}, "
+                               f"not at the story's start; pass --append-to with the whole video")
+        original = Path(recorded)
+    if not original.is_file():
+        raise SlotgenError(f"video to append to {str(original)!r} does not exist; pass --append-to original.mp4")
+    if original.suffix.lower() != ".mp4":
+        raise SlotgenError(f"--append joins MP4 videos; {str(original)!r} is not an .mp4")
+    try:
+        frames = probe_video(original)["frames"]
+    except SlotgenError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PyAV errors on a broken file
+        raise SlotgenError(f"cannot read video {str(original)!r}: {' '.join(str(e).split())[:120]}") from None
+    if frames != snap.frames_emitted:
+        raise SlotgenError(f"video {str(original)!r} has {frames} frames but the snapshot continues after frame "
+                           f"{snap.frames_emitted}; pass --append-to with the video this snapshot was taken from")
+    return original
