@@ -177,6 +177,7 @@ def render(
     lossless: Optional[Path] = typer.Option(None, "--lossless", help="Also write a lossless FFV1 .mkv copy (bit-exact frames)."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Write memory statistics and timings as JSON (for `slotgen inspect`)."),
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Write a snapshot at the end, to continue the story with `slotgen resume` (an interrupted render writes <output>.snapshot.pt anyway)."),
+    snapshot_every: str = typer.Option("300", "--snapshot-every", help="Crash safety: every SECONDS of render time (or Nc: every N chunks) seal the videos so far and write the snapshot (--snapshot, else <output>.snapshot.pt), so a kill -9 or power cut loses at most that much; 0 turns it off. Renders shorter than this never pay for it. See docs/SNAPSHOTS.md."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the storyboard's seed."),
     model: Optional[str] = typer.Option(None, "--model", help="Override the model: 'miniature' or a local folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Causal generator weights for a Wan2.1 folder (Self-Forcing .pt, LongLive base+LoRA folder, diffusers transformer); see docs/REAL_MODEL.md."),
@@ -192,7 +193,7 @@ def render(
     far, writes a snapshot and prints the command that resumes it (exit code 130).
     """
     from slotgen.models import load_model
-    from slotgen.render import Renderer, stream_to_files
+    from slotgen.render import Renderer, SnapshotEvery, stream_to_files
     from slotgen.storyboard import load_storyboard
 
     sb = load_storyboard(storyboard)
@@ -204,6 +205,7 @@ def render(
         sb = sb.with_overrides(**overrides)
     output = output or Path(Path(storyboard).stem + ".mp4")
     _check_outputs(output, lossless, stats, snapshot)
+    every = SnapshotEvery.parse(snapshot_every)
 
     with _interruptible():
         bundle = load_model(sb.model, device=device, checkpoint=checkpoint) if checkpoint is not None else None
@@ -211,8 +213,9 @@ def render(
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
         report = _run_streaming(quiet, renderer, lambda on_chunk, stop: stream_to_files(
-            renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot=snapshot))
-    _report(report, renderer, quiet, output)
+            renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot=snapshot,
+            snapshot_every=every))
+    _report(report, renderer, quiet, output, lossless=lossless)
 
 
 def _check_outputs(*paths: Optional[Path]) -> None:
@@ -259,7 +262,17 @@ def _run_streaming(quiet: bool, renderer, run):
         return run(on_chunk, guard)
 
 
-def _report(report, renderer, quiet: bool, output: Path, resume_cmd: Optional[list[str]] = None) -> None:
+def _resume_command(snap: str, output: Path, lossless: Optional[Path]) -> list[str]:
+    """The command that continues every output of an interrupted run in place (the video and the lossless
+    copy are extended, the snapshot refreshed), so it can be repeated after another interruption."""
+    cmd = ["slotgen", "resume", snap, "-o", str(output), "--append"]
+    if lossless is not None:
+        cmd += ["--lossless", str(lossless)]
+    return cmd + ["--snapshot", snap]
+
+
+def _report(report, renderer, quiet: bool, output: Path, resume_cmd: Optional[list[str]] = None,
+            lossless: Optional[Path] = None) -> None:
     import shlex
 
     fps = renderer.storyboard.fps
@@ -269,12 +282,7 @@ def _report(report, renderer, quiet: bool, output: Path, resume_cmd: Optional[li
               f"{report.total_frames} frames of the story, {done / fps:.2f}s) and snapshot {report.snapshot}",
               file=sys.stderr)
         if resume_cmd is None:
-            snap = report.snapshot
-            if output.suffix.lower() == ".mp4":
-                resume_cmd = ["slotgen", "resume", snap, "-o", str(output), "--append", "--snapshot", snap]
-            else:
-                rest = output.with_name(output.stem + ".rest" + output.suffix)
-                resume_cmd = ["slotgen", "resume", snap, "-o", str(rest), "--snapshot", snap]
+            resume_cmd = _resume_command(report.snapshot, output, lossless)
         print("resume with: " + " ".join(shlex.quote(a) for a in resume_cmd), file=sys.stderr, flush=True)
         raise typer.Exit(130)
     if not quiet:
@@ -301,6 +309,7 @@ def resume(
     model: Optional[str] = typer.Option(None, "--model", help="Where the snapshot's model is now (its weights digest must match)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The causal checkpoint the render used (Wan2.1 folders)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    snapshot_every: str = typer.Option("300", "--snapshot-every", help="Crash safety: every SECONDS of render time (or Nc: every N chunks) seal the videos so far and write the snapshot (--snapshot, else <output>.snapshot.pt), so a kill -9 or power cut loses at most that much; 0 turns it off. Renders shorter than this never pay for it. See docs/SNAPSHOTS.md."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     seed: Optional[int] = typer.Option(None, "--seed", hidden=True),
     memory: Optional[str] = typer.Option(None, "--memory", hidden=True),
@@ -313,6 +322,7 @@ def resume(
     Seed, memory configuration, frame rate, resolution and sampler come from the snapshot. Without
     new prompts, an interrupted render's snapshot finishes its own storyboard.
     """
+    from slotgen.render import SnapshotEvery
     from slotgen.resume import RESUME_FIXED_KEYS, prepare_resume
     from slotgen.timeparse import parse_time
 
@@ -338,6 +348,7 @@ def resume(
 
         more = load_storyboard(storyboard)
     _check_outputs(output, lossless, stats, new_snapshot)
+    every = SnapshotEvery.parse(snapshot_every)
 
     with _interruptible():
         job = prepare_resume(snapshot, output, storyboard=more, prompt=prompt, duration=dur, append=append,
@@ -346,14 +357,9 @@ def resume(
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
         report = _run_streaming(quiet, renderer, lambda on_chunk, stop: job.stream(
-            lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot_out=new_snapshot))
-    cmd = None
-    if report.interrupted:
-        rest = output if original is not None else output.with_name(output.stem + ".rest" + output.suffix)
-        cmd = ["slotgen", "resume", report.snapshot, "-o", str(rest)]
-        cmd += ["--append"] if original is not None else []
-        cmd += ["--snapshot", report.snapshot]
-    _report(report, renderer, quiet, output, cmd)
+            lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot_out=new_snapshot,
+            snapshot_every=every))
+    _report(report, renderer, quiet, output, lossless=lossless)
 
 
 def policy_list(text: str) -> list[str]:

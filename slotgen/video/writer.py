@@ -383,6 +383,8 @@ def append_videos(
 ) -> Path:
     """Write ``first`` followed by ``second`` into the MP4 ``out`` (atomically; ``out`` may be ``first``).
 
+    An ``.mkv`` ``out`` joins two FFV1 files by stream copy (bit-exact: every FFV1 frame is intra).
+
     Both inputs must have the same frame size and frame rate. ``mode``:
 
     - ``"copy"``: ffmpeg concat demuxer with ``-c copy`` -- lossless and fast, but only valid when
@@ -396,8 +398,10 @@ def append_videos(
     """
     a, b = _check_input(first), _check_input(second)
     final = check_output_path(out)
+    if final.suffix.lower() == ".mkv":
+        return _append_lossless(a, b, final)
     if final.suffix.lower() != ".mp4":
-        raise SlotgenError(f"append_videos writes MP4; output {str(final)!r} must end in .mp4")
+        raise SlotgenError(f"append_videos writes MP4 or lossless MKV; output {str(final)!r} must end in .mp4 or .mkv")
     if mode not in ("auto", "copy", "reencode"):
         raise ValueError(f"mode must be 'auto', 'copy' or 'reencode', got {mode!r}")
     meta_a, meta_b = _ffmpeg_meta(a), _ffmpeg_meta(b)
@@ -433,4 +437,31 @@ def append_videos(
                  "-an", "-movflags", "+faststart", "-f", "mp4", str(tmp)],
                 f"appending {str(b)!r} to {str(a)!r}",
             )  # fmt: skip
+    return final
+
+
+def _append_lossless(a: Path, b: Path, final: Path) -> Path:
+    """``a`` + ``b`` (both FFV1 in Matroska, same size and rate) into ``final`` by stream copy."""
+    sig_a, sig_b = _stream_signature(a), _stream_signature(b)
+    for path, sig in ((a, sig_a), (b, sig_b)):
+        if sig is not None and sig[0] != "ffv1":
+            raise SlotgenError(f"cannot join {str(path)!r} into the lossless {str(final)!r}: it is {sig[0]}, not FFV1")
+    if sig_a is not None and sig_a[1:5] != sig_b[1:5]:
+        raise SlotgenError(f"cannot append {str(b)!r} to {str(a)!r}: size, pixel format or frame rate differ")
+    return concat_copy(a, b, final)
+
+
+def concat_copy(first: str | os.PathLike[str], second: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """``first`` + ``second`` into ``out`` by stream copy (ffmpeg concat demuxer), atomically; no checks.
+
+    For two files written by the same writer with the same settings (the segments of one render):
+    the result is exactly their frames, in order. ``out`` picks the container (.mp4 or .mkv)."""
+    a, b, final = Path(first), Path(second), Path(out)
+    fmt = ["-movflags", "+faststart", "-f", "mp4"] if final.suffix.lower() == ".mp4" else ["-f", "matroska"]
+    with atomic_output(final) as tmp:
+        with tempfile.TemporaryDirectory(prefix="slotgen-concat-") as tmpdir:
+            listing = Path(tmpdir) / "inputs.txt"
+            listing.write_text(f"file {_concat_escape(a)}\nfile {_concat_escape(b)}\n", encoding="utf-8")
+            _run_ffmpeg(["-f", "concat", "-safe", "0", "-i", str(listing), "-map", "0:v:0", "-c", "copy", *fmt,
+                         str(tmp)], f"appending {str(b)!r} to {str(a)!r}")
     return final
