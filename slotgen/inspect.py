@@ -45,6 +45,8 @@ def report_schema() -> dict:
 def load_stats(path: str | Path) -> tuple[dict, dict]:
     """(memory stats, extra info) from a ``--stats`` JSON or a snapshot file."""
     p = Path(path)
+    if p.is_dir():
+        raise SlotgenError(f"{p}: is a directory (give a --stats JSON or a snapshot .pt)")
     if not p.is_file():
         raise SlotgenError(f"{p}: no such file (give a --stats JSON or a snapshot .pt)")
     if p.suffix.lower() == ".json":

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from slotgen.atomic import atomic_write_bytes
+from slotgen.errors import SlotgenError
 from slotgen.engine.generator import ChunkResult, EngineOptions, StreamingEngine
 from slotgen.memory import build_policy
 from slotgen.models import ModelBundle, load_model
@@ -81,10 +82,15 @@ class Renderer:
     """A storyboard bound to a model and a memory policy; renders (and continues) its timeline."""
 
     def __init__(self, storyboard, bundle: ModelBundle | None = None, device: str = "cpu"):
-        self.bundle = bundle if bundle is not None else load_model(storyboard.model, device=device)
+        from slotgen.preflight import check_device, check_memory
+
+        if bundle is None:
+            bundle = load_model(storyboard.model, device=check_device(device))
+        self.bundle = bundle
         self.storyboard = storyboard
         s = self.bundle.settings
         width, height = storyboard.check_resolution(self.bundle.stride, s.resolution)
+        self.preflight = check_memory(self.bundle, width, height)  # refuses what cannot fit; None or a warning
         sampler = storyboard.sampler
         self.options = EngineOptions(
             seed=storyboard.seed,
@@ -99,13 +105,14 @@ class Renderer:
         self.frames_emitted = 0  # video frames handed to the writers so far
         self.pending = np.zeros((0, height, width, 3), np.uint8)  # decoded past the timeline's end
         self.source: str | None = None  # the story's first storyboard file, kept across resumes
+        self.notes: list[str] = []  # warnings raised while rendering (a snapshot written elsewhere, ...)
 
     @property
     def size(self) -> tuple[int, int]:
         return self.options.width, self.options.height
 
     def warnings(self) -> list[str]:
-        out = []
+        out = [self.preflight] if self.preflight else []
         for p in self.storyboard.prompts:
             unknown = self.engine.text.unknown_words(p.text)
             if unknown:
@@ -220,8 +227,34 @@ class Renderer:
         }
 
     def save_snapshot(self, path: str | Path, **video) -> Path:
-        """Write :meth:`snapshot_payload` (``video``: its keyword arguments) to ``path`` atomically."""
-        return write_snapshot(path, self.snapshot_payload(**video))
+        """Write :meth:`snapshot_payload` (``video``: its keyword arguments) to ``path`` atomically.
+
+        The state is never lost to a write error: when ``path`` cannot be written (disk full, read-only)
+        the snapshot goes to the temporary directory, then the home directory; the path used is returned
+        and a warning saying why is added to :attr:`notes`. Raises :class:`WriteError` when none works."""
+        from slotgen.errors import WriteError, write_cause
+
+        path = Path(path)
+        payload = self.snapshot_payload(**video)
+        try:
+            return write_snapshot(path, payload)
+        except OSError as e:
+            first = write_cause(e, "", str(path.parent))
+        import tempfile
+
+        tried = []
+        for d in (Path(tempfile.gettempdir()), Path.home()):
+            alt = d / path.name
+            if alt.resolve() == path.resolve():
+                continue
+            try:
+                written = write_snapshot(alt, payload)
+            except (OSError, SlotgenError) as e:
+                tried.append(f"{d}: {write_cause(e, '', str(d))}")
+                continue
+            self.notes.append(f"cannot write snapshot {str(path)!r}: {first}; it was written to {str(written)!r}")
+            return written
+        raise WriteError(f"cannot write snapshot {str(path)!r}: {first}; nor to {'; '.join(tried) or 'any fallback'}")
 
 
 def write_stats(path: str | Path, renderer: Renderer, report: RenderReport) -> None:
@@ -238,7 +271,12 @@ def write_stats(path: str | Path, renderer: Renderer, report: RenderReport) -> N
         "prompt_chunks": report.prompt_chunks,
         "memory": report.memory_stats,  # the policy's stats() taken when the stream ended
     }
-    atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+    from slotgen.errors import WriteError, write_cause
+
+    try:
+        atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+    except OSError as e:
+        raise WriteError(f"cannot write --stats {str(path)!r}: {write_cause(e, '', str(Path(path).parent))}") from None
 
 
 class InterruptGuard:
@@ -424,9 +462,14 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
         else:
             for out in outs:
                 out.close()
-    except BaseException:
+    except BaseException as e:
         for out in outs:
             out.abort()
+        from slotgen.errors import WriteError
+
+        if isinstance(e, WriteError) and state["snapshots"]:
+            raise WriteError(f"{e}; the snapshot {str(snap_target)!r} of the last checkpoint is intact: resume it "
+                             f"once the problem is fixed", e.path, e.cause) from None
         raise
     report.outputs = [str(out.target) for out in outs]
     if stats is not None:

@@ -65,6 +65,29 @@ def join_videos(base: Path | None, segment: Path, target: Path) -> Path:
     return target
 
 
+class _as_target:
+    """Errors about the hidden segment name the output the user asked for."""
+
+    def __init__(self, out: "SegmentedOutput"):
+        self.out = out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        from slotgen.errors import WriteError, write_cause
+
+        if exc_type is None:
+            return False
+        if isinstance(exc, WriteError):
+            cause = exc.cause or str(exc)
+        elif isinstance(exc, OSError):
+            cause = write_cause(exc, "", str(self.out.target.parent))
+        else:
+            return False
+        raise WriteError(f"cannot write {str(self.out.target)!r}: {cause}", str(self.out.target), cause) from None
+
+
 class SegmentedOutput:
     """A streaming video output (``.mp4`` or ``.mkv``) whose frames can be made durable mid-render.
 
@@ -81,7 +104,8 @@ class SegmentedOutput:
         self.base: Path | None = None if base is None else Path(base)
         self.segment = segment_path(self.target)
         self._open = lambda: open_writer(self.segment, fps, size)
-        self._writer = self._open()  # opened now: a bad extension or size fails before any work
+        with _as_target(self):
+            self._writer = self._open()  # opened now: a bad extension or size fails before any work
         self.sealed = False  # a complete segment waits to be joined
         self.recorded = False  # ... and a snapshot names it: it must survive until joined
 
@@ -96,9 +120,10 @@ class SegmentedOutput:
     def write(self, frames: np.ndarray) -> None:
         if self.sealed:
             raise RuntimeError(f"segment of {self.target} is sealed; join() it first")
-        if self._writer is None:
-            self._writer = self._open()
-        self._writer.write(frames)
+        with _as_target(self):
+            if self._writer is None:
+                self._writer = self._open()
+            self._writer.write(frames)
 
     def seal(self) -> dict | None:
         """Close the current segment (complete and fsync'ed under its hidden name); None if it is empty.
@@ -106,7 +131,8 @@ class SegmentedOutput:
         Returns the join record a snapshot keeps: ``{"target", "base", "segment"}``."""
         if self._writer is None or self._writer.frames_written == 0:
             return None
-        self._writer.close()
+        with _as_target(self):
+            self._writer.close()
         self._writer = None
         self.sealed = True
         return {"target": str(self.target.resolve()), "base": None if self.base is None else str(self.base.resolve()),
@@ -116,7 +142,8 @@ class SegmentedOutput:
         """Append the sealed segment to the target (atomically); the target becomes the base."""
         if not self.sealed:
             return
-        join_videos(self.base, self.segment, self.target)
+        with _as_target(self):
+            join_videos(self.base, self.segment, self.target)
         self.base = self.target
         self.sealed = self.recorded = False
 

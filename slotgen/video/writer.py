@@ -29,7 +29,7 @@ import imageio_ffmpeg
 import numpy as np
 
 from slotgen.atomic import PartialFile, atomic_output, check_output_path
-from slotgen.errors import SlotgenError
+from slotgen.errors import SlotgenError, WriteError, one_line, write_cause
 
 DEFAULT_CRF = 18  # x264 constant rate factor: 0 lossless ... 51 worst; 18 is visually near-lossless
 DEFAULT_PRESET = "medium"
@@ -75,6 +75,8 @@ class _FFmpegWriter:
         self.keep_partial_on_error = keep_partial_on_error
         self.frames_written: int = 0
         self._closed = False
+        # ffmpeg's messages go to a log file (read for the cause of a failure), not to our stderr
+        self._log = tempfile.TemporaryFile(prefix="slotgen-ffmpeg-")
         self._gen = imageio_ffmpeg.write_frames(
             str(self._partial.tmp),
             self.size,
@@ -87,10 +89,40 @@ class _FFmpegWriter:
             ffmpeg_log_level="error",
             output_params=self._output_params(),
         )
-        self._gen.send(None)  # starts ffmpeg
+        saved = os.dup(2)
+        try:
+            os.dup2(self._log.fileno(), 2)  # the child inherits it as its stderr
+            self._gen.send(None)  # starts ffmpeg
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
         # The ffmpeg process, to check its exit status (imageio_ffmpeg does not); best effort.
         frame = self._gen.gi_frame
         self._proc: subprocess.Popen[bytes] | None = frame.f_locals.get("p") if frame is not None else None
+
+    def _ffmpeg_log(self) -> str:
+        try:
+            self._log.seek(0)
+            return self._log.read().decode(errors="replace")
+        except (OSError, ValueError):
+            return ""
+
+    def _write_error(self, error: BaseException | None) -> WriteError:
+        """The one-line error for a failed write: the path and the cause (from errno, ffmpeg's log, the disk)."""
+        if self._proc is not None and self._proc.poll() is None and isinstance(error, (BrokenPipeError, OSError)):
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        log = self._ffmpeg_log()
+        broken = isinstance(error, BrokenPipeError) or (error is not None and "Broken pipe" in str(error))
+        cause = write_cause(None if broken else error, log, str(self.path.parent))
+        rc = self._proc.returncode if self._proc is not None else None
+        if cause == "unknown cause" or (broken and not any(c in cause for c in ("ENOSPC", "EROFS", "EACCES", "EPERM"))):
+            last = [ln for ln in log.strip().splitlines() if ln.strip()]
+            detail = f": {one_line(last[-1], 120)}" if last else ""
+            cause = f"ffmpeg stopped (exit status {rc}{', broken pipe (EPIPE)' if broken else ''}){detail}"
+        return WriteError(f"cannot write {str(self.path)!r}: {cause}", str(self.path), cause)
 
     def _check_size_for_codec(self, size: tuple[int, int]) -> None:
         """Hook: reject sizes the codec cannot store exactly."""
@@ -116,7 +148,10 @@ class _FFmpegWriter:
             )
         if frames.shape[0] == 0:
             return
-        self._gen.send(np.ascontiguousarray(frames))  # one pipe write for the whole chunk
+        try:
+            self._gen.send(np.ascontiguousarray(frames))  # one pipe write for the whole chunk
+        except (OSError, StopIteration, RuntimeError) as e:
+            raise self._write_error(e) from None
         self.frames_written += frames.shape[0]
 
     def close(self) -> Path:
@@ -134,13 +169,20 @@ class _FFmpegWriter:
             raise ValueError(f"no frames were written to {self.path}")
         self._closed = True
         try:
-            self._gen.close()  # waits for ffmpeg to exit
+            try:
+                self._gen.close()  # waits for ffmpeg to exit
+            except (OSError, RuntimeError) as e:
+                raise self._write_error(e) from None
             rc = self._proc.returncode if self._proc is not None else 0
             if rc != 0:
-                raise OSError(f"ffmpeg failed (exit status {rc}) while writing {self.path}")
+                raise self._write_error(None)
             if not self._partial.tmp.exists() or self._partial.tmp.stat().st_size == 0:
-                raise OSError(f"ffmpeg produced no output for {self.path}")
-            return self._partial.commit()
+                raise self._write_error(None)
+            try:
+                return self._partial.commit()
+            except OSError as e:
+                cause = write_cause(e, '', str(self.path.parent))
+                raise WriteError(f"cannot write {str(self.path)!r}: {cause}", str(self.path), cause) from None
         except BaseException:
             self._partial.discard()
             raise
@@ -364,6 +406,9 @@ def _run_ffmpeg(args: list[str], what: str) -> None:
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+        cause = write_cause(None, proc.stderr)
+        if cause != "unknown cause" and "(E" in cause:
+            raise WriteError(f"{what} failed: {cause}", None, cause)
         raise SlotgenError(f"{what} failed: {detail}")
 
 
