@@ -623,6 +623,7 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw the last chunk's token→slot map and retrieved items (slot policy)."),
     summary: bool = typer.Option(False, "--summary", help="For a snapshot: print its facts (model, position, prompts, video) as JSON instead."),
+    video: Optional[Path] = typer.Option(None, "--video", help="With --png: the video whose frames go under the slot map (default: the one the stats or snapshot records, lossless copy first)."),
 ) -> None:
     """Dump memory statistics: per layer slots, items, tokens held, budget use, age, hits, relevance."""
     import json as _json
@@ -638,10 +639,17 @@ def inspect(
 
         print(_json.dumps(load_snapshot(source).summary(), indent=2))
         return
-    stats, _ = load_stats(source)
+    stats, extra = load_stats(source)
     report = build_report(stats, str(source))
     if png is not None:
-        write_png(stats, png)
+        from slotgen.inspect import underlay_frames
+
+        if video is not None and not video.is_file():
+            raise SlotgenError(f"--video {str(video)!r}: no such file")
+        under = underlay_frames(stats, extra, video)
+        write_png(stats, png, frames=under)
+        if not under:
+            print(f"note: {png}: no video found to draw the frames under the slots (give --video)", file=sys.stderr)
     if json_out:
         print(_json.dumps(report, indent=2))
     else:

@@ -257,7 +257,8 @@ class Renderer:
         raise WriteError(f"cannot write snapshot {str(path)!r}: {first}; nor to {'; '.join(tried) or 'any fallback'}")
 
 
-def write_stats(path: str | Path, renderer: Renderer, report: RenderReport) -> None:
+def write_stats(path: str | Path, renderer: Renderer, report: RenderReport,
+                video: tuple[str | Path, int] | None = None) -> None:
     """The ``--stats`` JSON: memory statistics and timings (what ``slotgen inspect`` reads)."""
     doc = {
         "format": "slotgen-stats",
@@ -270,6 +271,9 @@ def write_stats(path: str | Path, renderer: Renderer, report: RenderReport) -> N
         "chunk_seconds": report.chunk_seconds,
         "prompt_chunks": report.prompt_chunks,
         "memory": report.memory_stats,  # the policy's stats() taken when the stream ended
+        "video": None if video is None else str(Path(video[0]).resolve()),  # what `inspect --png` draws under
+        "video_first_frame": 0 if video is None else int(video[1]),
+        "stride_t": int(renderer.bundle.settings.vae_stride_t),
     }
     from slotgen.errors import WriteError, write_cause
 
@@ -473,7 +477,8 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
         raise
     report.outputs = [str(out.target) for out in outs]
     if stats is not None:
-        write_stats(stats, renderer, report)
+        shown = (lossless, first["lossless"]) if lossless is not None else (output, first["video"])
+        write_stats(stats, renderer, report, video=shown)
         report.outputs.append(str(stats))
     return report
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -112,3 +113,39 @@ def test_cli_inspect_reads_a_snapshot(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a snapshot")
     res = runner.invoke(app, ["inspect", str(tmp_path / "broken.pt")])
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_png_draws_the_segmented_frame_under_the_slots_with_a_legend(tmp_path):
+    """inspect --png: the frame each slot map segments is underneath (its pixels show through the tint)
+    and a legend names every slot; without the video the same map is drawn on black."""
+    from PIL import Image
+
+    from slotgen.inspect import underlay_frames
+
+    story = tmp_path / "s.yaml"
+    story.write_text("fps: 16\nresolution: 64x64\nseed: 3\nsampler: {steps: 2}\nmemory: {policy: slot}\nduration: 1\n"
+                     "prompts:\n  - prompt: a red circle moves right on a blue background\n")
+    res = CliRunner().invoke(app, ["render", str(story), "-o", str(tmp_path / "v.mp4"), "--lossless",
+                                   str(tmp_path / "v.mkv"), "--stats", str(tmp_path / "s.json"), "-q"])
+    assert res.exit_code == 0, res.output
+    stats, extra = load_stats(tmp_path / "s.json")
+    assert extra["video"] == str((tmp_path / "v.mkv").resolve())
+    frames = underlay_frames(stats, extra)
+    shown = sorted(frames)
+    assert shown and all(f.shape == (64, 64, 3) for f in frames.values())
+    with_video = np.asarray(Image.open(write_png(stats, tmp_path / "a.png", frames=frames)).convert("RGB"))
+    without = np.asarray(Image.open(write_png(stats, tmp_path / "b.png")).convert("RGB"))
+    assert with_video.shape == without.shape
+    # the first panel (64x64 px: 4x4 tokens of 16 px) is the frame, tinted: it differs from the bare map
+    # nearly everywhere and follows the frame's brightness
+    a, b = with_video[24:88, 8:72].astype(float), without[24:88, 8:72].astype(float)
+    assert (a != b).any(axis=-1).mean() > 0.5
+    frame = frames[shown[0]].astype(float)
+    assert np.corrcoef((a - 90 / 255 * b).mean(-1).ravel(), frame.mean(-1).ravel())[0, 1] > 0.8  # alpha 90
+    # the same frames, read again from the video, are what the panel was built from
+    from slotgen.video.writer import read_video
+
+    video = read_video(tmp_path / "v.mkv")
+    assert all(np.array_equal(frames[f], video[f]) for f in shown)  # stride_t 1: latent f is video frame f
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path / "s.json"), "--png", str(tmp_path / "c.txt")])
+    assert res.exit_code == 2 and "name it .png" in res.output
