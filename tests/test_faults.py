@@ -203,3 +203,188 @@ def test_leftovers_of_dead_processes_are_removed_live_ones_kept(tmp_path):
     removed = remove_stale(tmp_path / "out.mp4")
     assert sorted(Path(r).name for r in removed) == sorted(n for n, keep in names.items() if not keep)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, keep in names.items() if keep)
+
+
+# -- write faults: full disk, read-only target, ffmpeg dying, the snapshot's own write ------------------
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    d = tmp_path / "full"
+    if not _mount_tmpfs(d, "size=40k"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    d = tmp_path / "ro"
+    if not _mount_tmpfs(d, "ro,size=1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def one_line_error(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+    return lines[0]
+
+
+def test_full_disk_on_the_lossless_copy_mid_render_keeps_the_checkpoint_resumable(tmp_path, small_disk, references):
+    (tmp_path / "story.yaml").write_text(story("sink"))
+    res = run_cli(tmp_path, "render", "story.yaml", "-o", "out.mp4", "--lossless", str(small_disk / "out.mkv"), "-q",
+                  "--snapshot-every", "2c")
+    line = one_line_error(res)
+    assert "ENOSPC" in line and str(small_disk / "out.mkv") in line and "out.mp4.snapshot.pt" in line, line
+    assert (tmp_path / "story.yaml").read_text() == story("sink")
+    snap = load_snapshot(tmp_path / "out.mp4.snapshot.pt")  # the newest complete snapshot
+    assert 0 < snap.frames_emitted < len(references("sink"))
+    # while the disk is still full, resume cannot complete the lossless copy's due join: one line, segment kept
+    res = run_cli(tmp_path, "resume", "out.mp4.snapshot.pt", "-o", "rest.mkv", "-q", "--snapshot-every", "0")
+    line = one_line_error(res)
+    assert "ENOSPC" in line and "out.mkv" in line and "is kept" in line, line
+    # the problem fixed (the disk grown), the same command completes it and continues bit-exactly
+    assert subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], capture_output=True).returncode == 0
+    res = run_cli(tmp_path, "resume", "out.mp4.snapshot.pt", "-o", "rest.mkv", "-q", "--snapshot-every", "0")
+    assert res.returncode == 0, res.stderr
+    assert np.array_equal(read_video(small_disk / "out.mkv"), references("sink")[:snap.frames_emitted])
+    assert np.array_equal(read_video(tmp_path / "rest.mkv"), references("sink")[snap.frames_emitted:])
+
+
+def test_read_only_target_is_refused_before_any_work(tmp_path, read_only):
+    (tmp_path / "story.yaml").write_text(story("window"))
+    for args in (["-o", str(read_only / "v.mp4")], ["-o", "v.mp4", "--stats", str(read_only / "s.json")],
+                 ["-o", "v.mp4", "--snapshot", str(read_only / "s.pt")]):
+        line = one_line_error(run_cli(tmp_path, "render", "story.yaml", *args, "-q"))
+        assert "EROFS" in line and str(read_only) in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ro", "story.yaml"]
+
+
+def test_snapshot_that_cannot_be_written_goes_elsewhere_not_lost(tmp_path, monkeypatch):
+    """ENOSPC on the snapshot's own directory (monkeypatched os-level failure): the state is written to
+    the temporary directory and the user is told where."""
+    import errno
+
+    import slotgen.render as render_mod
+    from slotgen.storyboard import parse_storyboard
+
+    target = tmp_path / "snap.pt"
+    real = render_mod.write_snapshot
+
+    def failing(path, payload):
+        if Path(path) == target:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, payload)
+
+    monkeypatch.setattr(render_mod, "write_snapshot", failing)
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").mkdir()
+    sb = parse_storyboard(story("window").replace("duration: 3", "duration: 1").replace("at: 1.5", "at: 0.5"),
+                          "story.yaml")
+    rep = render_mod.render(sb, tmp_path / "v.mkv", snapshot=target, snapshot_every=0)
+    assert rep.snapshot == str(tmp_path / "elsewhere" / "snap.pt") and not target.exists()
+    assert load_snapshot(rep.snapshot).complete
+
+
+def test_ffmpeg_dying_mid_write_is_one_line_and_the_checkpoint_survives(tmp_path, references):
+    """The MP4 encoder is killed after the third chunk: EPIPE on the next write, one line naming the
+    output; the snapshot of the last checkpoint resumes bit-exactly."""
+    (tmp_path / "story.yaml").write_text(story("bank"))
+    (tmp_path / "kill_ffmpeg.py").write_text(textwrap.dedent("""\
+        import os, signal, sys
+        import slotgen.video.writer as w
+        real = w._FFmpegWriter.write
+        seen = {"n": 0}
+        def write(self, frames):
+            if self.path.suffix == ".mp4":
+                seen["n"] += 1
+                if seen["n"] == 4 and self._proc is not None:
+                    self._proc.kill(); self._proc.wait()
+            return real(self, frames)
+        w._FFmpegWriter.write = write
+        from slotgen.cli import app
+        sys.argv = ["slotgen"] + sys.argv[1:]
+        app()
+        """))
+    res = subprocess.run([sys.executable, "kill_ffmpeg.py", "render", "story.yaml", "-o", "out.mp4", "--lossless",
+                          "out.mkv", "-q", "--snapshot-every", "1c"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    line = one_line_error(res)
+    assert "out.mp4" in line and ("ffmpeg" in line or "EPIPE" in line), line
+    held = assert_resumes_exactly(tmp_path, references("bank"))
+    assert held > 0
+
+
+HOSTILE = [
+    ["render", "story.yaml", "--device", "cuda:7"],
+    ["render", "story.yaml", "--device", "tpu"],
+    ["render", "story.yaml", "--device", ""],
+    ["render", "story.yaml", "-o", "story.yaml"],
+    ["render", "story.yaml", "-o", "v.mp4", "--lossless", "v.mp4"],
+    ["render", "story.yaml", "-o", "v.mkv", "--lossless", "v.mkv"],
+    ["render", "story.yaml", "-o", "v.mp4", "--lossless", "copy.avi"],
+    ["render", "story.yaml", "-o", "v.webm"],
+    ["render", "story.yaml", "-o", "v.mp4", "--stats", "v.mp4"],
+    ["render", "story.yaml", "-o", "v.mp4", "--stats", "link.yaml"],  # a hard link to the storyboard
+    ["render", "story.yaml", "-o", "v.mp4", "--snapshot", "v.mp4.snapshot.pt", "--stats", "v.mp4.snapshot.pt"],
+    ["render", "story.yaml", "-o", "v.mp4", "--seed", "-5"],
+    ["render", "story.yaml", "-o", "v.mp4", "--seed", str(2**64)],
+    ["render", "story.yaml", "-o", "v.mp4", "--snapshot-every", "-3"],
+    ["render", "story.yaml", "-o", "v.mp4", "--snapshot-every", "0c"],
+    ["render", "story.yaml", "-o", "v.mp4", "--snapshot-every", "nan"],
+    ["render", "story.yaml", "-o", "nodir/v.mp4"],
+    ["render", "story.yaml", "-o", "."],
+    ["render", "huge.yaml", "-o", "v.mp4"],
+    ["render", "zero.yaml", "-o", "v.mp4"],
+    ["render", "nomodel.yaml", "-o", "v.mp4"],
+    ["render", "missing.yaml"],
+    ["render", "."],
+    ["render", "story.yaml", "-o", "v.mp4", "--model", "story.yaml"],
+    ["render", "story.yaml", "-o", "v.mp4", "--memory", "nope"],
+    ["resume", "snap.pt", "-o", "snap.pt", "-p", "x", "-d", "1"],
+    ["resume", "snap.pt", "-o", "r.mp4", "-p", "x", "-d", "1", "--stats", "snap.pt"],
+    ["resume", "snap.pt", "-o", "r.mp4", "-p", "x", "-d", "1", "--lossless", "snap.pt"],
+    ["resume", "snap.pt", "-o", "r.mp4", "-s", "story.yaml", "--stats", "story.yaml"],
+    ["resume", "snap.pt", "-o", "r.mp4", "-p", "x", "-d", "1", "--device", "mps"],
+    ["resume", "story.yaml", "-o", "r.mp4"],
+    ["resume", ".", "-o", "r.mp4"],
+    ["inspect", "."],
+    ["inspect", "story.yaml"],
+    ["inspect", "snap.pt", "--png", "snap.pt"],
+    ["inspect", "snap.pt", "--png", "p.jpg"],
+    ["bench", "speed", "--device", "cuda"],
+    ["train-miniature", "--out", "m", "--device", "banana"],
+]
+
+
+@pytest.mark.slow
+def test_hostile_command_lines_are_one_line_exit_2_and_destroy_nothing(tmp_path):
+    base = story("window").replace("duration: 3", "duration: 0.5").replace("at: 1.5", "at: 0.25")
+    (tmp_path / "story.yaml").write_text(base)
+    os.link(tmp_path / "story.yaml", tmp_path / "link.yaml")
+    (tmp_path / "huge.yaml").write_text(base.replace("32x32", "64000x64000"))
+    (tmp_path / "zero.yaml").write_text(base.replace("duration: 0.5", "duration: 0.02").replace("at: 0.25", "at: 0.01"))
+    (tmp_path / "nomodel.yaml").write_text("model: /nonexistent/model\n" + base)
+    res = run_cli(tmp_path, "render", "story.yaml", "-o", "s.mp4", "--snapshot", "snap.pt", "-q")
+    assert res.returncode == 0, res.stderr
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    for args in HOSTILE:
+        res = run_cli(tmp_path, *args)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, res.returncode,
+                                                                                          res.stderr)
+        assert "Traceback" not in res.stderr + res.stdout, args
+        after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+        assert all(after.get(n) == b for n, b in before.items()), args  # no input or earlier output touched
+    msgs = {tuple(a): None for a in HOSTILE}
+    assert len(msgs) >= 35

@@ -188,7 +188,14 @@ def complete_joins(joins: list[dict]) -> list[str]:
         if have + seg != n:
             raise SlotgenError(f"cannot complete {str(target)!r}: {str(base)!r} ({have} frames) + segment "
                                f"{str(segment)!r} ({seg} frames) != the snapshot's {n} frames")
-        join_videos(base, segment, target)
+        try:
+            join_videos(base, segment, target)
+        except (OSError, SlotgenError) as e:
+            from slotgen.errors import WriteError, write_cause
+
+            cause = e.cause if isinstance(e, WriteError) and e.cause else write_cause(e, str(e), str(target.parent))
+            raise WriteError(f"cannot complete {str(target)!r} from the snapshot's segment: {cause}; the segment "
+                             f"{str(segment)!r} is kept for the next try", str(target), cause) from None
         done.append(str(target))
     return done
 
