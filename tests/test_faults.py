@@ -215,22 +215,22 @@ def _mount_tmpfs(path: Path, options: str) -> bool:
     return r.returncode == 0
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    d = tmp_path / "full"
-    if not _mount_tmpfs(d, "size=40k"):
+def _tmpfs(tmp_path: Path, name: str, options: str):
+    d = tmp_path / name
+    if not _mount_tmpfs(d, options):
         pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
     yield d
     subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from _tmpfs(tmp_path, "full", "size=40k")
 
 
 @pytest.fixture
 def read_only(tmp_path):
-    d = tmp_path / "ro"
-    if not _mount_tmpfs(d, "ro,size=1m"):
-        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    yield from _tmpfs(tmp_path, "ro", "ro,size=1m")
 
 
 def one_line_error(res: subprocess.CompletedProcess) -> str:
