@@ -43,11 +43,38 @@ def user_errors(fn):
             policy_names()  # a plug-in module that fails to import is reported here, as one line
             return fn(*args, **kwargs)
         except SlotgenError as e:
-            err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True) if err_console.is_terminal \
-                else print(f"error: {e}", file=sys.stderr)
+            _print_error(str(e))
             raise typer.Exit(e.exit_code)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except MemoryError:
+            _print_error("out of memory: choose a smaller resolution, a smaller memory (--window, --slots) or "
+                         "another --device")
+            raise typer.Exit(2)
+        except OSError as e:  # a write or read the library did not name: the path and the cause
+            from slotgen.errors import write_cause
+
+            where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+            _print_error(f"cannot access{where}: {write_cause(e)}")
+            raise typer.Exit(2)
+        except Exception as e:  # noqa: BLE001 - the last net: one line, exit 2, SLOTGEN_DEBUG=1 for the traceback
+            if os.environ.get("SLOTGEN_DEBUG") == "1":
+                raise
+            from slotgen.errors import one_line
+
+            _print_error(f"internal error ({type(e).__name__}: {one_line(e, 160)}); please report it "
+                         f"(SLOTGEN_DEBUG=1 shows the traceback)")
+            raise typer.Exit(2)
 
     return wrapper
+
+
+def _print_error(message: str) -> None:
+    message = " ".join(message.split())  # one line, always
+    if err_console.is_terminal:
+        err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=False, highlight=False)
+    else:
+        print(f"error: {message}", file=sys.stderr)
 
 
 # -- memory options: one flag per key of every registered policy's config ------------------------------
@@ -177,6 +204,7 @@ def render(
     lossless: Optional[Path] = typer.Option(None, "--lossless", help="Also write a lossless FFV1 .mkv copy (bit-exact frames)."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Write memory statistics and timings as JSON (for `slotgen inspect`)."),
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Write a snapshot at the end, to continue the story with `slotgen resume` (an interrupted render writes <output>.snapshot.pt anyway)."),
+    snapshot_every: str = typer.Option("300", "--snapshot-every", help="Crash safety: every SECONDS of render time (or Nc: every N chunks) seal the videos so far and write the snapshot (--snapshot, else <output>.snapshot.pt), so a kill -9 or power cut loses at most that much; 0 turns it off. Renders shorter than this never pay for it. See docs/SNAPSHOTS.md."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the storyboard's seed."),
     model: Optional[str] = typer.Option(None, "--model", help="Override the model: 'miniature' or a local folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Causal generator weights for a Wan2.1 folder (Self-Forcing .pt, LongLive base+LoRA folder, diffusers transformer); see docs/REAL_MODEL.md."),
@@ -192,9 +220,15 @@ def render(
     far, writes a snapshot and prints the command that resumes it (exit code 130).
     """
     from slotgen.models import load_model
-    from slotgen.render import Renderer, stream_to_files
+    from slotgen.preflight import check_device
+    from slotgen.render import Renderer, SnapshotEvery, stream_to_files
     from slotgen.storyboard import load_storyboard
 
+    dev = check_device(device)
+    if seed is not None and not 0 <= seed <= 2**63 - 1:
+        raise SlotgenError(f"--seed: expected an integer from 0 to 2^63-1, got {seed}")
+    every = SnapshotEvery.parse(snapshot_every)
+    _check_video_extensions(output, lossless)
     sb = load_storyboard(storyboard)
     mem = memory_overrides(sb, memory, memory_keys)
     overrides = {k: v for k, v in {"seed": seed, "model": model}.items() if v is not None}
@@ -203,28 +237,113 @@ def render(
     if overrides:
         sb = sb.with_overrides(**overrides)
     output = output or Path(Path(storyboard).stem + ".mp4")
-    _check_outputs(output, lossless, stats, snapshot)
+    _check_outputs([output, lossless, stats, snapshot or _default_snapshot(output)],
+                   inputs=[("storyboard", storyboard), ("model", _model_path(sb.model)), ("checkpoint", checkpoint)])
 
-    with _interruptible():
-        bundle = load_model(sb.model, device=device, checkpoint=checkpoint) if checkpoint is not None else None
-        renderer = Renderer(sb, bundle=bundle, device=device)
+    with _interruptible(), _model_line(sb, from_storyboard=model is None):
+        bundle = load_model(sb.model, device=dev, checkpoint=checkpoint) if checkpoint is not None else None
+        renderer = Renderer(sb, bundle=bundle, device=dev)
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
         report = _run_streaming(quiet, renderer, lambda on_chunk, stop: stream_to_files(
-            renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot=snapshot))
-    _report(report, renderer, quiet, output)
+            renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot=snapshot,
+            snapshot_every=every))
+    _report(report, renderer, quiet, output, lossless=lossless)
 
 
-def _check_outputs(*paths: Optional[Path]) -> None:
-    """Fail before rendering (not after minutes of work) when an output cannot be written."""
+def _default_snapshot(output: Path) -> Path:
+    from slotgen.snapshot import default_snapshot_path
+
+    return default_snapshot_path(output)
+
+
+def _model_path(spec: Optional[str]) -> Optional[Path]:
+    """A model given as a folder or file (an input no output may overwrite); None for a built-in."""
+    from slotgen.models import BUILTIN_MODELS
+
+    if spec is None or spec in BUILTIN_MODELS:
+        return None
+    return Path(spec).expanduser()
+
+
+def _identity(p: Path) -> tuple:
+    """What makes two names one file: the inode when it exists, else the resolved path."""
+    try:
+        st = os.stat(p)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", str(p.resolve()))
+
+
+def _check_writable(p: Path) -> None:
+    """Create and remove a probe file beside ``p``: a read-only or forbidden directory fails now, with its cause."""
+    import tempfile
+
+    from slotgen.errors import WriteError, write_cause
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".slotgen-probe-", dir=p.parent if str(p.parent) else ".")
+    except OSError as e:
+        cause = write_cause(e, "", str(p.parent))
+        raise WriteError(f"cannot write {str(p)!r}: {cause}", str(p), cause) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_video_extensions(output: Optional[Path], lossless: Optional[Path]) -> None:
+    if output is not None and output.suffix.lower() not in (".mp4", ".mkv"):
+        raise SlotgenError(f"-o {str(output)!r}: use .mp4 (H.264) or .mkv (lossless FFV1)")
+    if lossless is not None and lossless.suffix.lower() != ".mkv":
+        raise SlotgenError(f"--lossless {str(lossless)!r}: the lossless copy is FFV1 in Matroska; name it .mkv "
+                           f"(an .mp4 would be lossy H.264)")
+
+
+def _check_outputs(outputs: list[Optional[Path]], inputs: list[tuple[str, Optional[Path]]] = (),
+                   allowed: set[tuple[int, int]] = frozenset()) -> None:
+    """Fail before rendering (not after minutes of work) when an output cannot be written, names an input
+    (same resolved path or same inode; an output inside an input folder too) or another output.
+
+    ``allowed``: (output index, input index) pairs that may coincide (documented in-place updates)."""
     from slotgen.atomic import check_output_path
 
-    given = [p for p in paths if p is not None]
-    for p in given:
+    given = [(i, p) for i, p in enumerate(outputs) if p is not None]
+    for _, p in given:
         check_output_path(p)
-    resolved = [p.resolve() for p in given]
-    if len(set(resolved)) != len(resolved):
-        raise SlotgenError("two outputs name the same file")
+        _check_writable(p)
+    ids = [_identity(p) for _, p in given]
+    for a in range(len(given)):
+        for b in range(a + 1, len(given)):
+            if ids[a] == ids[b]:
+                raise SlotgenError(f"two outputs name the same file: {str(given[a][1])!r} and {str(given[b][1])!r}")
+    for j, (what, src) in enumerate(inputs):
+        if src is None or not src.exists():
+            continue
+        src_id, src_res = _identity(src), src.resolve()
+        for (i, p), pid in zip(given, ids):
+            if (i, j) in allowed:
+                continue
+            inside = src.is_dir() and src_res in p.resolve().parents
+            if pid == src_id or inside:
+                raise SlotgenError(f"output {str(p)!r} would overwrite the {what} {str(src)!r}"
+                                   f"{' (it is inside that folder)' if inside else ''}; choose another name")
+
+
+class _model_line:
+    """A model named by the storyboard that cannot be loaded: the error points at its ``model:`` line."""
+
+    def __init__(self, sb, from_storyboard: bool):
+        self.sb, self.on = sb, from_storyboard
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        from slotgen.errors import ModelError, StoryboardError
+
+        if self.on and exc_type is not None and issubclass(exc_type, ModelError) \
+                and not isinstance(exc, StoryboardError) and self.sb.line_of("model") is not None:
+            raise self.sb.error_at(str(exc), "model") from None
+        return False
 
 
 class _interruptible:
@@ -251,7 +370,21 @@ def _run_streaming(quiet: bool, renderer, run):
         print(f"{chr(10) if err_console.is_terminal else ''}{name}: finishing the current chunk, then saving the video and a snapshot "
               f"(send it again to abort without saving)", file=sys.stderr, flush=True)
 
-    progress, on_chunk = _progress_callbacks(quiet, renderer.total_chunks(), renderer.storyboard.total_frames)
+    from slotgen.preflight import time_warning
+
+    progress, bar = _progress_callbacks(quiet, renderer.total_chunks(), renderer.storyboard.total_frames)
+    first = {"done": False}
+
+    def on_chunk(ev) -> None:
+        if bar is not None:
+            bar(ev)
+        if not first["done"]:  # the time estimate is measured: the first chunk's pace
+            first["done"] = True
+            w, h = renderer.size
+            msg = time_warning(ev.chunk_seconds, ev.total_chunks - ev.chunk, w, h)
+            if msg:
+                print(f"warning: {msg}", file=sys.stderr, flush=True)
+
     with InterruptGuard(notice) as guard:
         if progress is not None:
             with progress:
@@ -259,9 +392,21 @@ def _run_streaming(quiet: bool, renderer, run):
         return run(on_chunk, guard)
 
 
-def _report(report, renderer, quiet: bool, output: Path, resume_cmd: Optional[list[str]] = None) -> None:
+def _resume_command(snap: str, output: Path, lossless: Optional[Path]) -> list[str]:
+    """The command that continues every output of an interrupted run in place (the video and the lossless
+    copy are extended, the snapshot refreshed), so it can be repeated after another interruption."""
+    cmd = ["slotgen", "resume", snap, "-o", str(output), "--append"]
+    if lossless is not None:
+        cmd += ["--lossless", str(lossless)]
+    return cmd + ["--snapshot", snap]
+
+
+def _report(report, renderer, quiet: bool, output: Path, resume_cmd: Optional[list[str]] = None,
+            lossless: Optional[Path] = None) -> None:
     import shlex
 
+    for note in renderer.notes:
+        print(f"warning: {note}", file=sys.stderr)
     fps = renderer.storyboard.fps
     if report.interrupted:
         done = report.first_frame + report.frames
@@ -269,12 +414,7 @@ def _report(report, renderer, quiet: bool, output: Path, resume_cmd: Optional[li
               f"{report.total_frames} frames of the story, {done / fps:.2f}s) and snapshot {report.snapshot}",
               file=sys.stderr)
         if resume_cmd is None:
-            snap = report.snapshot
-            if output.suffix.lower() == ".mp4":
-                resume_cmd = ["slotgen", "resume", snap, "-o", str(output), "--append", "--snapshot", snap]
-            else:
-                rest = output.with_name(output.stem + ".rest" + output.suffix)
-                resume_cmd = ["slotgen", "resume", snap, "-o", str(rest), "--snapshot", snap]
+            resume_cmd = _resume_command(report.snapshot, output, lossless)
         print("resume with: " + " ".join(shlex.quote(a) for a in resume_cmd), file=sys.stderr, flush=True)
         raise typer.Exit(130)
     if not quiet:
@@ -301,6 +441,7 @@ def resume(
     model: Optional[str] = typer.Option(None, "--model", help="Where the snapshot's model is now (its weights digest must match)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The causal checkpoint the render used (Wan2.1 folders)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    snapshot_every: str = typer.Option("300", "--snapshot-every", help="Crash safety: every SECONDS of render time (or Nc: every N chunks) seal the videos so far and write the snapshot (--snapshot, else <output>.snapshot.pt), so a kill -9 or power cut loses at most that much; 0 turns it off. Renders shorter than this never pay for it. See docs/SNAPSHOTS.md."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     seed: Optional[int] = typer.Option(None, "--seed", hidden=True),
     memory: Optional[str] = typer.Option(None, "--memory", hidden=True),
@@ -313,7 +454,11 @@ def resume(
     Seed, memory configuration, frame rate, resolution and sampler come from the snapshot. Without
     new prompts, an interrupted render's snapshot finishes its own storyboard.
     """
+    from slotgen.preflight import check_device
+    from slotgen.render import SnapshotEvery
     from slotgen.resume import RESUME_FIXED_KEYS, prepare_resume
+
+    dev = check_device(device)
     from slotgen.timeparse import parse_time
 
     flags = {o.key: o.flag for o in memory_options()}
@@ -337,23 +482,23 @@ def resume(
         from slotgen.storyboard import load_storyboard
 
         more = load_storyboard(storyboard)
-    _check_outputs(output, lossless, stats, new_snapshot)
+    every = SnapshotEvery.parse(snapshot_every)
+    _check_video_extensions(output, lossless)
+    # the input snapshot may be refreshed in place (--snapshot, or the default <output>.snapshot.pt)
+    _check_outputs([output, lossless, stats, new_snapshot or _default_snapshot(output)],
+                   inputs=[("snapshot", snapshot), ("storyboard", storyboard), ("model", _model_path(model)),
+                           ("checkpoint", checkpoint)], allowed={(3, 0)})
 
     with _interruptible():
         job = prepare_resume(snapshot, output, storyboard=more, prompt=prompt, duration=dur, append=append,
-                             append_to=append_to, device=device, model=model, checkpoint=checkpoint)
+                             append_to=append_to, device=dev, model=model, checkpoint=checkpoint)
         renderer, original = job.renderer, job.original
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
         report = _run_streaming(quiet, renderer, lambda on_chunk, stop: job.stream(
-            lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot_out=new_snapshot))
-    cmd = None
-    if report.interrupted:
-        rest = output if original is not None else output.with_name(output.stem + ".rest" + output.suffix)
-        cmd = ["slotgen", "resume", report.snapshot, "-o", str(rest)]
-        cmd += ["--append"] if original is not None else []
-        cmd += ["--snapshot", report.snapshot]
-    _report(report, renderer, quiet, output, cmd)
+            lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot_out=new_snapshot,
+            snapshot_every=every))
+    _report(report, renderer, quiet, output, lossless=lossless)
 
 
 def policy_list(text: str) -> list[str]:
@@ -389,6 +534,9 @@ def bench_speed(
 
     from slotgen.bench.speed import run_speed_bench
 
+    from slotgen.preflight import check_device
+
+    check_device(device)
     names = policy_list(policies)
     try:
         durations = [float(d) for d in duration.split(",")]
@@ -455,6 +603,9 @@ def bench_snapshot_sizes(
 
     from slotgen.bench.snapshot_size import snapshot_sizes
 
+    from slotgen.preflight import check_device
+
+    check_device(device)
     try:
         seconds = [float(d) for d in durations.split(",") if d.strip()]
     except ValueError:
@@ -472,21 +623,33 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw the last chunk's token→slot map and retrieved items (slot policy)."),
     summary: bool = typer.Option(False, "--summary", help="For a snapshot: print its facts (model, position, prompts, video) as JSON instead."),
+    video: Optional[Path] = typer.Option(None, "--video", help="With --png: the video whose frames go under the slot map (default: the one the stats or snapshot records, lossless copy first)."),
 ) -> None:
     """Dump memory statistics: per layer slots, items, tokens held, budget use, age, hits, relevance."""
     import json as _json
 
     from slotgen.inspect import build_report, load_stats, report_table, write_png
 
+    if png is not None:
+        if png.suffix.lower() != ".png":
+            raise SlotgenError(f"--png {str(png)!r}: the picture is a PNG; name it .png")
+        _check_outputs([png], inputs=[("input", source)])
     if summary:
         from slotgen.snapshot import load_snapshot
 
         print(_json.dumps(load_snapshot(source).summary(), indent=2))
         return
-    stats, _ = load_stats(source)
+    stats, extra = load_stats(source)
     report = build_report(stats, str(source))
     if png is not None:
-        write_png(stats, png)
+        from slotgen.inspect import underlay_frames
+
+        if video is not None and not video.is_file():
+            raise SlotgenError(f"--video {str(video)!r}: no such file")
+        under = underlay_frames(stats, extra, video)
+        write_png(stats, png, frames=under)
+        if not under:
+            print(f"note: {png}: no video found to draw the frames under the slots (give --video)", file=sys.stderr)
     if json_out:
         print(_json.dumps(report, indent=2))
     else:
@@ -526,6 +689,9 @@ def train_miniature_cmd(
     handed back as relocated context); the VAE is the exact pixel code and the text encoder frozen."""
     from slotgen.train.miniature import TrainConfig, train_miniature
 
+    from slotgen.preflight import check_device
+
+    check_device(device)
     cfg = TrainConfig(minutes=minutes, seed=seed, steps=steps, threads=threads, device=device)
     for name, v in (("episodes", episodes), ("batch", batch), ("clip_chunks", clip_chunks)):
         if v is not None:

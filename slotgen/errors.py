@@ -37,3 +37,54 @@ class ModelError(SlotgenError):
 
 class SnapshotError(SlotgenError):
     """A snapshot that is refused (truncated, corrupted, other model, future version, unsafe)."""
+
+
+class WriteError(SlotgenError):
+    """An output that could not be written: the path and the cause (disk full, read-only, permission, ffmpeg)."""
+
+    def __init__(self, message: str, path: str | None = None, cause: str | None = None):
+        super().__init__(message)
+        self.path, self.cause = path, cause
+
+
+_CAUSES = (  # errno name, strerror text (as ffmpeg and the OS print it), what the user reads
+    ("ENOSPC", "No space left on device", "no space left on the device"),
+    ("EROFS", "Read-only file system", "the file system is read-only"),
+    ("EACCES", "Permission denied", "permission denied"),
+    ("EPERM", "Operation not permitted", "operation not permitted (an immutable file or directory?)"),
+    ("EDQUOT", "Disk quota exceeded", "disk quota exceeded"),
+    ("EIO", "Input/output error", "input/output error"),
+)
+
+
+def write_cause(error: BaseException | None = None, text: str = "", directory: str | None = None) -> str:
+    """Why a write failed, in words with the errno name: from the exception's errno, else from an
+    error text (ffmpeg's log), else by probing ``directory`` (free space, writability)."""
+    import errno as _errno
+    import os
+
+    code = getattr(error, "errno", None)
+    if isinstance(code, int) and code in _errno.errorcode:
+        name = _errno.errorcode[code]
+        for n, _, words in _CAUSES:
+            if n == name:
+                return f"{words} ({name})"
+        if name == "EPIPE":
+            return "the encoder (ffmpeg) stopped reading (EPIPE)"
+        return f"{os.strerror(code).lower()} ({name})"
+    blob = f"{text}\n{error or ''}"
+    for name, strerror, words in _CAUSES:
+        if strerror.lower() in blob.lower():
+            return f"{words} ({name})"
+    if directory is not None:
+        try:
+            st = os.statvfs(directory)
+            if st.f_bavail * st.f_frsize < 1 << 16:
+                return "no space left on the device (ENOSPC)"
+        except OSError:
+            pass
+        if not os.access(directory, os.W_OK):
+            return "the directory is not writable (EACCES/EROFS)"
+    if error is not None and str(error).strip():
+        return one_line(str(error).strip().splitlines()[0], 160)
+    return "unknown cause"

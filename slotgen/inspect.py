@@ -45,6 +45,8 @@ def report_schema() -> dict:
 def load_stats(path: str | Path) -> tuple[dict, dict]:
     """(memory stats, extra info) from a ``--stats`` JSON or a snapshot file."""
     p = Path(path)
+    if p.is_dir():
+        raise SlotgenError(f"{p}: is a directory (give a --stats JSON or a snapshot .pt)")
     if not p.is_file():
         raise SlotgenError(f"{p}: no such file (give a --stats JSON or a snapshot .pt)")
     if p.suffix.lower() == ".json":
@@ -58,7 +60,39 @@ def load_stats(path: str | Path) -> tuple[dict, dict]:
     from slotgen.snapshot import load_snapshot, snapshot_policy
 
     snap = load_snapshot(p)
-    return snapshot_policy(snap).stats(), {"storyboard": snap.source or str(p)}
+    v = snap.video
+    video, first = (v.get("lossless"), v.get("lossless_first_frame", 0)) if v.get("lossless") else \
+        (v.get("path"), v.get("first_frame", 0))
+    return snapshot_policy(snap).stats(), {"storyboard": snap.source or str(p), "video": video,
+                                           "video_first_frame": first,
+                                           "stride_t": int(snap.model["settings"].get("vae_stride_t", 1))}
+
+
+def underlay_frames(stats: dict, extra: dict, video: str | Path | None = None) -> dict[int, "object"]:
+    """The video frames the last chunk's slot assignment segments: {latent frame: RGB uint8 (H, W, 3)}.
+
+    ``video`` (else the one the stats/snapshot records) holds story frames from ``video_first_frame``;
+    latent frame ``f`` is shown by its last video frame, ``stride_t · f``. Empty when the video is gone."""
+    path = video if video is not None else extra.get("video")
+    if not path or not Path(path).is_file():
+        return {}
+    lays = [lay for lay in stats.get("layers") or [] if isinstance(lay, dict) and lay.get("assignment")]
+    wanted = sorted({int(f) for lay in lays for f in lay["assignment"]["frames"]})
+    stride = int(extra.get("stride_t", 1) or 1)
+    first = 0 if video is not None else int(extra.get("video_first_frame", 0) or 0)
+    index = {stride * f - first: f for f in wanted if stride * f - first >= 0}
+    from slotgen.video.writer import iter_video_frames
+
+    out = {}
+    try:
+        for i, frame in enumerate(iter_video_frames(path)):
+            if i in index:
+                out[index[i]] = frame
+            if i >= max(index, default=-1):
+                break
+    except Exception:  # noqa: BLE001 - an unreadable video: no underlay rather than no picture
+        return {}
+    return out
 
 
 def build_report(stats: dict, source: str) -> dict:
@@ -107,11 +141,15 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
            (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195)]
 
 
-def write_png(stats: dict, path: str | Path, layers: list[int] | None = None, cell: int = 16) -> Path:
-    """Draw, per layer, the last chunk's token→slot assignment (a colour per slot) and the retrieved items.
+def write_png(stats: dict, path: str | Path, layers: list[int] | None = None, cell: int = 16,
+              frames: dict | None = None) -> Path:
+    """Draw, per layer, the last chunk's token→slot assignment over the frame it segments, with a legend.
 
-    Needs a policy whose stats record per-layer slot assignments (the ``slot`` policy); others are
-    refused with a clear message.
+    Each latent frame is a panel: the video frame (``frames``: {latent frame: RGB array}, see
+    :func:`underlay_frames`) scaled to the token grid, each token tinted with its slot's colour and
+    outlined, the slot number written in the token where the slot's area is largest. Below: a legend
+    (colour, slot, tokens owned per frame) and the items retrieved. Needs a policy whose stats record
+    per-layer slot assignments (the ``slot`` policy); others are refused with a clear message.
     """
     from PIL import Image, ImageDraw
 
@@ -121,24 +159,54 @@ def write_png(stats: dict, path: str | Path, layers: list[int] | None = None, ce
     chosen = [i for i in (layers if layers is not None else range(len(lays))) if lays[i].get("assignment")]
     if not chosen:
         raise SlotgenError("no slot assignments recorded yet (the render has not committed a chunk)")
+    frames = frames or {}
     panels = []
     for i in chosen:
         a = lays[i]["assignment"]
-        frames = sorted(set(a["frames"]))
+        fids = sorted(set(a["frames"]))
         th = max(h for h, _ in a["hw"]) + 1
         tw = max(w for _, w in a["hw"]) + 1
-        img = Image.new("RGB", (len(frames) * (tw * cell + 8) + 8, th * cell + 60), (20, 20, 20))
+        slots = sorted(set(a["slot"]))
+        legend_rows = (len(slots) + 3) // 4
+        pw = tw * cell
+        img = Image.new("RGB", (max(len(fids) * (pw + 8) + 8, 4 * 150 + 8), th * cell + 64 + 16 * legend_rows),
+                        (20, 20, 20))
         draw = ImageDraw.Draw(img)
+        for j, f in enumerate(fids):  # the frame underneath, scaled to the token grid
+            x = 8 + j * (pw + 8)
+            if f in frames:
+                img.paste(Image.fromarray(frames[f]).resize((pw, th * cell), Image.NEAREST), (x, 24))
+            draw.text((x, 6), f"L{i} frame {f}" + ("" if f in frames else " (not in the video)"), fill=(230, 230, 230))
+        tint = Image.new("RGBA", img.size, (0, 0, 0, 0))
+        tdraw = ImageDraw.Draw(tint)
+        count: dict[tuple[int, int], int] = {}
+        where: dict[tuple[int, int], list] = {}
         for slot, f, (h, w) in zip(a["slot"], a["frames"], a["hw"]):
-            x0 = 8 + frames.index(f) * (tw * cell + 8) + w * cell
+            x0 = 8 + fids.index(f) * (pw + 8) + w * cell
             y0 = 24 + h * cell
-            draw.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=PALETTE[slot % len(PALETTE)])
-        for j, f in enumerate(frames):
-            draw.text((8 + j * (tw * cell + 8), 6), f"L{i} frame {f}", fill=(230, 230, 230))
+            colour = PALETTE[slot % len(PALETTE)]
+            alpha = 90 if f in frames else 255  # translucent over a picture, solid without one
+            tdraw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=(*colour, alpha), outline=(*colour, 255))
+            count[(slot, f)] = count.get((slot, f), 0) + 1
+            where.setdefault((slot, f), []).append((x0, y0))
+        img = Image.alpha_composite(img.convert("RGBA"), tint).convert("RGB")
+        draw = ImageDraw.Draw(img)
+        for (slot, f), cells in where.items():  # the slot's number at its middle token
+            xs = sorted(c[0] for c in cells)
+            ys = sorted(c[1] for c in cells)
+            cx, cy = xs[len(xs) // 2], ys[len(ys) // 2]
+            draw.rectangle([cx, cy, cx + cell - 1, cy + cell - 1], fill=(0, 0, 0))
+            draw.text((cx + 2, cy + 2), str(slot), fill=PALETTE[slot % len(PALETTE)])
+        y = 28 + th * cell
+        for k, slot in enumerate(slots):  # legend: swatch, slot, tokens per frame
+            lx, ly = 8 + (k % 4) * 150, y + (k // 4) * 16
+            draw.rectangle([lx, ly + 2, lx + 10, ly + 12], fill=PALETTE[slot % len(PALETTE)])
+            per = "/".join(str(count.get((slot, f), 0)) for f in fids)
+            draw.text((lx + 14, ly), f"slot {slot}: {per} tokens", fill=(230, 230, 230))
         retrieved = lays[i]["retrieved"]
         frames_of = dict(zip(lays[i]["item_ids"], lays[i]["item_frames"]))
         desc = ", ".join(f"#{r}@{frames_of.get(r, ['?'])}" for r in retrieved[:6]) or "none"
-        draw.text((8, 28 + th * cell), f"retrieved items: {desc}", fill=(230, 230, 230))
+        draw.text((8, y + 16 * legend_rows + 2), f"retrieved items: {desc}", fill=(230, 230, 230))
         panels.append(img)
     width = max(p.width for p in panels)
     out = Image.new("RGB", (width, sum(p.height for p in panels)), (20, 20, 20))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from slotgen.atomic import atomic_write_bytes
+from slotgen.errors import SlotgenError
 from slotgen.engine.generator import ChunkResult, EngineOptions, StreamingEngine
 from slotgen.memory import build_policy
 from slotgen.models import ModelBundle, load_model
@@ -81,10 +82,15 @@ class Renderer:
     """A storyboard bound to a model and a memory policy; renders (and continues) its timeline."""
 
     def __init__(self, storyboard, bundle: ModelBundle | None = None, device: str = "cpu"):
-        self.bundle = bundle if bundle is not None else load_model(storyboard.model, device=device)
+        from slotgen.preflight import check_device, check_memory
+
+        if bundle is None:
+            bundle = load_model(storyboard.model, device=check_device(device))
+        self.bundle = bundle
         self.storyboard = storyboard
         s = self.bundle.settings
         width, height = storyboard.check_resolution(self.bundle.stride, s.resolution)
+        self.preflight = check_memory(self.bundle, width, height)  # refuses what cannot fit; None or a warning
         sampler = storyboard.sampler
         self.options = EngineOptions(
             seed=storyboard.seed,
@@ -99,13 +105,14 @@ class Renderer:
         self.frames_emitted = 0  # video frames handed to the writers so far
         self.pending = np.zeros((0, height, width, 3), np.uint8)  # decoded past the timeline's end
         self.source: str | None = None  # the story's first storyboard file, kept across resumes
+        self.notes: list[str] = []  # warnings raised while rendering (a snapshot written elsewhere, ...)
 
     @property
     def size(self) -> tuple[int, int]:
         return self.options.width, self.options.height
 
     def warnings(self) -> list[str]:
-        out = []
+        out = [self.preflight] if self.preflight else []
         for p in self.storyboard.prompts:
             unknown = self.engine.text.unknown_words(p.text)
             if unknown:
@@ -186,7 +193,7 @@ class Renderer:
 
     def snapshot_payload(self, *, video: str | Path | None = None, video_first_frame: int = 0,
                          lossless: str | Path | None = None, lossless_first_frame: int = 0,
-                         interrupted: bool = False) -> dict:
+                         interrupted: bool = False, joins: list[dict] | None = None) -> dict:
         """Where the render stands, as tensors and plain data (the payload of :mod:`slotgen.snapshot`)."""
         from slotgen import __version__
 
@@ -215,15 +222,43 @@ class Renderer:
                 "first_frame": int(video_first_frame),
                 "lossless": None if lossless is None else str(Path(lossless).resolve()),
                 "lossless_first_frame": int(lossless_first_frame),
+                "joins": list(joins or []),  # sealed segments not yet joined onto their video (crash safety)
             },
         }
 
     def save_snapshot(self, path: str | Path, **video) -> Path:
-        """Write :meth:`snapshot_payload` (``video``: its keyword arguments) to ``path`` atomically."""
-        return write_snapshot(path, self.snapshot_payload(**video))
+        """Write :meth:`snapshot_payload` (``video``: its keyword arguments) to ``path`` atomically.
+
+        The state is never lost to a write error: when ``path`` cannot be written (disk full, read-only)
+        the snapshot goes to the temporary directory, then the home directory; the path used is returned
+        and a warning saying why is added to :attr:`notes`. Raises :class:`WriteError` when none works."""
+        from slotgen.errors import WriteError, write_cause
+
+        path = Path(path)
+        payload = self.snapshot_payload(**video)
+        try:
+            return write_snapshot(path, payload)
+        except OSError as e:
+            first = write_cause(e, "", str(path.parent))
+        import tempfile
+
+        tried = []
+        for d in (Path(tempfile.gettempdir()), Path.home()):
+            alt = d / path.name
+            if alt.resolve() == path.resolve():
+                continue
+            try:
+                written = write_snapshot(alt, payload)
+            except (OSError, SlotgenError) as e:
+                tried.append(f"{d}: {write_cause(e, '', str(d))}")
+                continue
+            self.notes.append(f"cannot write snapshot {str(path)!r}: {first}; it was written to {str(written)!r}")
+            return written
+        raise WriteError(f"cannot write snapshot {str(path)!r}: {first}; nor to {'; '.join(tried) or 'any fallback'}")
 
 
-def write_stats(path: str | Path, renderer: Renderer, report: RenderReport) -> None:
+def write_stats(path: str | Path, renderer: Renderer, report: RenderReport,
+                video: tuple[str | Path, int] | None = None) -> None:
     """The ``--stats`` JSON: memory statistics and timings (what ``slotgen inspect`` reads)."""
     doc = {
         "format": "slotgen-stats",
@@ -236,8 +271,16 @@ def write_stats(path: str | Path, renderer: Renderer, report: RenderReport) -> N
         "chunk_seconds": report.chunk_seconds,
         "prompt_chunks": report.prompt_chunks,
         "memory": report.memory_stats,  # the policy's stats() taken when the stream ended
+        "video": None if video is None else str(Path(video[0]).resolve()),  # what `inspect --png` draws under
+        "video_first_frame": 0 if video is None else int(video[1]),
+        "stride_t": int(renderer.bundle.settings.vae_stride_t),
     }
-    atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+    from slotgen.errors import WriteError, write_cause
+
+    try:
+        atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+    except OSError as e:
+        raise WriteError(f"cannot write --stats {str(path)!r}: {write_cause(e, '', str(Path(path).parent))}") from None
 
 
 class InterruptGuard:
@@ -296,55 +339,163 @@ def _chain(*callbacks):
     return on_chunk
 
 
+DEFAULT_SNAPSHOT_EVERY = 300.0
+"""Seconds of wall time between crash-safety snapshots unless told otherwise (renders shorter than
+this never pay for one)."""
+
+
+@dataclass(frozen=True)
+class SnapshotEvery:
+    """When a render makes itself durable: every ``seconds`` of wall time and/or every ``chunks`` chunks."""
+
+    seconds: float | None = None
+    chunks: int | None = None
+
+    @classmethod
+    def parse(cls, value: "SnapshotEvery | float | int | str | None") -> "SnapshotEvery":
+        """``300`` / ``"300"`` / ``"5m"``: seconds; ``"4c"``/``"4chunks"``: chunks; ``0``/``None``/``"off"``: never."""
+        from slotgen.errors import SlotgenError
+        from slotgen.timeparse import parse_time
+
+        if isinstance(value, SnapshotEvery):
+            return value
+        if value is None or value == 0 or (isinstance(value, str) and value.strip().lower() in ("0", "off", "never")):
+            return cls()
+        if isinstance(value, bool):
+            raise SlotgenError(f"--snapshot-every: expected seconds (300, 5m) or chunks (4c), got {value!r}")
+        if isinstance(value, (int, float)):
+            if not value > 0 or value != value or value == float("inf"):
+                raise SlotgenError(f"--snapshot-every: expected a positive number of seconds, got {value!r}")
+            return cls(seconds=float(value))
+        text = str(value).strip().lower()
+        for tail in ("chunks", "chunk", "c"):
+            if text.endswith(tail) and text[: -len(tail)].strip().isdigit():
+                n = int(text[: -len(tail)])
+                if n < 1:
+                    raise SlotgenError(f"--snapshot-every: at least 1 chunk, got {value!r}")
+                return cls(chunks=n)
+        try:
+            seconds = parse_time(text)
+        except ValueError:
+            raise SlotgenError(f"--snapshot-every: expected seconds (300, 5m), chunks (4c) or 0 (off), got {value!r}") from None
+        return cls(seconds=seconds) if seconds > 0 else cls()
+
+    @property
+    def enabled(self) -> bool:
+        return self.seconds is not None or self.chunks is not None
+
+
 def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | Path | None = None,
                     on_chunk: Callable[[ChunkEvent], None] | None = None,
                     should_stop: Callable[[], bool] | None = None, stats: str | Path | None = None,
-                    snapshot: str | Path | None = None, snapshot_video: dict | None = None,
-                    write_snapshot: bool = True) -> RenderReport:
+                    snapshot: str | Path | None = None, snapshot_every=DEFAULT_SNAPSHOT_EVERY,
+                    base: str | Path | None = None, lossless_base: str | Path | None = None,
+                    video_first_frame: int | None = None, lossless_first_frame: int | None = None) -> RenderReport:
     """Stream the rest of ``renderer``'s timeline into ``output`` (+ ``lossless``), then stats and snapshot.
 
-    On an exception every writer is aborted (no file appears). When ``should_stop`` stops the render
-    the videos are closed (playable, every frame so far) and a snapshot is written to ``snapshot`` or,
-    if none was asked for, ``<output>.snapshot.pt``. ``snapshot_video`` overrides what the snapshot
-    records about where the frames went. ``write_snapshot=False`` leaves the snapshot to the caller
-    (``resume --append`` writes it after joining the videos).
-    """
-    from slotgen.video.writer import open_writer
+    ``base``/``lossless_base``: videos already holding the frames before this run (``resume --append``);
+    the outputs become base + the new frames (``output`` may be ``base``). ``video_first_frame`` /
+    ``lossless_first_frame``: the story frame each output starts at (default: 0 with a base, else
+    where this run starts).
 
+    Crash safety (``snapshot_every``, see :class:`SnapshotEvery` and docs/SNAPSHOTS.md): every interval
+    the videos' segments are sealed, a snapshot recording the due joins is written atomically to
+    ``snapshot`` (default ``<output>.snapshot.pt``), and the segments are joined onto the outputs. After a
+    ``kill -9`` the newest snapshot resumes bit-exactly and the outputs hold (or, through the snapshot's
+    join records, can be completed to) every frame it covers.
+
+    On an exception the unsealed segments are dropped (the outputs keep what was joined). When
+    ``should_stop`` stops the render the videos are closed (playable, every frame so far) and a
+    snapshot is written to ``snapshot`` or, if none was asked for, ``<output>.snapshot.pt``.
+    """
+    from slotgen.video.segments import SegmentedOutput, remove_stale
+
+    every = SnapshotEvery.parse(snapshot_every)
     fps = renderer.storyboard.fps
-    writers = [open_writer(output, fps, renderer.size)]
+    start = renderer.frames_emitted
+    first = {"video": (0 if base is not None else start) if video_first_frame is None else video_first_frame,
+             "lossless": (0 if lossless_base is not None else start) if lossless_first_frame is None
+             else lossless_first_frame}
+    snap_target = Path(snapshot) if snapshot is not None else default_snapshot_path(output)
+    for p in (output, lossless, snap_target):
+        if p is not None:
+            remove_stale(p)
+    outs = [SegmentedOutput(output, fps, renderer.size, base=base)]
     try:
         if lossless is not None:
-            writers.append(open_writer(lossless, fps, renderer.size))
-        report = renderer.stream(writers, on_chunk=_chain(on_chunk, debug_chunk_line), should_stop=should_stop)
+            outs.append(SegmentedOutput(lossless, fps, renderer.size, base=lossless_base))
     except BaseException:
-        for w in writers:
-            w.abort()
+        outs[0].abort()
         raise
-    report.outputs = [str(w.close()) for w in writers]
+    record = {"video": output, "video_first_frame": first["video"], "lossless": lossless,
+              "lossless_first_frame": first["lossless"]}
+
+    def checkpoint(interrupted: bool) -> Path:
+        """Seal the segments, write the snapshot (with the joins due), then join."""
+        joins = []
+        for out, key in zip(outs, ("video", "lossless")):
+            j = out.seal()
+            if j is not None:
+                j["frames"] = renderer.frames_emitted - first[key]
+                joins.append(j)
+        path = renderer.save_snapshot(snap_target, interrupted=interrupted, joins=joins, **record)
+        for out in outs:
+            out.recorded = out.sealed
+        for out in outs:
+            out.join()
+        return path
+
+    state = {"t": time.monotonic(), "chunks": 0, "snapshots": 0}
+
+    def maybe_checkpoint(ev: ChunkEvent) -> None:
+        state["chunks"] += 1
+        if not every.enabled or renderer.frames_emitted >= renderer.storyboard.total_frames:
+            return
+        due = (every.chunks is not None and state["chunks"] >= every.chunks) or \
+              (every.seconds is not None and time.monotonic() - state["t"] >= every.seconds)
+        if due:
+            checkpoint(interrupted=False)
+            state.update(t=time.monotonic(), chunks=0, snapshots=state["snapshots"] + 1)
+
+    try:
+        report = renderer.stream(outs, on_chunk=_chain(on_chunk, debug_chunk_line, maybe_checkpoint),
+                                 should_stop=should_stop)
+        if report.interrupted or snapshot is not None or state["snapshots"]:
+            # a crash-safety snapshot is brought up to the end too: the snapshot beside a video matches it
+            report.snapshot = str(checkpoint(report.interrupted))
+        else:
+            for out in outs:
+                out.close()
+    except BaseException as e:
+        for out in outs:
+            out.abort()
+        from slotgen.errors import WriteError
+
+        if isinstance(e, WriteError) and state["snapshots"]:
+            raise WriteError(f"{e}; the snapshot {str(snap_target)!r} of the last checkpoint is intact: resume it "
+                             f"once the problem is fixed", e.path, e.cause) from None
+        raise
+    report.outputs = [str(out.target) for out in outs]
     if stats is not None:
-        write_stats(stats, renderer, report)
+        shown = (lossless, first["lossless"]) if lossless is not None else (output, first["video"])
+        write_stats(stats, renderer, report, video=shown)
         report.outputs.append(str(stats))
-    if snapshot is None and report.interrupted:
-        snapshot = default_snapshot_path(output)
-    if snapshot is not None and write_snapshot:
-        video = snapshot_video or {"video": output, "video_first_frame": report.first_frame, "lossless": lossless,
-                                   "lossless_first_frame": report.first_frame}
-        report.snapshot = str(renderer.save_snapshot(snapshot, interrupted=report.interrupted, **video))
     return report
 
 
 def render(storyboard, output: str | Path, *, lossless: str | Path | None = None, bundle: ModelBundle | None = None,
            device: str = "cpu", on_chunk: Callable[[ChunkEvent], None] | None = None,
            should_stop: Callable[[], bool] | None = None, stats: str | Path | None = None,
-           snapshot: str | Path | None = None) -> RenderReport:
+           snapshot: str | Path | None = None, snapshot_every=DEFAULT_SNAPSHOT_EVERY) -> RenderReport:
     """Render ``storyboard`` to ``output`` (.mp4, or .mkv for lossless FFV1) and optional extras.
 
     ``snapshot``: also write a snapshot at the end, for :func:`resume`. An interrupted render (see
-    ``should_stop``) always writes one (``<output>.snapshot.pt`` by default).
+    ``should_stop``) always writes one (``<output>.snapshot.pt`` by default). ``snapshot_every``
+    (seconds, ``"4c"`` for chunks, ``None``/0 for never; default 300 s) makes the render crash-safe:
+    see :func:`stream_to_files`.
     """
     renderer = Renderer(storyboard, bundle=bundle, device=device)
     report = stream_to_files(renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=should_stop,
-                             stats=stats, snapshot=snapshot)
+                             stats=stats, snapshot=snapshot, snapshot_every=snapshot_every)
     report.warnings = renderer.warnings()
     return report

@@ -18,7 +18,7 @@ import numpy as np
 
 from slotgen.errors import SlotgenError, SnapshotError
 from slotgen.models import ModelBundle, load_model
-from slotgen.render import ChunkEvent, Renderer, RenderReport, stream_to_files
+from slotgen.render import DEFAULT_SNAPSHOT_EVERY, ChunkEvent, Renderer, RenderReport, stream_to_files
 from slotgen.snapshot import Snapshot, check_model, default_snapshot_path, load_snapshot
 from slotgen.storyboard import PromptSpan
 
@@ -105,7 +105,9 @@ def renderer_from_snapshot(snapshot: Snapshot, storyboard=None, *, bundle: Model
     """
     sb = storyboard if storyboard is not None else snapshot.storyboard
     if bundle is None:
-        bundle = load_model(model or snapshot.model["spec"], device=device, checkpoint=checkpoint)
+        from slotgen.preflight import check_device
+
+        bundle = load_model(model or snapshot.model["spec"], device=check_device(device), checkpoint=checkpoint)
     check_model(snapshot, bundle)
     renderer = Renderer(sb, bundle=bundle)
     opts = {k: getattr(renderer.options, k) for k in snapshot.options}
@@ -132,57 +134,77 @@ class Resumption:
 
     renderer: Renderer
     output: Path  # the continuation's video, or with ``original`` the joined one
-    original: Path | None  # the MP4 the continuation is appended to (``--append``), checked
+    original: Path | None  # the video the continuation is appended to (``--append``), checked
+    snapshot: Snapshot | None = None  # what it continues (its recorded lossless copy can be extended)
+    original_first: int = 0  # the story frame ``original`` starts at
+
+    def lossless_base(self, lossless: str | Path | None) -> tuple[Path | None, int | None]:
+        """``--lossless`` naming the snapshot's own lossless copy extends it (never overwrites it):
+        returns (that copy, the story frame it starts at), else (None, None)."""
+        snap = self.snapshot
+        if lossless is None or snap is None or not snap.video.get("lossless"):
+            return None, None
+        recorded = Path(snap.video["lossless"])
+        if not _same_file(recorded, Path(lossless)):
+            return None, None
+        first = int(snap.video.get("lossless_first_frame", 0))
+        if not recorded.is_file():
+            raise SlotgenError(f"--lossless {str(lossless)!r} is the snapshot's lossless copy but it does not exist; "
+                               f"name another file for the continuation alone")
+        from slotgen.video.segments import count_frames
+
+        have, want = count_frames(recorded), snap.frames_emitted - first
+        if have != want:
+            raise SlotgenError(f"--lossless {str(lossless)!r} has {have} frames but the snapshot's lossless copy should "
+                               f"hold {want}; name another file for the continuation alone")
+        return recorded, first
 
     def stream(self, *, lossless: str | Path | None = None, on_chunk: Callable[[ChunkEvent], None] | None = None,
                should_stop: Callable[[], bool] | None = None, stats: str | Path | None = None,
-               snapshot_out: str | Path | None = None) -> RenderReport:
+               snapshot_out: str | Path | None = None, snapshot_every=DEFAULT_SNAPSHOT_EVERY) -> RenderReport:
         """Render the continuation into :attr:`output` (joined to :attr:`original` when set), then write
-        ``stats`` and ``snapshot_out`` (the end of the continuation, to extend the story again)."""
+        ``stats`` and ``snapshot_out`` (the end of the continuation, to extend the story again).
+
+        ``lossless`` naming the snapshot's recorded lossless copy extends that copy; any other path gets
+        the continuation alone. ``snapshot_every``: crash-safety snapshots, as for :func:`slotgen.render.render`."""
         renderer, output, original = self.renderer, self.output, self.original
         start = renderer.frames_emitted
-        lossless_rec = {"lossless": lossless, "lossless_first_frame": start}
-        if original is None:
-            report = stream_to_files(renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=should_stop,
-                                     stats=stats, snapshot=snapshot_out,
-                                     snapshot_video={"video": output, "video_first_frame": start, **lossless_rec})
-            report.warnings = renderer.warnings()
-            return report
-
-        from slotgen.atomic import check_output_path
-        from slotgen.video.writer import append_videos
-
-        check_output_path(output)
-        part = output.with_name(f".{output.stem}.continuation-{os.getpid()}.mp4")
-        try:
-            report = stream_to_files(renderer, part, lossless=lossless, on_chunk=on_chunk, should_stop=should_stop,
-                                     stats=stats, write_snapshot=False)  # written below, after the join
-            append_videos(original, part, output)
-        finally:
-            part.unlink(missing_ok=True)
-        report.outputs[0] = str(output)
-        target = snapshot_out
-        if target is None and report.interrupted:
-            target = default_snapshot_path(output)
-        if target is not None:
-            report.snapshot = str(renderer.save_snapshot(target, interrupted=report.interrupted, video=output,
-                                                         video_first_frame=0, **lossless_rec))
+        lossless_base, lossless_first = self.lossless_base(lossless)
+        report = stream_to_files(renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=should_stop,
+                                 stats=stats, snapshot=snapshot_out, snapshot_every=snapshot_every, base=original,
+                                 video_first_frame=self.original_first if original is not None else start,
+                                 lossless_base=lossless_base, lossless_first_frame=lossless_first)
         report.warnings = renderer.warnings()
         return report
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same resolved path, or the same inode (hard link, another spelling)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def prepare_resume(snapshot: Snapshot | str | Path, output: str | Path, *, storyboard=None, prompt: str | None = None,
                    duration: float | None = None, append: bool = False, append_to: str | Path | None = None,
                    bundle: ModelBundle | None = None, device: str = "cpu", model: str | None = None,
                    checkpoint: str | Path | None = None) -> Resumption:
-    """Read ``snapshot`` (a :class:`~slotgen.snapshot.Snapshot` or a path), combine the timeline
+    """Read ``snapshot`` (a :class:`~slotgen.snapshot.Snapshot` or a path), complete the video joins a
+    crash left due (:func:`~slotgen.video.segments.complete_joins`), combine the timeline
     (:func:`continuation`), check the ``append``/``append_to`` target (:func:`append_source`) and
     position a renderer (:func:`renderer_from_snapshot`). Every check runs before the model loads."""
+    from slotgen.video.segments import complete_joins
+
     snap = snapshot if isinstance(snapshot, Snapshot) else load_snapshot(snapshot)
+    complete_joins(snap.video.get("joins", []))
     combined = continuation(snap, storyboard=storyboard, prompt=prompt, duration=duration)
     original = append_source(snap, append, append_to, output)
     renderer = renderer_from_snapshot(snap, combined, bundle=bundle, device=device, model=model, checkpoint=checkpoint)
-    return Resumption(renderer, Path(output), original)
+    first = int(snap.video.get("first_frame", 0)) if original is not None and append_to is None else 0
+    return Resumption(renderer, Path(output), original, snap, first)
 
 
 def resume(snapshot: Snapshot | str | Path, output: str | Path, *, storyboard=None, prompt: str | None = None,
@@ -190,7 +212,8 @@ def resume(snapshot: Snapshot | str | Path, output: str | Path, *, storyboard=No
            append_to: str | Path | None = None, bundle: ModelBundle | None = None, device: str = "cpu",
            model: str | None = None, checkpoint: str | Path | None = None,
            on_chunk: Callable[[ChunkEvent], None] | None = None, should_stop: Callable[[], bool] | None = None,
-           stats: str | Path | None = None, snapshot_out: str | Path | None = None) -> RenderReport:
+           stats: str | Path | None = None, snapshot_out: str | Path | None = None,
+           snapshot_every=DEFAULT_SNAPSHOT_EVERY) -> RenderReport:
     """Continue ``snapshot`` into ``output``: :func:`prepare_resume` then :meth:`Resumption.stream`.
 
     ``output`` gets the continuation's frames only, or, with ``append``/``append_to``, a copy of the
@@ -203,42 +226,44 @@ def resume(snapshot: Snapshot | str | Path, output: str | Path, *, storyboard=No
     job = prepare_resume(snapshot, output, storyboard=storyboard, prompt=prompt, duration=duration, append=append,
                          append_to=append_to, bundle=bundle, device=device, model=model, checkpoint=checkpoint)
     return job.stream(lossless=lossless, on_chunk=on_chunk, should_stop=should_stop, stats=stats,
-                      snapshot_out=snapshot_out)
+                      snapshot_out=snapshot_out, snapshot_every=snapshot_every)
 
 
 def append_source(snap, append: bool, append_to: str | Path | None, output: str | Path) -> Path | None:
     """The MP4 a resume with ``--append`` joins the continuation to (None: no append), checked up front.
 
-    It must exist and hold exactly the snapshot's frames so far (else the join would repeat or skip some).
+    It must exist and hold exactly the snapshot's frames so far (else the join would repeat or skip some):
+    ``append_to`` from the story's start, the recorded video from its recorded first frame (a continuation
+    written alone is extended in place).
     """
     if not append and append_to is None:
         return None
     from slotgen.video.writer import probe_video
 
     output = Path(output)
-    if output.suffix.lower() != ".mp4":
-        raise SlotgenError(f"--append writes an MP4; -o {str(output)!r} must end in .mp4")
+    if output.suffix.lower() not in (".mp4", ".mkv"):
+        raise SlotgenError(f"--append writes an MP4 (or a lossless .mkv); -o {str(output)!r} must end in .mp4 or .mkv")
     if append_to is not None:
         original = Path(append_to)
     else:
         recorded = snap.video.get("path")
         if recorded is None:
             raise SlotgenError("the snapshot records no video to append to; pass --append-to original.mp4")
-        if snap.video.get("first_frame", 0) != 0:
-            raise SlotgenError(f"the snapshot's video {recorded!r} starts at frame {snap.video['first_frame']}, "
-                               f"not at the story's start; pass --append-to with the whole video")
         original = Path(recorded)
     if not original.is_file():
         raise SlotgenError(f"video to append to {str(original)!r} does not exist; pass --append-to original.mp4")
-    if original.suffix.lower() != ".mp4":
-        raise SlotgenError(f"--append joins MP4 videos; {str(original)!r} is not an .mp4")
+    if original.suffix.lower() != output.suffix.lower():
+        raise SlotgenError(f"--append joins videos of one kind; {str(original)!r} is not a {output.suffix.lower()} "
+                           f"like -o {str(output)!r}")
     try:
         frames = probe_video(original)["frames"]
     except SlotgenError:
         raise
     except Exception as e:  # noqa: BLE001 - PyAV errors on a broken file
         raise SlotgenError(f"cannot read video {str(original)!r}: {' '.join(str(e).split())[:120]}") from None
-    if frames != snap.frames_emitted:
+    first = 0 if append_to is not None else int(snap.video.get("first_frame", 0))
+    if frames != snap.frames_emitted - first:
         raise SlotgenError(f"video {str(original)!r} has {frames} frames but the snapshot continues after frame "
-                           f"{snap.frames_emitted}; pass --append-to with the video this snapshot was taken from")
+                           f"{snap.frames_emitted} (the video should hold frames {first}..{snap.frames_emitted} of "
+                           f"the story); pass --append-to with the video this snapshot was taken from")
     return original

@@ -356,6 +356,16 @@ def _from_payload(p: dict, version: int, path: str | None, nbytes: int, chk: _Ch
         chk.get(video, key, (str, type(None)), "video ")
     for key in ("first_frame", "lossless_first_frame"):
         chk.get(video, key, int, "video ")
+    joins = video.get("joins", [])
+    chk.require(isinstance(joins, list) and len(joins) <= 2, "the video's join records are malformed")
+    for j in joins:
+        chk.require(isinstance(j, dict) and isinstance(j.get("target"), str) and isinstance(j.get("segment"), str)
+                    and isinstance(j.get("base"), (str, type(None))) and isinstance(j.get("frames"), int)
+                    and not isinstance(j.get("frames"), bool) and 0 < j["frames"] <= frames_emitted,
+                    "the video's join records are malformed")
+        chk.require(Path(j["segment"]).name.startswith(".") and ".segment-" in Path(j["segment"]).name
+                    and Path(j["segment"]).parent == Path(j["target"]).parent,
+                    "a join record names a file that is not a segment beside its video")
 
     return Snapshot(
         path=path, version=version, created=str(p.get("created", "")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -112,3 +113,44 @@ def test_cli_inspect_reads_a_snapshot(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a snapshot")
     res = runner.invoke(app, ["inspect", str(tmp_path / "broken.pt")])
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_png_draws_the_segmented_frame_under_the_slots_with_a_legend(tmp_path):
+    """inspect --png: the frame each slot map segments is underneath (its pixels show through the tint)
+    and a legend names every slot; without the video the same map is drawn on black."""
+    from PIL import Image
+
+    from slotgen.inspect import underlay_frames
+
+    story = tmp_path / "s.yaml"
+    story.write_text("fps: 16\nresolution: 64x64\nseed: 3\nsampler: {steps: 2}\nmemory: {policy: slot}\nduration: 1\n"
+                     "prompts:\n  - prompt: a red circle moves right on a blue background\n")
+    res = CliRunner().invoke(app, ["render", str(story), "-o", str(tmp_path / "v.mp4"), "--lossless",
+                                   str(tmp_path / "v.mkv"), "--stats", str(tmp_path / "s.json"), "-q"])
+    assert res.exit_code == 0, res.output
+    stats, extra = load_stats(tmp_path / "s.json")
+    assert extra["video"] == str((tmp_path / "v.mkv").resolve())
+    frames = underlay_frames(stats, extra)
+    shown = sorted(frames)
+    assert shown and all(f.shape == (64, 64, 3) for f in frames.values())
+    with_video = np.asarray(Image.open(write_png(stats, tmp_path / "a.png", frames=frames)).convert("RGB"))
+    without = np.asarray(Image.open(write_png(stats, tmp_path / "b.png")).convert("RGB"))
+    assert with_video.shape == without.shape
+    # the first panel (64x64 px: 4x4 tokens of 16 px) is the frame, tinted: it differs from the bare map
+    # nearly everywhere and follows the frame's brightness
+    a, b = with_video[24:88, 8:72].astype(float), without[24:88, 8:72].astype(float)
+    assert (a != b).any(axis=-1).mean() > 0.5
+    frame = frames[shown[0]].astype(float)
+    # inside the tokens (not their outlines), panel = (1 - α)·frame + α·slot colour with α = 90/255
+    alpha = 90 / 255
+    inner = np.zeros((64, 64), bool)
+    inner[np.ix_([y for y in range(64) if y % 16 not in (0, 15)], [x for x in range(64) if x % 16 not in (0, 15)])] = True
+    blend = np.abs(a - alpha * b - (1 - alpha) * frame).max(-1)
+    assert (blend[inner] <= 3).mean() > 0.6  # the rest: the black boxes holding slot numbers
+    # the same frames, read again from the video, are what the panel was built from
+    from slotgen.video.writer import read_video
+
+    video = read_video(tmp_path / "v.mkv")
+    assert all(np.array_equal(frames[f], video[f]) for f in shown)  # stride_t 1: latent f is video frame f
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path / "s.json"), "--png", str(tmp_path / "c.txt")])
+    assert res.exit_code == 2 and "name it .png" in res.output

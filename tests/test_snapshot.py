@@ -337,7 +337,7 @@ def test_resume_usage_errors_are_one_line(good_snapshot, tmp_path):
         (["resume", snap, "-o", o, "-s", str(tmp_path / "more.yaml")], "more.yaml:1: seed: 9 differs"),
         (["resume", snap, "-o", o, "-s", str(tmp_path / "nope.yaml")], "not found"),
         (["resume", snap, "-o", str(tmp_path / "nodir" / "o.mp4"), "-p", GREEN, "-d", "1"], "does not exist"),
-        (["resume", snap, "-o", str(tmp_path / "o.mkv"), "-p", GREEN, "-d", "1", "--append"], "must end in .mp4"),
+        (["resume", snap, "-o", str(tmp_path / "o.mkv"), "-p", GREEN, "-d", "1", "--append"], "is not a .mkv like -o"),
         (["resume", snap, "-o", o, "-p", GREEN, "-d", "1", "--append-to", str(tmp_path / "x.mp4")], "does not exist"),
     ]
     for args, needle in cases:

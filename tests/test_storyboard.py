@@ -596,8 +596,12 @@ def test_chunk_switch_rule_with_frame_times():
     assert sb.prompt_index_at(0.1 * 3) == 1
 
 
-def test_total_frames_at_least_one():
-    assert parse("duration: 0.01\nfps: 1\nprompts: [{prompt: a}]\n").total_frames == 1
+def test_total_frames_follow_the_readme_rule_and_zero_frames_is_refused_on_its_line():
+    """round(duration × fps) frames (README); a storyboard that rounds to 0 frames is an error at `duration:`."""
+    assert parse("duration: 0.04\nfps: 16\nprompts: [{prompt: a}]\n").total_frames == 1  # round(0.64)
+    assert parse("duration: 1.53\nfps: 16\nprompts: [{prompt: a}]\n").total_frames == 24  # round(24.48)
+    with pytest.raises(StoryboardError, match=r"^story.yaml:2: duration: .*rounds to 0"):
+        parse_storyboard("fps: 16\nduration: 0.01\nprompts: [{prompt: a}]\n", "story.yaml")
 
 
 def test_line_of_and_error_at():

@@ -442,6 +442,10 @@ def _build(data: dict[str, Any], lines: dict[FieldPath, int], source: str) -> St
         raise first.to_error(source, lines)
     assert raw is not None
     duration, spans = Timeline(raw, fail).resolve()
+    if round(duration * raw.fps) < 1:  # the README's rule: a video has round(duration × fps) frames
+        raise fail(("duration",), f"{format_time(duration)} at {raw.fps} fps is {duration * raw.fps:.2f} frames, which "
+                                  f"rounds to 0 (a video has round(duration × fps) frames); make it longer than "
+                                  f"{format_time(0.5 / raw.fps)}")
     prompts = [PromptSpan(start=start, end=end, text=text) for start, end, text in spans]
     try:
         storyboard = Storyboard(

@@ -29,7 +29,7 @@ import imageio_ffmpeg
 import numpy as np
 
 from slotgen.atomic import PartialFile, atomic_output, check_output_path
-from slotgen.errors import SlotgenError
+from slotgen.errors import SlotgenError, WriteError, one_line, write_cause
 
 DEFAULT_CRF = 18  # x264 constant rate factor: 0 lossless ... 51 worst; 18 is visually near-lossless
 DEFAULT_PRESET = "medium"
@@ -75,6 +75,8 @@ class _FFmpegWriter:
         self.keep_partial_on_error = keep_partial_on_error
         self.frames_written: int = 0
         self._closed = False
+        # ffmpeg's messages go to a log file (read for the cause of a failure), not to our stderr
+        self._log = tempfile.TemporaryFile(prefix="slotgen-ffmpeg-")
         self._gen = imageio_ffmpeg.write_frames(
             str(self._partial.tmp),
             self.size,
@@ -87,10 +89,40 @@ class _FFmpegWriter:
             ffmpeg_log_level="error",
             output_params=self._output_params(),
         )
-        self._gen.send(None)  # starts ffmpeg
+        saved = os.dup(2)
+        try:
+            os.dup2(self._log.fileno(), 2)  # the child inherits it as its stderr
+            self._gen.send(None)  # starts ffmpeg
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
         # The ffmpeg process, to check its exit status (imageio_ffmpeg does not); best effort.
         frame = self._gen.gi_frame
         self._proc: subprocess.Popen[bytes] | None = frame.f_locals.get("p") if frame is not None else None
+
+    def _ffmpeg_log(self) -> str:
+        try:
+            self._log.seek(0)
+            return self._log.read().decode(errors="replace")
+        except (OSError, ValueError):
+            return ""
+
+    def _write_error(self, error: BaseException | None) -> WriteError:
+        """The one-line error for a failed write: the path and the cause (from errno, ffmpeg's log, the disk)."""
+        if self._proc is not None and self._proc.poll() is None and isinstance(error, (BrokenPipeError, OSError)):
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        log = self._ffmpeg_log()
+        broken = isinstance(error, BrokenPipeError) or (error is not None and "Broken pipe" in str(error))
+        cause = write_cause(None if broken else error, log, str(self.path.parent))
+        rc = self._proc.returncode if self._proc is not None else None
+        if cause == "unknown cause" or (broken and not any(c in cause for c in ("ENOSPC", "EROFS", "EACCES", "EPERM"))):
+            last = [ln for ln in log.strip().splitlines() if ln.strip()]
+            detail = f": {one_line(last[-1], 120)}" if last else ""
+            cause = f"ffmpeg stopped (exit status {rc}{', broken pipe (EPIPE)' if broken else ''}){detail}"
+        return WriteError(f"cannot write {str(self.path)!r}: {cause}", str(self.path), cause)
 
     def _check_size_for_codec(self, size: tuple[int, int]) -> None:
         """Hook: reject sizes the codec cannot store exactly."""
@@ -116,7 +148,10 @@ class _FFmpegWriter:
             )
         if frames.shape[0] == 0:
             return
-        self._gen.send(np.ascontiguousarray(frames))  # one pipe write for the whole chunk
+        try:
+            self._gen.send(np.ascontiguousarray(frames))  # one pipe write for the whole chunk
+        except (OSError, StopIteration, RuntimeError) as e:
+            raise self._write_error(e) from None
         self.frames_written += frames.shape[0]
 
     def close(self) -> Path:
@@ -134,13 +169,20 @@ class _FFmpegWriter:
             raise ValueError(f"no frames were written to {self.path}")
         self._closed = True
         try:
-            self._gen.close()  # waits for ffmpeg to exit
+            try:
+                self._gen.close()  # waits for ffmpeg to exit
+            except (OSError, RuntimeError) as e:
+                raise self._write_error(e) from None
             rc = self._proc.returncode if self._proc is not None else 0
             if rc != 0:
-                raise OSError(f"ffmpeg failed (exit status {rc}) while writing {self.path}")
+                raise self._write_error(None)
             if not self._partial.tmp.exists() or self._partial.tmp.stat().st_size == 0:
-                raise OSError(f"ffmpeg produced no output for {self.path}")
-            return self._partial.commit()
+                raise self._write_error(None)
+            try:
+                return self._partial.commit()
+            except OSError as e:
+                cause = write_cause(e, '', str(self.path.parent))
+                raise WriteError(f"cannot write {str(self.path)!r}: {cause}", str(self.path), cause) from None
         except BaseException:
             self._partial.discard()
             raise
@@ -364,6 +406,9 @@ def _run_ffmpeg(args: list[str], what: str) -> None:
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+        cause = write_cause(None, proc.stderr)
+        if cause != "unknown cause" and "(E" in cause:
+            raise WriteError(f"{what} failed: {cause}", None, cause)
         raise SlotgenError(f"{what} failed: {detail}")
 
 
@@ -383,6 +428,8 @@ def append_videos(
 ) -> Path:
     """Write ``first`` followed by ``second`` into the MP4 ``out`` (atomically; ``out`` may be ``first``).
 
+    An ``.mkv`` ``out`` joins two FFV1 files by stream copy (bit-exact: every FFV1 frame is intra).
+
     Both inputs must have the same frame size and frame rate. ``mode``:
 
     - ``"copy"``: ffmpeg concat demuxer with ``-c copy`` -- lossless and fast, but only valid when
@@ -396,8 +443,10 @@ def append_videos(
     """
     a, b = _check_input(first), _check_input(second)
     final = check_output_path(out)
+    if final.suffix.lower() == ".mkv":
+        return _append_lossless(a, b, final)
     if final.suffix.lower() != ".mp4":
-        raise SlotgenError(f"append_videos writes MP4; output {str(final)!r} must end in .mp4")
+        raise SlotgenError(f"append_videos writes MP4 or lossless MKV; output {str(final)!r} must end in .mp4 or .mkv")
     if mode not in ("auto", "copy", "reencode"):
         raise ValueError(f"mode must be 'auto', 'copy' or 'reencode', got {mode!r}")
     meta_a, meta_b = _ffmpeg_meta(a), _ffmpeg_meta(b)
@@ -433,4 +482,31 @@ def append_videos(
                  "-an", "-movflags", "+faststart", "-f", "mp4", str(tmp)],
                 f"appending {str(b)!r} to {str(a)!r}",
             )  # fmt: skip
+    return final
+
+
+def _append_lossless(a: Path, b: Path, final: Path) -> Path:
+    """``a`` + ``b`` (both FFV1 in Matroska, same size and rate) into ``final`` by stream copy."""
+    sig_a, sig_b = _stream_signature(a), _stream_signature(b)
+    for path, sig in ((a, sig_a), (b, sig_b)):
+        if sig is not None and sig[0] != "ffv1":
+            raise SlotgenError(f"cannot join {str(path)!r} into the lossless {str(final)!r}: it is {sig[0]}, not FFV1")
+    if sig_a is not None and sig_a[1:5] != sig_b[1:5]:
+        raise SlotgenError(f"cannot append {str(b)!r} to {str(a)!r}: size, pixel format or frame rate differ")
+    return concat_copy(a, b, final)
+
+
+def concat_copy(first: str | os.PathLike[str], second: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """``first`` + ``second`` into ``out`` by stream copy (ffmpeg concat demuxer), atomically; no checks.
+
+    For two files written by the same writer with the same settings (the segments of one render):
+    the result is exactly their frames, in order. ``out`` picks the container (.mp4 or .mkv)."""
+    a, b, final = Path(first), Path(second), Path(out)
+    fmt = ["-movflags", "+faststart", "-f", "mp4"] if final.suffix.lower() == ".mp4" else ["-f", "matroska"]
+    with atomic_output(final) as tmp:
+        with tempfile.TemporaryDirectory(prefix="slotgen-concat-") as tmpdir:
+            listing = Path(tmpdir) / "inputs.txt"
+            listing.write_text(f"file {_concat_escape(a)}\nfile {_concat_escape(b)}\n", encoding="utf-8")
+            _run_ffmpeg(["-f", "concat", "-safe", "0", "-i", str(listing), "-map", "0:v:0", "-c", "copy", *fmt,
+                         str(tmp)], f"appending {str(b)!r} to {str(a)!r}")
     return final
