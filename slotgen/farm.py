@@ -339,14 +339,16 @@ def ray_init(address: str | None = None, *, num_cpus: int | None = None, object_
     """Connect to ``address`` (a running cluster: ``host:6379`` or ``ray://host:10001``), or start a small
     local instance: no dashboard, a ``object_store_mb`` object store (jobs exchange only small dicts).
     Returns True when this call started the connection (the caller shuts it down)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                  object_store_memory=object_store_mb * 2**20, log_to_driver=False)
     return True
 
@@ -355,10 +357,11 @@ def render_many(jobs: list[FarmJob], out_dir: str | Path, *, address: str | None
                 gpus_per_job: float = 0, workers: int | None = None, device: str | None = None,
                 snapshot_every: str | float | None = DEFAULT_FARM_SNAPSHOT_EVERY, max_retries: int = 3,
                 local_cpus: int | None = None, on_update: Callable[[FarmStatus], None] | None = None,
-                should_stop: Callable[[], bool] | None = None, poll: float = 0.5) -> FarmReport:
+                on_job: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None, poll: float = 0.5) -> FarmReport:
     """Render ``jobs`` on Ray (``address``, else the Ray already initialised in this process, else a local
     instance of ``local_cpus`` CPUs), writing ``out_dir/manifest.json`` as they finish. Jobs whose row
-    says done and whose output exists are skipped. See the module docstring."""
+    says done and whose output exists are skipped. ``on_update`` gets a :class:`FarmStatus` after every
+    poll, ``on_job`` each manifest row as its job ends. See the module docstring."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -380,8 +383,10 @@ def render_many(jobs: list[FarmJob], out_dir: str | Path, *, address: str | None
         try:  # a broken storyboard fails here, before any worker starts
             sb = job_storyboard(job)
         except SlotgenError as e:
-            manifest.update(job, seed=job.seed, policy=job.policy, status="failed", error=_one_line(e), frames=None,
-                            seconds=0.0)
+            row = manifest.update(job, seed=job.seed, policy=job.policy, status="failed", error=_one_line(e),
+                                  frames=None, seconds=0.0)
+            if on_job is not None:
+                on_job(row)
             continue
         totals[job.name] = sb.total_frames
         manifest.update(job, seed=sb.seed, policy=sb.memory.policy, status="pending", error=None)
@@ -441,8 +446,10 @@ def render_many(jobs: list[FarmJob], out_dir: str | Path, *, address: str | None
                     result = {"status": "failed", "frames": None, "seconds": 0.0, "resumed_from": None,
                               "error": f"worker lost after {max_retries} retries: {_one_line(e)[:200]}"}
                 result["seconds"] = round(prior_seconds.get(job.name, 0.0) + float(result["seconds"]), 3)
-                manifest.update(job, **result)
+                row = manifest.update(job, **result)
                 manifest.write()
+                if on_job is not None:
+                    on_job(row)
                 last = progress.pop(job.name, {})
                 new_frames_done += int(last.get("new_frames", 0))
                 if result["status"] == "done":
