@@ -246,7 +246,7 @@ class RenderWorker:
         t0 = time.perf_counter()
         self.jobs += 1
         worker = f"{_node()}:{os.getpid()}"
-        self._progress = {"job": job.name, "frames": 0, "new_frames": 0, "total": 0}
+        self._progress = {"job": job.name, "frames": 0, "new_frames": 0, "total": 0}  # resumed_from: once known
         resumed_from = 0
         try:
             sb = job_storyboard(job)
@@ -258,7 +258,7 @@ class RenderWorker:
                     snap = None  # the storyboard (or seed/policy) changed since: start over
             bundle = self.bundle(sb.model)
             start = snap.frames_emitted if snap is not None else 0
-            self._progress["frames"] = start
+            self._progress.update(frames=start, resumed_from=start)
 
             def on_chunk(ev) -> None:
                 self._progress.update(frames=ev.frames_done, new_frames=ev.frames_done - start)
