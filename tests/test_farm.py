@@ -244,3 +244,54 @@ def test_manifest_is_json_with_every_column(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(SlotgenError, match="not a slotgen render-many manifest"):
         Manifest(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_worker_resumes_its_snapshot_and_restarts_an_edited_storyboard(tmp_path, reference):
+    """RenderWorker without Ray: a stopped job resumes from its snapshot; a finished one is not rendered
+    again; an edited storyboard (another seed) starts over."""
+    from slotgen.farm import RenderWorker
+
+    (tmp_path / "s.yaml").write_text(story(duration=2))
+    job = plan_jobs([tmp_path / "s.yaml"], tmp_path)[0]
+    first = RenderWorker()
+    first.stop()  # stops after its first chunk, with a snapshot
+    r1 = first.run(job, snapshot_every=0)
+    assert r1["status"] == "interrupted" and 0 < r1["frames"] < 32
+    second = RenderWorker()
+    r2 = second.run(job, snapshot_every="1c")
+    assert (r2["status"], r2["resumed_from"], r2["frames"]) == ("done", r1["frames"], 32)
+    assert np.array_equal(read_video(job.output), reference(job))
+    mtime = Path(job.output).stat().st_mtime_ns
+    r3 = second.run(job)
+    assert (r3["status"], r3["frames"]) == ("done", 32) and Path(job.output).stat().st_mtime_ns == mtime
+    assert second.loads == 1  # one model load for both jobs
+    (tmp_path / "s.yaml").write_text(story(duration=2, seed=11))
+    r4 = second.run(job)
+    assert (r4["status"], r4["resumed_from"]) == ("done", 0)
+    assert np.array_equal(read_video(job.output), reference(job))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_gpus_the_cluster_lacks_are_one_line(cluster, tmp_path):
+    (tmp_path / "s.yaml").write_text(story(duration=2))
+    jobs = plan_jobs([tmp_path / "s.yaml"], tmp_path / "out")
+    with pytest.raises(SlotgenError, match="--gpus-per-job 1: the Ray cluster has 0 GPUs"):
+        render_many(jobs, tmp_path / "out", gpus_per_job=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nowhere/"], "'nowhere/' is neither a storyboard, a folder, a list file nor a glob"),
+    (["s.yaml", "--memory", "window,nope"], "--memory: unknown policy 'nope'"),
+    (["s.yaml", "--seeds", "5-1"], "--seeds: expected seeds like 1-8"),
+    (["s.yaml", "--snapshot-every", "soon"], "--snapshot-every"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    (tmp_path / "s.yaml").write_text(story(duration=2))
+    res = subprocess.run([sys.executable, "-m", "slotgen", "render-many", *args, "-o", "out"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
