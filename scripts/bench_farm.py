@@ -5,7 +5,8 @@
    same jobs through :func:`slotgen.farm.render_many` on a fresh local Ray instance of ``--cpus`` CPUs
    (one worker per CPU; Ray's start-up counted). Same snapshot interval in both. Ratio in the same run.
 2. One job whose worker is SIGKILLed ``--kills`` times, snapshots every ``--every`` chunks: for each kill,
-   frames the worker had reported before the kill minus the frame the restarted worker resumed from.
+   frames the worker had reported before the kill (polled every 0.1 s, so up to ~0.1 s of frames may be
+   missing from the count) minus the frame the restarted worker resumed from.
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python scripts/bench_farm.py [--jobs 8 --duration 60]
 """
@@ -116,7 +117,8 @@ def main() -> None:
     r = Renderer(sb, bundle=bundle)
     n_chunks = int(args.every.rstrip("c"))
     per_chunk = sb.total_frames / r.total_chunks()
-    thresholds = [sb.total_frames * (k + 1) / (args.kills + 1) for k in range(args.kills)]
+    # kill points spread over the job and off the snapshot grid (k * 7 + 5 frames past an even split)
+    thresholds = [sb.total_frames * (k + 1) // (args.kills + 1) + 7 * k + 5 for k in range(args.kills)]
     kills: list[dict] = []
     state = {"pid": None}
 

@@ -445,6 +445,11 @@ def render_many(jobs: list[FarmJob], out_dir: str | Path, *, address: str | None
                 except (RayActorError, RayTaskError) as e:  # the worker died more often than max_retries
                     result = {"status": "failed", "frames": None, "seconds": 0.0, "resumed_from": None,
                               "error": f"worker lost after {max_retries} retries: {_one_line(e)[:200]}"}
+                    ray.kill(actor)
+                    actors.remove(actor)
+                    fresh = actor_cls.remote(device=dev, threads=int(max(1, cpus_per_job)))  # the queue goes on
+                    actors.append(fresh)
+                    idle.append(fresh)
                 result["seconds"] = round(prior_seconds.get(job.name, 0.0) + float(result["seconds"]), 3)
                 row = manifest.update(job, **result)
                 manifest.write()

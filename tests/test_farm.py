@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray  # in the test extra: CI runs these tests
 
-import ray  # noqa: E402 - in the test extra: CI runs these
-
-from slotgen.errors import SlotgenError  # noqa: E402
-from slotgen.farm import FarmJob, Manifest, collect_storyboards, job_storyboard, parse_seeds, plan_jobs, render_many  # noqa: E402
-from slotgen.video.writer import read_video  # noqa: E402
+from slotgen.errors import SlotgenError
+from slotgen.farm import FarmJob, Manifest, collect_storyboards, job_storyboard, parse_seeds, plan_jobs, render_many
+from slotgen.video.writer import read_video
 
 
 def story(duration: float = 3, seed: int = 5, policy: str = "{policy: window, window: 4}") -> str:
@@ -295,3 +294,33 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_worker_dead_past_its_retries_fails_the_job_alone_and_a_rerun_resumes_it(cluster, reference, tmp_path):
+    (tmp_path / "a.yaml").write_text(story(duration=6))
+    (tmp_path / "b.yaml").write_text(story(duration=2, seed=8))
+    jobs = plan_jobs([tmp_path / "a.yaml", tmp_path / "b.yaml"], tmp_path / "out")
+    killed: dict = {}
+
+    def on_update(st) -> None:
+        p = st.running_jobs.get("a")
+        if not killed and p and p["frames"] >= 24:
+            killed.update(pid=p["pid"])
+            os.kill(p["pid"], signal.SIGKILL)
+
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(report=render_many(
+        jobs, tmp_path / "out", workers=1, max_retries=0, snapshot_every="1c", on_update=on_update, poll=0.1)))
+    t.start()
+    t.join(300)
+    assert not t.is_alive() and killed
+    rows = manifest_rows(tmp_path / "out")
+    assert rows["a"]["status"] == "failed" and rows["a"]["error"].startswith("worker lost after 0 retries: ")
+    assert rows["b"]["status"] == "done"  # a fresh worker took the rest of the queue
+    report = render_many(jobs, tmp_path / "out", workers=1)
+    assert report.skipped == ["b"]
+    row = manifest_rows(tmp_path / "out")["a"]
+    assert row["status"] == "done" and row["resumed_from"] >= 24
+    assert np.array_equal(read_video(jobs[0].output), reference(jobs[0]))
