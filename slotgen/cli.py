@@ -769,6 +769,106 @@ def bench_identity(
         write_plot(result, png)
 
 
+@app.command("render-many")
+@user_errors
+def render_many_cmd(
+    sources: list[str] = typer.Argument(..., help="Storyboards: files, folders (their *.yaml), globs ('season/*.yaml') or list files (.txt, one path per line)."),
+    out_dir: Path = typer.Option(..., "--output-dir", "-o", help="Folder for the videos, their snapshots and manifest.json (shared storage on a cluster)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Sweep seeds: 1-8, 1,4,9 (default: each storyboard's seed)."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Sweep memory policies: window,slot (default: each storyboard's memory)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="Join this Ray cluster (head host:6379, or ray://host:10001). Default: a local Ray instance on this machine."),
+    cpus_per_job: float = typer.Option(1.0, "--cpus-per-job", help="Ray CPUs per job (also the torch threads of a worker)."),
+    gpus_per_job: float = typer.Option(0.0, "--gpus-per-job", help="Ray GPUs per job (renders on cuda when > 0)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors (default: as many as the cluster's resources fit)."),
+    local_cpus: Optional[int] = typer.Option(None, "--local-cpus", help="CPUs of the local Ray instance (default: all of this machine's)."),
+    snapshot_every: str = typer.Option("60", "--snapshot-every", help="Each job's snapshot interval: SECONDS or Nc (chunks); a preempted job loses at most this much."),
+    retries: int = typer.Option(3, "--retries", help="Restarts of a dead worker (and retries of its job, which resumes from its snapshot)."),
+    fmt: str = typer.Option("mkv", "--format", help="mkv (lossless FFV1, bit-exact) or mp4."),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device of the workers (default: cuda with --gpus-per-job, else cpu)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Render many storyboards (× --seeds × --memory) on a Ray cluster: one video per job, a manifest.json,
+    jobs that resume from their snapshots when a worker dies. Ctrl-C stops cleanly (each job snapshots);
+    rerunning the same command skips finished jobs and resumes the others. Exit 1 if a job failed."""
+    from slotgen.farm import parse_seeds, plan_jobs, render_many
+    from slotgen.render import InterruptGuard, SnapshotEvery
+
+    SnapshotEvery.parse(snapshot_every)
+    if cpus_per_job <= 0 or gpus_per_job < 0:
+        raise SlotgenError("--cpus-per-job must be > 0 and --gpus-per-job >= 0")
+    policies = [p.strip() for p in memory.split(",") if p.strip()] if memory else None
+    jobs = plan_jobs(sources, out_dir, seeds=parse_seeds(seeds) if seeds else None, policies=policies, fmt=fmt)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SlotgenError(f"--output-dir {str(out_dir)!r}: {e.strerror}") from None
+    from slotgen.atomic import check_output_path
+
+    for j in jobs:
+        check_output_path(j.output)
+    progress, on_update = _farm_progress(quiet, len(jobs))
+
+    def on_job(row: dict) -> None:
+        if quiet:
+            return
+        what = row["error"] if row["status"] == "failed" else f"{row['frames']} frames, {row['seconds']:.1f}s"
+        line = f"{row['job']}: {row['status']} ({what})"
+        (progress.console.print(line, markup=False, highlight=False) if progress is not None
+         else print(line, file=sys.stderr, flush=True))
+
+    def notice(signum: int) -> None:
+        print("\nstopping: every running job finishes its chunk and writes its snapshot (again to abort; the last "
+              "periodic snapshots stay)", file=sys.stderr, flush=True)
+
+    try:
+        with InterruptGuard(notice) as guard:
+            if progress is not None:
+                with progress:
+                    report = render_many(jobs, out_dir, address=ray_address, cpus_per_job=cpus_per_job,
+                                         gpus_per_job=gpus_per_job, workers=workers, device=device,
+                                         snapshot_every=snapshot_every, max_retries=retries, local_cpus=local_cpus,
+                                         on_update=on_update, on_job=on_job, should_stop=guard)
+            else:
+                report = render_many(jobs, out_dir, address=ray_address, cpus_per_job=cpus_per_job,
+                                     gpus_per_job=gpus_per_job, workers=workers, device=device,
+                                     snapshot_every=snapshot_every, max_retries=retries, local_cpus=local_cpus,
+                                     on_job=on_job, should_stop=guard)
+    except KeyboardInterrupt:
+        print(f"interrupted: aborted; {out_dir / 'manifest.json'} and the periodic snapshots stay; rerun the same "
+              f"command to resume", file=sys.stderr)
+        raise typer.Exit(130)
+    counts = report.counts()
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    skipped = f" ({len(report.skipped)} already done, skipped)" if report.skipped else ""
+    print(f"{summary}{skipped} in {report.elapsed:.1f}s; manifest {report.manifest}", file=sys.stderr)
+    if report.interrupted:
+        print("interrupted: rerun the same command to resume the unfinished jobs", file=sys.stderr)
+        raise typer.Exit(130)
+    if counts.get("failed"):
+        raise typer.Exit(1)
+
+
+def _farm_progress(quiet: bool, jobs: int):
+    """render-many's rich display: frames over all jobs, jobs done/running/failed, cluster frames/s, ETA."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    if quiet or not err_console.is_terminal:
+        return None, None
+    progress = Progress(TextColumn("[bold]jobs[/] {task.fields[jobs]}"), BarColumn(bar_width=24),
+                        TextColumn("{task.completed:.0f}/{task.total:.0f} frames"),
+                        TextColumn("{task.fields[fps]:.1f} frames/s"), TextColumn("ETA {task.fields[eta]}"),
+                        console=err_console, transient=False)
+    task = progress.add_task("farm", total=1, jobs="", fps=0.0, eta="-")
+
+    def on_update(st) -> None:
+        eta = "-" if st.eta is None else f"{int(st.eta) // 60}:{int(st.eta) % 60:02d}"
+        progress.update(task, total=max(1, st.frames_total), completed=st.frames_done, fps=st.fps, eta=eta,
+                        jobs=f"{st.done} done, {st.running} running, {st.failed} failed"
+                             + (f", {st.skipped} skipped" if st.skipped else "") + f" of {st.jobs}")
+
+    return progress, on_update
+
+
 def main() -> None:  # pragma: no cover - console entry
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     app()
