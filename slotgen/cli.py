@@ -123,7 +123,8 @@ def memory_overrides(storyboard, memory: str | None, opts: dict) -> object:
     given = {k: v for k, v in opts.items() if v is not None}
     if memory is None and not given:
         return storyboard.memory
-    base = storyboard.memory.model_dump()
+    base = {"policy": storyboard.memory.policy,
+            **storyboard.memory.model_dump(include=set(storyboard.memory.model_fields_set))}  # keys given only
     if memory is not None and memory != base["policy"]:
         base = {"policy": memory}  # a different policy starts from its own defaults
     base.update(given)

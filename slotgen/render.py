@@ -29,6 +29,7 @@ import torch
 
 from slotgen.atomic import atomic_write_bytes
 from slotgen.engine.generator import ChunkResult, EngineOptions, StreamingEngine
+from slotgen.engine.presets import resolve_memory
 from slotgen.memory import build_policy
 from slotgen.models import ModelBundle, load_model
 from slotgen.snapshot import ENGINE_OPTIONS, default_snapshot_path, write_snapshot
@@ -94,7 +95,11 @@ class Renderer:
             steps=(sampler.steps if sampler and sampler.steps else s.steps),
             shift=(sampler.shift if sampler and sampler.shift else s.shift),
         )
-        self.policy = build_policy(storyboard.memory, len(self.bundle.transformer.blocks), phi=self.bundle.slot_phi)
+        memory = resolve_memory(storyboard.memory, s.preset)  # the preset fixed, its keys filled in
+        if memory != storyboard.memory or memory.model_fields_set != storyboard.memory.model_fields_set:
+            storyboard = self.storyboard = storyboard.with_overrides(memory=memory)
+        self.options.preset = memory.preset
+        self.policy = build_policy(memory, len(self.bundle.transformer.blocks), phi=self.bundle.slot_phi)
         self.engine = StreamingEngine(self.bundle, self.policy, self.options)
         self.frames_emitted = 0  # video frames handed to the writers so far
         self.pending = np.zeros((0, height, width, 3), np.uint8)  # decoded past the timeline's end

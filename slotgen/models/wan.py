@@ -47,6 +47,7 @@ import torch
 
 from slotgen.errors import ModelError, one_line
 from slotgen.models.bundle import ModelBundle, ModelSettings
+from slotgen.engine.presets import get_preset
 from slotgen.models.wan_checkpoint import aligned, checkpoint_state_dict, folder_digest, weight_files
 from slotgen.models.wan_settings import SETTINGS_FILE, WAN_SETTINGS, read_folder_config
 
@@ -318,10 +319,11 @@ def load_wan(
         str(tdir), local_files_only=True))
     transformer = _meta_transformer(config, dtype)
     # Without a checkpoint the folder's own weights are "the checkpoint": one loading path for both.
+    entry = get_preset(settings.preset).weights  # the entry the preset's own project loads
     if checkpoint is None:
         state, transformer_files = checkpoint_state_dict(transformer, tdir, label="transformer weights")
     else:
-        state, transformer_files = checkpoint_state_dict(transformer, checkpoint, lora, lora_alpha)
+        state, transformer_files = checkpoint_state_dict(transformer, checkpoint, lora, lora_alpha, entry=entry)
     targets = transformer.state_dict()
     for k in list(state):  # cast tensor by tensor, releasing the source as we go
         state[k] = aligned(state[k].to(targets[k].dtype))
@@ -347,7 +349,10 @@ def load_wan(
          "tokenizer": sorted(p for p in kdir.rglob("*") if p.is_file())},
         root, digest_mode,
         extra={"transformer_config": {k: v for k, v in transformer.config.items() if not k.startswith("_")},
-               "lora_alpha": lora_alpha},
+               "lora_alpha": lora_alpha,
+               # the same file holds two generators; the entry loaded is part of the identity (recorded only
+               # when it is not the historical default, so earlier digests stay valid)
+               **({"entry": entry} if checkpoint is not None and entry != "generator_ema" else {})},
     )
     return ModelBundle(name=name, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                        settings=settings, digest=digest, vocabulary=None)
