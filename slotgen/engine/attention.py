@@ -133,7 +133,7 @@ class StreamingAttnProcessor:
                 K[:, :m] = apply_rope(mem.k.to(like.dtype), cos, sin)  # roped memory keys
                 V[:, :m] = mem.v.to(like.dtype)
             self._cache = (K, V, chunk_pos, m)
-            self._cache_rows = (mem.frames, mem_pos) if mem is not None else None  # for the trace
+            self._cache_rows = (mem.frames, mem_pos, mem.hw) if mem is not None else None  # for the trace
             self._cache_epoch = st.epoch
         return self._cache
 
@@ -142,16 +142,17 @@ class StreamingAttnProcessor:
         st = self.state
         rows = self._cache_rows
 
-        def per_frame(frames, pos):  # (frame, position) per run of rows (a frame's rows are contiguous)
+        def per_frame(frames, pos, hw):  # (frame, position) per frame block: a block starts at grid cell (0, 0)
             out: list[tuple[int, int]] = []
-            for pair in zip(frames.tolist(), pos.tolist()):
-                if not out or out[-1] != pair:
+            starts = (hw == 0).all(dim=1).tolist()
+            for pair, start in zip(zip(frames.tolist(), pos.tolist()), starts):
+                if not out or out[-1] != pair or start:
                     out.append(pair)
             return out
 
         st.trace.append({
             "pass": "recache" if st.recache else ("commit" if st.commit else "step"),
-            "chunk": per_frame(st.frames, chunk_pos),
+            "chunk": per_frame(st.frames, chunk_pos, st.hw),
             "memory": per_frame(*rows) if rows is not None else [],
         })
 

@@ -131,8 +131,10 @@ def parse_memory_config(data: Mapping[str, Any] | PolicyConfig) -> PolicyConfig:
     Numeric strings (``"8"``) are accepted, so CLI values pass as they come. A config instance of a
     registered policy is returned as it is.
 
+    A section naming only an attention ``preset`` (``{"preset": "memflow"}``) gets that preset's policy.
+
     Raises:
-        UnknownPolicyError: no ``policy`` key, or a policy that is not registered.
+        UnknownPolicyError: no ``policy`` key (and no preset), or a policy that is not registered.
         pydantic.ValidationError: not a mapping, an unknown key or a bad value (locations are the
             keys within the section). The storyboard loader turns both into line-numbered errors.
     """
@@ -143,7 +145,12 @@ def parse_memory_config(data: Mapping[str, Any] | PolicyConfig) -> PolicyConfig:
     if not isinstance(data, Mapping):
         return PolicyConfig.model_validate(data)  # raises pydantic's "expected a mapping" error
     if "policy" not in data:
-        raise UnknownPolicyError(None)
+        from slotgen.engine.presets import PRESETS
+
+        preset = PRESETS.get(data.get("preset")) if isinstance(data.get("preset"), str) else None
+        if preset is None:
+            raise UnknownPolicyError(None)
+        data = {"policy": preset.memory.get("policy", DEFAULT_POLICY), **data}  # `preset: X` alone: X's policy
     return policy_class(data["policy"]).config_class.model_validate(dict(data))
 
 
