@@ -496,6 +496,47 @@ def inspect(
             print(f"wrote {png}", file=sys.stderr)
 
 
+@app.command("import-longlive")
+@user_errors
+def import_longlive(
+    prompts_file: Path = typer.Argument(..., help="LongLive/MemFlow interactive prompts: one {\"prompts\": [...]} per line."),
+    switch_frame_indices: str = typer.Option(..., "--switch-frame-indices",
+                                             help="Latent frames where the next prompt takes over, e.g. 40,80,120,160,200."),
+    frames: int = typer.Option(..., "--frames", help="Latent frames per video (LongLive's num_output_frames, e.g. 240)."),
+    output: Path = typer.Option(..., "-o", "--output",
+                                help="Storyboard file (one video) or folder (one <name>-<line>.yaml per video)."),
+    model: str = typer.Option("miniature", "--model", help="The storyboard's model: a Wan2.1 folder for LongLive weights."),
+    line: Optional[int] = typer.Option(None, "--line", help="Only the video on this line (1 = the first)."),
+    seed: int = typer.Option(0, "--seed"),
+    fps: int = typer.Option(16, "--fps"),
+) -> None:
+    """Turn a LongLive interactive prompt file (JSONL) into storyboards with the same switch chunks."""
+    from slotgen.atomic import atomic_output
+    from slotgen.storyboard.longlive import longlive_storyboard_yaml, parse_switch_frames, read_longlive_prompts
+
+    videos = read_longlive_prompts(prompts_file)
+    switches = parse_switch_frames(switch_frame_indices)
+    if line is not None:
+        if not 1 <= line <= len(videos):
+            raise SlotgenError(f"--line {line}: {prompts_file} holds {len(videos)} videos")
+        chosen = [(line, videos[line - 1])]
+    else:
+        chosen = list(enumerate(videos, 1))
+    texts = [(n, longlive_storyboard_yaml(p, switches, frames, model=model, fps=fps, seed=seed,
+                                          title=f"{prompts_file.stem} line {n}")) for n, p in chosen]
+    if len(texts) == 1 and output.suffix in (".yaml", ".yml"):
+        targets = [output]
+    else:
+        if output.suffix in (".yaml", ".yml"):
+            raise SlotgenError(f"{prompts_file} holds {len(texts)} videos: give a folder as --output, or --line N")
+        output.mkdir(parents=True, exist_ok=True)
+        targets = [output / f"{prompts_file.stem}-{n}.yaml" for n, _ in texts]
+    for target, (_, text) in zip(targets, texts):
+        with atomic_output(target) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+        print(f"wrote {target}", file=sys.stderr)
+
+
 def _command_line() -> str:
     """The command as typed (for a model card), shell-quoted."""
     import shlex

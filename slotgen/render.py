@@ -29,7 +29,7 @@ import torch
 
 from slotgen.atomic import atomic_write_bytes
 from slotgen.engine.generator import ChunkResult, EngineOptions, StreamingEngine
-from slotgen.engine.presets import resolve_memory
+from slotgen.memory.registry import resolve_memory
 from slotgen.memory import build_policy
 from slotgen.models import ModelBundle, load_model
 from slotgen.snapshot import ENGINE_OPTIONS, default_snapshot_path, write_snapshot

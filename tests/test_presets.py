@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from slotgen.engine.generator import EngineOptions, StreamingEngine
-from slotgen.engine.presets import PRESETS, get_preset, resolve_memory
+from slotgen.engine.presets import PRESETS, get_preset
+from slotgen.memory.registry import resolve_memory
 from slotgen.errors import SlotgenError
 from slotgen.memory import BankConfig, BankMemory, ChunkContext, KVBlock, build_policy, parse_memory_config
 from tests.conftest import tiny_bundle

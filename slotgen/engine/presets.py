@@ -4,7 +4,8 @@ A preset is one name for everything that decides *which past frames a chunk sees
 positions, and what happens at a prompt switch*, plus which weights entry of a checkpoint is loaded.
 A model folder names its preset in ``slotgen.json`` (``"preset": "longlive"``); a storyboard may name
 another in its ``memory:`` section (``preset: memflow``), and any memory key it sets overrides the
-preset's value. The embedded miniature uses ``slotgen``, the semantics it was trained with.
+preset's value (:func:`slotgen.memory.registry.resolve_memory`). The embedded miniature uses
+``slotgen``, the semantics it was trained with.
 
 =================  =============  ==========  ===================  ==========  =====================
 preset             window counts  RoPE        prompt switch        bank rules  weights entry
@@ -102,27 +103,4 @@ def get_preset(name: str | None) -> Preset:
     return PRESETS[name]
 
 
-def resolve_memory(config, model_preset: str | None):
-    """The memory section to run: ``config`` with its preset fixed and the preset's keys filled in.
-
-    The preset is the section's own ``preset`` key, else ``model_preset`` (the model folder's). Keys the
-    storyboard (or a CLI flag) set win; keys it left out take the preset's value where the preset has
-    one (e.g. ``window: 21`` under ``self_forcing``); a section that does not even name a policy (no
-    ``memory:`` section at all) takes the preset's policy too.
-    """
-    from slotgen.memory.registry import parse_memory_config, policy_class
-
-    preset = get_preset(config.preset if config.preset is not None else model_preset)
-    given = config.model_dump(include=set(config.model_fields_set))
-    data = dict(preset.memory) if "policy" not in config.model_fields_set else {}
-    data.setdefault("policy", config.policy)
-    if data["policy"] != config.policy:  # the preset's own policy: keep nothing from a section that named none
-        given = {}
-    fields = policy_class(data["policy"]).config_class.model_fields
-    data.update({k: v for k, v in preset.memory.items() if k in fields and k != "policy"})
-    data.update(given)
-    data["preset"] = preset.name
-    return parse_memory_config(data)
-
-
-__all__ = ["DEFAULT_PRESET", "PRESETS", "Preset", "get_preset", "preset_names", "resolve_memory"]
+__all__ = ["DEFAULT_PRESET", "PRESETS", "Preset", "get_preset", "preset_names"]

@@ -163,6 +163,29 @@ def build_policy(config: PolicyConfig | Mapping[str, Any], num_layers: int, phi=
     return policy_class(config.policy).from_config(config, num_layers, phi=phi)
 
 
+def resolve_memory(config, model_preset: str | None):
+    """The memory section to run: ``config`` with its preset fixed and the preset's keys filled in.
+
+    The preset is the section's own ``preset`` key, else ``model_preset`` (the model folder's). Keys the
+    storyboard (or a CLI flag) set win; keys it left out take the preset's value where the preset has
+    one (e.g. ``window: 21`` under ``self_forcing``); a section that does not even name a policy (no
+    ``memory:`` section at all) takes the preset's policy too.
+    """
+    from slotgen.engine.presets import get_preset
+
+    preset = get_preset(config.preset if config.preset is not None else model_preset)
+    given = config.model_dump(include=set(config.model_fields_set))
+    data = dict(preset.memory) if "policy" not in config.model_fields_set else {}
+    data.setdefault("policy", config.policy)
+    if data["policy"] != config.policy:  # the preset's own policy: keep nothing from a section that named none
+        given = {}
+    fields = policy_class(data["policy"]).config_class.model_fields
+    data.update({k: v for k, v in preset.memory.items() if k in fields and k != "policy"})
+    data.update(given)
+    data["preset"] = preset.name
+    return parse_memory_config(data)
+
+
 __all__ = ["DEFAULT_POLICY", "ENTRY_POINT_GROUP", "POLICY_MODULES_ENV", "UnknownPolicyError", "build_policy",
            "config_classes", "default_memory", "registered_configs", "parse_memory_config", "policy_class", "policy_names",
-           "register_policy", "unregister_policy"]
+           "register_policy", "resolve_memory", "unregister_policy"]
