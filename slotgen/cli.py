@@ -370,10 +370,33 @@ def policy_list(text: str) -> list[str]:
     return names
 
 
+def memory_spec_list(text: str) -> list[str]:
+    """``--policies window,sink@longlive:window=9`` → one memory spec each (``POLICY[@PRESET][:KEY=VALUE...]``,
+    see :func:`slotgen.bench.speed.memory_spec`), each a valid memory section."""
+    from pydantic import ValidationError
+
+    from slotgen.bench.speed import memory_spec
+    from slotgen.memory.registry import UnknownPolicyError, parse_memory_config, policy_names
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    for n in names:
+        try:
+            parse_memory_config(memory_spec(n))
+        except UnknownPolicyError:
+            raise SlotgenError(f"--policies: unknown policy in {n!r}; expected some of {', '.join(policy_names())}") from None
+        except (ValueError, ValidationError) as e:
+            msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+            raise SlotgenError(f"--policies: {n!r}: {msg}") from None
+    if not names:
+        raise SlotgenError("--policies: name at least one memory policy")
+    return names
+
+
 @bench_app.command("speed")
 @user_errors
 def bench_speed(
-    policies: str = typer.Option("window,sink", "--policies", help="Comma-separated memory policies, run side by side."),
+    policies: str = typer.Option("window,sink", "--policies", help="Comma-separated memory policies, run side by side; "
+                                 "each POLICY[@PRESET][:KEY=VALUE...], e.g. sink:window=6,sink@longlive."),
     duration: str = typer.Option("60", "--duration", help="Video seconds; comma-separated for several (e.g. 60,600)."),
     model: str = typer.Option("miniature", "--model", help="'miniature', 'wan-1.3b-random' or a local folder."),
     device: str = typer.Option("cpu", "--device"),
@@ -390,7 +413,7 @@ def bench_speed(
 
     from slotgen.bench.speed import run_speed_bench
 
-    names = policy_list(policies)
+    names = memory_spec_list(policies)
     try:
         durations = [float(d) for d in duration.split(",")]
     except ValueError:

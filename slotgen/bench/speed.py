@@ -37,12 +37,29 @@ PROMPTS = [
 ]
 
 
+def memory_spec(spec: str) -> dict:
+    """A run's memory from ``POLICY[@PRESET][:KEY=VALUE...]``, e.g. ``sink``, ``sink@longlive``,
+    ``sink:window=6`` or ``bank@memflow:write_every=1`` (values as in a storyboard)."""
+    head, *pairs = spec.split(":")
+    policy, _, preset = head.partition("@")
+    memory: dict = {"policy": policy}
+    if preset:
+        memory["preset"] = preset
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{spec!r}: expected KEY=VALUE after ':', got {pair!r}")
+        memory[key] = value
+    return memory
+
+
 def bench_storyboard_yaml(duration: float, policy: str, model: str, resolution: str | None, fps: int | None,
                           seed: int = 0, steps: int | None = None) -> str:
-    """Six equal prompt segments over ``duration`` seconds (LongLive's interactive protocol, scaled)."""
+    """Six equal prompt segments over ``duration`` seconds (LongLive's interactive protocol, scaled).
+    ``policy``: a :func:`memory_spec`."""
     seg = duration / len(PROMPTS)
     lines = [f"title: speed benchmark ({policy})", f"duration: {duration}", f"seed: {seed}", f"model: {json.dumps(model)}",
-             f"memory:\n  policy: {policy}"]
+             f"memory: {json.dumps(memory_spec(policy))}"]
     if fps:
         lines.append(f"fps: {fps}")
     if resolution:
