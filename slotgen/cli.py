@@ -123,14 +123,22 @@ def memory_overrides(storyboard, memory: str | None, opts: dict) -> object:
     given = {k: v for k, v in opts.items() if v is not None}
     if memory is None and not given:
         return storyboard.memory
-    base = {"policy": storyboard.memory.policy,
-            **storyboard.memory.model_dump(include=set(storyboard.memory.model_fields_set))}  # keys given only
-    if memory is not None and memory != base["policy"]:
-        base = {"policy": memory}  # a different policy starts from its own defaults
+    fields = set(storyboard.memory.model_fields_set)
+    base = storyboard.memory.model_dump(include=fields)  # the keys the storyboard gave; presets fill the rest
+    if "policy" not in base and "preset" not in given and "preset" not in base:
+        base["policy"] = storyboard.memory.policy  # no memory section and no preset: the default policy
+    if memory is not None and memory != base.get("policy"):
+        # a different policy starts from its own defaults (and the preset's keys), keeping the preset
+        base = {"policy": memory, **({"preset": base["preset"]} if "preset" in base else {})}
     base.update(given)
     try:
         return parse_memory_config(base)
     except UnknownPolicyError:
+        if "policy" not in base:
+            from slotgen.engine.presets import preset_names
+
+            raise SlotgenError(f"--preset: unknown attention preset {base.get('preset')!r}; expected one of "
+                               f"{', '.join(preset_names())}") from None
         raise SlotgenError(f"--memory: unknown policy {base['policy']!r}; expected one of "
                            f"{', '.join(policy_names())}") from None
     except ValidationError as e:
@@ -138,7 +146,7 @@ def memory_overrides(storyboard, memory: str | None, opts: dict) -> object:
         key = str(err["loc"][-1]) if err["loc"] else "memory"
         flag = {o.key: o.flag for o in memory_options()}.get(key, key).replace("_", "-")
         if err["type"] == "extra_forbidden":
-            raise SlotgenError(f"--{flag} does not apply to memory policy {base['policy']!r}") from None
+            raise SlotgenError(f"--{flag} does not apply to memory policy {base.get('policy')!r}") from None
         raise SlotgenError(f"--{flag}: {err['msg'][0].lower() + err['msg'][1:]}") from None
 
 

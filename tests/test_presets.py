@@ -260,3 +260,19 @@ def test_resume_is_bit_exact_under_every_preset_and_the_snapshot_records_it(pres
     resume(snap, tmp_path / "b.mkv", storyboard=more, bundle=miniature)
     pieces = np.concatenate([read_video(tmp_path / "a.mkv"), read_video(tmp_path / "b.mkv")])
     assert np.array_equal(pieces, read_video(tmp_path / "full.mkv"))
+
+
+def test_cli_preset_flag_and_memory_flag_keep_the_preset(tmp_path):
+    from slotgen.cli import memory_overrides
+    from slotgen.errors import SlotgenError as Err
+
+    def sb(memory: str = ""):
+        return _story(f"duration: 1\n{memory}prompts:\n  - at: 0\n    prompt: {RED}\n", "s.yaml")
+
+    plain = memory_overrides(sb(), None, {"preset": "memflow"})
+    assert (plain.policy, plain.preset) == ("bank", "memflow")  # no memory section: the preset's policy
+    slot = memory_overrides(sb("memory: {preset: longlive}\n"), "slot", {})
+    assert (slot.policy, slot.preset) == ("slot", "longlive")  # --memory slot on LongLive's base
+    assert memory_overrides(sb(), None, {"window": 5}).policy == "sink"
+    with pytest.raises(Err, match="--preset: unknown attention preset 'x'"):
+        memory_overrides(sb(), None, {"preset": "x"})
