@@ -215,7 +215,8 @@ def render(
     _check_outputs(output, lossless, stats, snapshot)
 
     with _interruptible():
-        bundle = load_model(sb.model, device=device, checkpoint=checkpoint) if checkpoint is not None else None
+        bundle = (load_model(sb.model, device=device, checkpoint=checkpoint, preset=sb.memory.preset)
+                  if checkpoint is not None else None)
         renderer = Renderer(sb, bundle=bundle, device=device)
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)

@@ -82,7 +82,8 @@ class Renderer:
     """A storyboard bound to a model and a memory policy; renders (and continues) its timeline."""
 
     def __init__(self, storyboard, bundle: ModelBundle | None = None, device: str = "cpu"):
-        self.bundle = bundle if bundle is not None else load_model(storyboard.model, device=device)
+        self.bundle = bundle if bundle is not None else load_model(storyboard.model, device=device,
+                                                                   preset=storyboard.memory.preset)
         self.storyboard = storyboard
         s = self.bundle.settings
         width, height = storyboard.check_resolution(self.bundle.stride, s.resolution)

@@ -105,7 +105,8 @@ def renderer_from_snapshot(snapshot: Snapshot, storyboard=None, *, bundle: Model
     """
     sb = storyboard if storyboard is not None else snapshot.storyboard
     if bundle is None:
-        bundle = load_model(model or snapshot.model["spec"], device=device, checkpoint=checkpoint)
+        bundle = load_model(model or snapshot.model["spec"], device=device, checkpoint=checkpoint,
+                            preset=snapshot.memory.preset)
     check_model(snapshot, bundle)
     renderer = Renderer(sb, bundle=bundle)
     opts = {k: getattr(renderer.options, k) for k in snapshot.options}

@@ -255,6 +255,15 @@ def test_the_folder_preset_picks_the_weights_entry_its_project_loads(folder_copy
     assert_same_weights(load_wan(folder_copy, checkpoint=only).transformer, plain)
 
 
+def test_a_storyboards_preset_picks_the_entry_for_a_checkpoint_given_at_load(tiny_folder, tmp_path):
+    ema, plain = tiny_transformer(11), tiny_transformer(12)
+    ckpt = self_forcing_file(tmp_path / "both.pt", ema, generator=plain)
+    bundle = load_model(str(tiny_folder), checkpoint=ckpt, preset="memflow")
+    assert bundle.settings.preset == "memflow"
+    assert_same_weights(bundle.transformer, plain)
+    assert bundle.digest != load_wan(tiny_folder, checkpoint=ckpt).digest  # the entry is part of the identity
+
+
 def test_unknown_preset_in_slotgen_json_is_one_line(folder_copy):
     settings = json.loads((folder_copy / "slotgen.json").read_text())
     (folder_copy / "slotgen.json").write_text(json.dumps({**settings, "preset": "causvid"}))

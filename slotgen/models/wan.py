@@ -37,6 +37,7 @@ seed, init scheme, device type and dtype, which determine its weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -290,8 +291,11 @@ def load_wan(
     text_device: str | torch.device | None = "auto",
     text_dtype: torch.dtype | None = None,
     digest_mode: str = "sampled",
+    preset: str | None = None,
 ) -> ModelBundle:
-    """Load a local diffusers-format Wan2.1 folder, optionally with a causal checkpoint (module docstring)."""
+    """Load a local diffusers-format Wan2.1 folder, optionally with a causal checkpoint (module docstring).
+
+    ``preset`` overrides the folder's attention preset (``slotgen.json``), which picks the checkpoint entry."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -308,6 +312,8 @@ def load_wan(
                          f"{', '.join(s + '/' for s in SUBFOLDERS)} (as in Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
     folder = read_folder_config(root)
     settings, name = folder.settings, folder.name
+    if preset is not None:
+        settings = dataclasses.replace(settings, preset=get_preset(preset).name)
     if checkpoint is None and lora is None and folder.checkpoint is not None:  # the folder's own causal weights
         checkpoint, lora = folder.checkpoint, folder.lora
     lora_alpha = lora_alpha if lora_alpha is not None else folder.lora_alpha
