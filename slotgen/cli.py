@@ -413,6 +413,7 @@ def bench_speed(
     fps: Optional[int] = typer.Option(None, "--fps"),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Render exactly N chunks instead of --duration."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the model's)."),
+    repeat: int = typer.Option(1, "--repeat", min=1, help="Run the list N times interleaved; report medians."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
 ) -> None:
     """Render the same storyboard with each policy (fresh process each) and print a timing table."""
@@ -428,7 +429,7 @@ def bench_speed(
     except ValueError:
         raise SlotgenError(f"--duration: expected seconds like 60 or 60,600, got {duration!r}") from None
     rows = run_speed_bench(names, durations, model=model, device=device, resolution=resolution, fps=fps,
-                           chunks=chunks, steps=steps)
+                           chunks=chunks, steps=steps, repeat=repeat)
     base = {r["video_s"]: r for r in rows if r["policy"] == names[0]}
     table = Table(title=f"slotgen bench speed — {rows[0]['model']} on {device} at {rows[0]['resolution']}")
     for col in ("policy", "video s", "wall s", "×realtime", "gen fps", "chunk ms p50", "p95", "vs " + names[0],
