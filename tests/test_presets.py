@@ -276,3 +276,13 @@ def test_cli_preset_flag_and_memory_flag_keep_the_preset(tmp_path):
     assert memory_overrides(sb(), None, {"window": 5}).policy == "sink"
     with pytest.raises(Err, match="--preset: unknown attention preset 'x'"):
         memory_overrides(sb(), None, {"preset": "x"})
+
+
+def test_inspect_rebuilds_a_memflow_bank_from_its_snapshot_state():
+    """snapshot_policy builds the policy without an engine: the config's preset still selects MemFlow's rules."""
+    chunks, engine = run_trace("memflow", {"policy": "bank"}, prompts=PROMPTS[:5])
+    state = engine.policy.state_dict()
+    rebuilt = build_policy(engine.policy.config, len(engine.bundle.transformer.blocks))
+    rebuilt.load_state_dict(state)
+    assert rebuilt.stats() == engine.policy.stats()
+    assert rebuilt.stats()["bank"][0] == [0, 9]

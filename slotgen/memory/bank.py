@@ -123,7 +123,11 @@ class BankMemory(WindowMemory):
 
     @property
     def memflow(self) -> bool:
-        return self.preset is not None and self.preset.bank == "memflow"
+        """MemFlow's own rules: the engine's preset says so (or, before an engine configured this policy,
+        e.g. when ``slotgen inspect`` rebuilds it from a snapshot, the config's resolved preset)."""
+        if self.preset is not None:
+            return self.preset.bank == "memflow"
+        return self.config.preset == "memflow"
 
     @classmethod
     def from_config(cls, config: BankConfig, num_layers: int, *, phi=None) -> "BankMemory":
