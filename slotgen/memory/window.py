@@ -71,6 +71,10 @@ class WindowMemory(MemoryPolicy):
         """Past latent frames kept in the local window (the preset may count the chunk in ``window``)."""
         return self.window if self.preset is None else self.preset.past_window(self.window, self.chunk_frames)
 
+    def configure_stream(self, preset, chunk_frames: int) -> None:
+        super().configure_stream(preset, chunk_frames)
+        self.keep  # noqa: B018 - a window smaller than a chunk under a counting preset fails here, before any chunk
+
     @property
     def recache_mode(self) -> str:
         return "chunked" if self.preset is None else self.preset.recache
