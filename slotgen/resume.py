@@ -44,6 +44,10 @@ def extend_storyboard(base, more=None, *, prompt: str | None = None, duration: f
             if more.line_of(key) is None:
                 continue
             mine, theirs = getattr(base, key), getattr(more, key)
+            if key == "memory" and mine.preset is not None:  # the snapshot holds its memory resolved
+                from slotgen.memory.registry import resolve_memory
+
+                theirs = resolve_memory(theirs, mine.preset)
             if mine != theirs:
                 shown = _show(key, mine)
                 raise more.error_at(f"{_show(key, theirs)} differs from the snapshot's {shown}; a continuation keeps "

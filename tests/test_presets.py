@@ -286,3 +286,23 @@ def test_inspect_rebuilds_a_memflow_bank_from_its_snapshot_state():
     rebuilt.load_state_dict(state)
     assert rebuilt.stats() == engine.policy.stats()
     assert rebuilt.stats()["bank"][0] == [0, 9]
+
+
+def test_a_continuation_may_repeat_the_memory_section_it_started_with(miniature, tmp_path):
+    from slotgen.errors import StoryboardError
+    from slotgen.render import render
+    from slotgen.resume import extend_storyboard
+    from slotgen.snapshot import load_snapshot
+
+    head = "fps: 16\nresolution: 32x32\nsampler: {steps: 1}\nmemory: {policy: sink, preset: longlive}\n"
+    render(_story(head + f"duration: 0.5\nprompts:\n  - at: 0\n    prompt: {RED}\n", "a.yaml"), tmp_path / "a.mkv",
+           bundle=miniature, snapshot=tmp_path / "a.pt")
+    base = load_snapshot(tmp_path / "a.pt").storyboard
+    assert base.memory.model_dump() == {"policy": "sink", "preset": "longlive", "sink": 3, "window": 9}
+    same = _story(f"memory: {{policy: sink, preset: longlive}}\nduration: 1\nprompts:\n  - at: 0\n    prompt: {GREEN}\n",
+                  "more.yaml")
+    assert extend_storyboard(base, same).memory == base.memory
+    other = _story(f"memory: {{policy: sink, window: 6}}\nduration: 1\nprompts:\n  - at: 0\n    prompt: {GREEN}\n",
+                   "more.yaml")
+    with pytest.raises(StoryboardError, match="differs from the snapshot's"):
+        extend_storyboard(base, other)
