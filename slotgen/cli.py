@@ -150,13 +150,22 @@ def memory_overrides(storyboard, memory: str | None, opts: dict) -> object:
     given = {k: v for k, v in opts.items() if v is not None}
     if memory is None and not given:
         return storyboard.memory
-    base = storyboard.memory.model_dump()
-    if memory is not None and memory != base["policy"]:
-        base = {"policy": memory}  # a different policy starts from its own defaults
+    fields = set(storyboard.memory.model_fields_set)
+    base = storyboard.memory.model_dump(include=fields)  # the keys the storyboard gave; presets fill the rest
+    if "policy" not in base and "preset" not in given and "preset" not in base:
+        base["policy"] = storyboard.memory.policy  # no memory section and no preset: the default policy
+    if memory is not None and memory != base.get("policy"):
+        # a different policy starts from its own defaults (and the preset's keys), keeping the preset
+        base = {"policy": memory, **({"preset": base["preset"]} if "preset" in base else {})}
     base.update(given)
     try:
         return parse_memory_config(base)
     except UnknownPolicyError:
+        if "policy" not in base:
+            from slotgen.engine.presets import preset_names
+
+            raise SlotgenError(f"--preset: unknown attention preset {base.get('preset')!r}; expected one of "
+                               f"{', '.join(preset_names())}") from None
         raise SlotgenError(f"--memory: unknown policy {base['policy']!r}; expected one of "
                            f"{', '.join(policy_names())}") from None
     except ValidationError as e:
@@ -164,7 +173,7 @@ def memory_overrides(storyboard, memory: str | None, opts: dict) -> object:
         key = str(err["loc"][-1]) if err["loc"] else "memory"
         flag = {o.key: o.flag for o in memory_options()}.get(key, key).replace("_", "-")
         if err["type"] == "extra_forbidden":
-            raise SlotgenError(f"--{flag} does not apply to memory policy {base['policy']!r}") from None
+            raise SlotgenError(f"--{flag} does not apply to memory policy {base.get('policy')!r}") from None
         raise SlotgenError(f"--{flag}: {err['msg'][0].lower() + err['msg'][1:]}") from None
 
 
@@ -241,7 +250,8 @@ def render(
                    inputs=[("storyboard", storyboard), ("model", _model_path(sb.model)), ("checkpoint", checkpoint)])
 
     with _interruptible(), _model_line(sb, from_storyboard=model is None):
-        bundle = load_model(sb.model, device=dev, checkpoint=checkpoint) if checkpoint is not None else None
+        bundle = (load_model(sb.model, device=dev, checkpoint=checkpoint, preset=sb.memory.preset)
+                  if checkpoint is not None else None)
         renderer = Renderer(sb, bundle=bundle, device=dev)
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
@@ -514,10 +524,33 @@ def policy_list(text: str) -> list[str]:
     return names
 
 
+def memory_spec_list(text: str) -> list[str]:
+    """``--policies window,sink@longlive:window=9`` → one memory spec each (``POLICY[@PRESET][:KEY=VALUE...]``,
+    see :func:`slotgen.bench.speed.memory_spec`), each a valid memory section."""
+    from pydantic import ValidationError
+
+    from slotgen.bench.speed import memory_spec
+    from slotgen.memory.registry import UnknownPolicyError, parse_memory_config, policy_names
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    for n in names:
+        try:
+            parse_memory_config(memory_spec(n))
+        except UnknownPolicyError:
+            raise SlotgenError(f"--policies: unknown policy in {n!r}; expected some of {', '.join(policy_names())}") from None
+        except (ValueError, ValidationError) as e:
+            msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+            raise SlotgenError(f"--policies: {n!r}: {msg}") from None
+    if not names:
+        raise SlotgenError("--policies: name at least one memory policy")
+    return names
+
+
 @bench_app.command("speed")
 @user_errors
 def bench_speed(
-    policies: str = typer.Option("window,sink", "--policies", help="Comma-separated memory policies, run side by side."),
+    policies: str = typer.Option("window,sink", "--policies", help="Comma-separated memory policies, run side by side; "
+                                 "each POLICY[@PRESET][:KEY=VALUE...], e.g. sink:window=6,sink@longlive."),
     duration: str = typer.Option("60", "--duration", help="Video seconds; comma-separated for several (e.g. 60,600)."),
     model: str = typer.Option("miniature", "--model", help="'miniature', 'wan-1.3b-random' or a local folder."),
     device: str = typer.Option("cpu", "--device"),
@@ -525,6 +558,7 @@ def bench_speed(
     fps: Optional[int] = typer.Option(None, "--fps"),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Render exactly N chunks instead of --duration."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the model's)."),
+    repeat: int = typer.Option(1, "--repeat", min=1, help="Run the list N times interleaved; report medians."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
 ) -> None:
     """Render the same storyboard with each policy (fresh process each) and print a timing table."""
@@ -537,13 +571,13 @@ def bench_speed(
     from slotgen.preflight import check_device
 
     check_device(device)
-    names = policy_list(policies)
+    names = memory_spec_list(policies)
     try:
         durations = [float(d) for d in duration.split(",")]
     except ValueError:
         raise SlotgenError(f"--duration: expected seconds like 60 or 60,600, got {duration!r}") from None
     rows = run_speed_bench(names, durations, model=model, device=device, resolution=resolution, fps=fps,
-                           chunks=chunks, steps=steps)
+                           chunks=chunks, steps=steps, repeat=repeat)
     base = {r["video_s"]: r for r in rows if r["policy"] == names[0]}
     table = Table(title=f"slotgen bench speed — {rows[0]['model']} on {device} at {rows[0]['resolution']}")
     for col in ("policy", "video s", "wall s", "×realtime", "gen fps", "chunk ms p50", "p95", "vs " + names[0],
@@ -656,6 +690,47 @@ def inspect(
         Console(width=160).print(report_table(report))
         if png is not None:
             print(f"wrote {png}", file=sys.stderr)
+
+
+@app.command("import-longlive")
+@user_errors
+def import_longlive(
+    prompts_file: Path = typer.Argument(..., help="LongLive/MemFlow interactive prompts: one {\"prompts\": [...]} per line."),
+    switch_frame_indices: str = typer.Option(..., "--switch-frame-indices",
+                                             help="Latent frames where the next prompt takes over, e.g. 40,80,120,160,200."),
+    frames: int = typer.Option(..., "--frames", help="Latent frames per video (LongLive's num_output_frames, e.g. 240)."),
+    output: Path = typer.Option(..., "-o", "--output",
+                                help="Storyboard file (one video) or folder (one <name>-<line>.yaml per video)."),
+    model: str = typer.Option("miniature", "--model", help="The storyboard's model: a Wan2.1 folder for LongLive weights."),
+    line: Optional[int] = typer.Option(None, "--line", help="Only the video on this line (1 = the first)."),
+    seed: int = typer.Option(0, "--seed"),
+    fps: int = typer.Option(16, "--fps"),
+) -> None:
+    """Turn a LongLive interactive prompt file (JSONL) into storyboards with the same switch chunks."""
+    from slotgen.atomic import atomic_output
+    from slotgen.storyboard.longlive import longlive_storyboard_yaml, parse_switch_frames, read_longlive_prompts
+
+    videos = read_longlive_prompts(prompts_file)
+    switches = parse_switch_frames(switch_frame_indices)
+    if line is not None:
+        if not 1 <= line <= len(videos):
+            raise SlotgenError(f"--line {line}: {prompts_file} holds {len(videos)} videos")
+        chosen = [(line, videos[line - 1])]
+    else:
+        chosen = list(enumerate(videos, 1))
+    texts = [(n, longlive_storyboard_yaml(p, switches, frames, model=model, fps=fps, seed=seed,
+                                          title=f"{prompts_file.stem} line {n}")) for n, p in chosen]
+    if len(texts) == 1 and output.suffix in (".yaml", ".yml"):
+        targets = [output]
+    else:
+        if output.suffix in (".yaml", ".yml"):
+            raise SlotgenError(f"{prompts_file} holds {len(texts)} videos: give a folder as --output, or --line N")
+        output.mkdir(parents=True, exist_ok=True)
+        targets = [output / f"{prompts_file.stem}-{n}.yaml" for n, _ in texts]
+    for target, (_, text) in zip(targets, texts):
+        with atomic_output(target) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+        print(f"wrote {target}", file=sys.stderr)
 
 
 def _command_line() -> str:

@@ -30,6 +30,7 @@ import torch
 from slotgen.atomic import atomic_write_bytes
 from slotgen.errors import SlotgenError
 from slotgen.engine.generator import ChunkResult, EngineOptions, StreamingEngine
+from slotgen.memory.registry import resolve_memory
 from slotgen.memory import build_policy
 from slotgen.models import ModelBundle, load_model
 from slotgen.snapshot import ENGINE_OPTIONS, default_snapshot_path, write_snapshot
@@ -85,7 +86,7 @@ class Renderer:
         from slotgen.preflight import check_device, check_memory
 
         if bundle is None:
-            bundle = load_model(storyboard.model, device=check_device(device))
+            bundle = load_model(storyboard.model, device=check_device(device), preset=storyboard.memory.preset)
         self.bundle = bundle
         self.storyboard = storyboard
         s = self.bundle.settings
@@ -100,7 +101,11 @@ class Renderer:
             steps=(sampler.steps if sampler and sampler.steps else s.steps),
             shift=(sampler.shift if sampler and sampler.shift else s.shift),
         )
-        self.policy = build_policy(storyboard.memory, len(self.bundle.transformer.blocks), phi=self.bundle.slot_phi)
+        memory = resolve_memory(storyboard.memory, s.preset)  # the preset fixed, its keys filled in
+        if memory != storyboard.memory or memory.model_fields_set != storyboard.memory.model_fields_set:
+            storyboard = self.storyboard = storyboard.with_overrides(memory=memory)
+        self.options.preset = memory.preset
+        self.policy = build_policy(memory, len(self.bundle.transformer.blocks), phi=self.bundle.slot_phi)
         self.engine = StreamingEngine(self.bundle, self.policy, self.options)
         self.frames_emitted = 0  # video frames handed to the writers so far
         self.pending = np.zeros((0, height, width, 3), np.uint8)  # decoded past the timeline's end

@@ -44,6 +44,10 @@ def extend_storyboard(base, more=None, *, prompt: str | None = None, duration: f
             if more.line_of(key) is None:
                 continue
             mine, theirs = getattr(base, key), getattr(more, key)
+            if key == "memory" and mine.preset is not None:  # the snapshot holds its memory resolved
+                from slotgen.memory.registry import resolve_memory
+
+                theirs = resolve_memory(theirs, mine.preset)
             if mine != theirs:
                 shown = _show(key, mine)
                 raise more.error_at(f"{_show(key, theirs)} differs from the snapshot's {shown}; a continuation keeps "
@@ -107,7 +111,8 @@ def renderer_from_snapshot(snapshot: Snapshot, storyboard=None, *, bundle: Model
     if bundle is None:
         from slotgen.preflight import check_device
 
-        bundle = load_model(model or snapshot.model["spec"], device=check_device(device), checkpoint=checkpoint)
+        bundle = load_model(model or snapshot.model["spec"], device=check_device(device), checkpoint=checkpoint,
+                            preset=snapshot.memory.preset)
     check_model(snapshot, bundle)
     renderer = Renderer(sb, bundle=bundle)
     opts = {k: getattr(renderer.options, k) for k in snapshot.options}

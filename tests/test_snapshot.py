@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from slotgen.cli import app
 from slotgen.engine.generator import ChunkGeometry
 from slotgen.errors import SnapshotError, StoryboardError
-from slotgen.memory.registry import policy_names
+from slotgen.memory.registry import policy_names, resolve_memory
 from slotgen.bench.snapshot_size import snapshot_sizes
 from slotgen.render import render
 from slotgen.resume import extend_storyboard, resume
@@ -106,7 +106,9 @@ def test_resume_is_bit_exact(policy, miniature, tmp_path):
     assert rep_b.memory_stats == ref_rep.memory_stats
     end = load_snapshot(tmp_path / "b.pt")
     assert (end.frames_emitted, end.chunk, end.complete) == (56, geo.num_chunks(56), True)
-    assert end.storyboard == full
+    # the storyboard as rendered: its memory resolved under the model's attention preset
+    assert end.storyboard == full.with_overrides(memory=resolve_memory(full.memory, miniature.settings.preset))
+    assert end.memory.preset == "slotgen"
     assert end.source == snap.source == f"<{policy} 1.25s>"  # the story's first storyboard, kept across resumes
 
     # split 2: on a chunk boundary, the first new prompt continues the old one (the spans merge)

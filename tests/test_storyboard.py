@@ -448,7 +448,7 @@ def test_unknown_nested_keys():
     assert_error(
         "duration: 4\nmemory:\n  policy: sink\n  windw: 3\nprompts: [{prompt: a}]\n",
         4,
-        "memory: unknown key 'windw'; expected one of: policy, sink, window (did you mean 'window'?)",
+        "memory: unknown key 'windw'; expected one of: policy, preset, sink, window (did you mean 'window'?)",
     )
     assert_error(
         "duration: 4\nsampler:\n  step: 3\nprompts: [{prompt: a}]\n",
@@ -486,11 +486,11 @@ def test_misspelt_required_key_is_reported_instead_of_missing():
         ("memory: {policy: bnk}", "memory.policy: unknown memory policy 'bnk'; expected one of: window, sink"),
         ("memory: {policy: windo}", "(did you mean 'window'?)"),
         ("memory: {window: 3}", "memory: missing required key 'policy'; expected one of: window, sink"),
-        ("memory: {polcy: sink}", "memory: unknown key 'polcy'; expected one of: policy, window, sink"),
+        ("memory: {polcy: sink}", "memory: unknown key 'polcy'; expected one of: policy, preset, window, sink"),
         ("memory: {policy: window, window: 0}", "memory.window: must be at least 1, got 0"),
         ("memory: {policy: sink, sink: -1}", "memory.sink: must be at least 0, got -1"),
         ("memory: {policy: sink, window: x}", "memory.window: expected an integer, got 'x'"),
-        ("memory: {policy: window, sink: 2}", "memory: unknown key 'sink'; expected one of: policy, window"),
+        ("memory: {policy: window, sink: 2}", "memory: unknown key 'sink'; expected one of: policy, preset, window"),
         ("memory: sink", "memory: expected a mapping"),
         ("prompts: {}", "prompts: expected a list of prompts, got a mapping"),
         ("prompts: []", "prompts: must list at least one prompt"),

@@ -238,6 +238,38 @@ def test_self_forcing_checkpoint_in_original_naming_prefers_ema(tiny_folder, tmp
     assert bundle.digest != load_wan(tiny_folder).digest
 
 
+@pytest.mark.parametrize("preset, entry", [("self_forcing", "generator_ema"), ("longlive", "generator"),
+                                           ("longlive_infinity", "generator"), ("memflow", "generator"),
+                                           ("slotgen", "generator_ema")])
+def test_the_folder_preset_picks_the_weights_entry_its_project_loads(folder_copy, tmp_path, preset, entry):
+    """Self-Forcing's README runs --use_ema; LongLive's and MemFlow's inference configs set use_ema: false."""
+    ema, plain = tiny_transformer(11), tiny_transformer(12)
+    ckpt = self_forcing_file(tmp_path / "both.pt", ema, generator=plain)
+    settings = json.loads((folder_copy / "slotgen.json").read_text())
+    (folder_copy / "slotgen.json").write_text(json.dumps({**settings, "preset": preset}))
+    bundle = load_wan(folder_copy, checkpoint=ckpt)
+    assert bundle.settings.preset == preset
+    assert_same_weights(bundle.transformer, ema if entry == "generator_ema" else plain)
+    only = tmp_path / "only.pt"  # the other entry is used when the preferred one is absent
+    torch.save({"generator": torch.load(ckpt, weights_only=True)["generator"]}, only)
+    assert_same_weights(load_wan(folder_copy, checkpoint=only).transformer, plain)
+
+
+def test_a_storyboards_preset_picks_the_entry_for_a_checkpoint_given_at_load(tiny_folder, tmp_path):
+    ema, plain = tiny_transformer(11), tiny_transformer(12)
+    ckpt = self_forcing_file(tmp_path / "both.pt", ema, generator=plain)
+    bundle = load_model(str(tiny_folder), checkpoint=ckpt, preset="memflow")
+    assert bundle.settings.preset == "memflow"
+    assert_same_weights(bundle.transformer, plain)
+    assert bundle.digest != load_wan(tiny_folder, checkpoint=ckpt).digest  # the entry is part of the identity
+
+
+def test_unknown_preset_in_slotgen_json_is_one_line(folder_copy):
+    settings = json.loads((folder_copy / "slotgen.json").read_text())
+    (folder_copy / "slotgen.json").write_text(json.dumps({**settings, "preset": "causvid"}))
+    one_line_error(r"'preset' is 'causvid', expected one of \['slotgen', 'self_forcing'", load_wan, folder_copy)
+
+
 def test_generator_is_used_when_there_is_no_ema(tiny_folder, tmp_path):
     model = tiny_transformer(13)
     wrapped = {"model._fsdp_wrapped_module." + k: v for k, v in diffusers_to_original(model.state_dict()).items()}

@@ -37,12 +37,29 @@ PROMPTS = [
 ]
 
 
+def memory_spec(spec: str) -> dict:
+    """A run's memory from ``POLICY[@PRESET][:KEY=VALUE...]``, e.g. ``sink``, ``sink@longlive``,
+    ``sink:window=6`` or ``bank@memflow:write_every=1`` (values as in a storyboard)."""
+    head, *pairs = spec.split(":")
+    policy, _, preset = head.partition("@")
+    memory: dict = {"policy": policy}
+    if preset:
+        memory["preset"] = preset
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{spec!r}: expected KEY=VALUE after ':', got {pair!r}")
+        memory[key] = value
+    return memory
+
+
 def bench_storyboard_yaml(duration: float, policy: str, model: str, resolution: str | None, fps: int | None,
                           seed: int = 0, steps: int | None = None) -> str:
-    """Six equal prompt segments over ``duration`` seconds (LongLive's interactive protocol, scaled)."""
+    """Six equal prompt segments over ``duration`` seconds (LongLive's interactive protocol, scaled).
+    ``policy``: a :func:`memory_spec`."""
     seg = duration / len(PROMPTS)
     lines = [f"title: speed benchmark ({policy})", f"duration: {duration}", f"seed: {seed}", f"model: {json.dumps(model)}",
-             f"memory:\n  policy: {policy}"]
+             f"memory: {json.dumps(memory_spec(policy))}"]
     if fps:
         lines.append(f"fps: {fps}")
     if resolution:
@@ -141,20 +158,40 @@ _WORKER = ("import json, sys; from slotgen.bench.speed import run_worker; "
 
 def run_speed_bench(policies: list[str], durations: list[float], model: str = "miniature", device: str = "cpu",
                     resolution: str | None = None, fps: int | None = None, chunks: int | None = None,
-                    steps: int | None = None, isolate: bool = True) -> list[dict]:
-    """Run every (policy, duration) — each in a fresh subprocess when ``isolate`` — and return rows."""
+                    steps: int | None = None, isolate: bool = True, repeat: int = 1) -> list[dict]:
+    """Run every (policy, duration) — each in a fresh subprocess when ``isolate`` — and return rows.
+
+    ``repeat`` > 1 runs the whole list that many times, interleaved (A B C A B C ...), so that load from
+    other processes on a shared machine hits every policy alike; a row then reports the median over the
+    repeats of each number (``chunk_ms_median``: median of the runs' medians) and ``repeats``."""
     rows = []
     for duration in durations:
+        runs: dict[str, list[dict]] = {p: [] for p in policies}
+        for _ in range(repeat):
+            for policy in policies:
+                args = dict(policy=policy, duration=duration, model=model, device=device, resolution=resolution,
+                            fps=fps, chunks=chunks, steps=steps)
+                if not isolate:
+                    runs[policy].append(run_worker(**args))
+                    continue
+                proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(args)],
+                                      capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                if proc.returncode != 0:
+                    raise RuntimeError(f"benchmark worker failed for {policy}:\n{proc.stderr[-2000:]}")
+                runs[policy].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         for policy in policies:
-            args = dict(policy=policy, duration=duration, model=model, device=device, resolution=resolution, fps=fps,
-                        chunks=chunks, steps=steps)
-            if not isolate:
-                rows.append(run_worker(**args))
-                continue
-            proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(args)],
-                                  capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if proc.returncode != 0:
-                raise RuntimeError(f"benchmark worker failed for {policy}:\n{proc.stderr[-2000:]}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.append(_median_row(runs[policy]))
     return rows
 
+
+def _median_row(runs: list[dict]) -> dict:
+    """One row from repeated runs of the same configuration: the median of every number."""
+    if len(runs) == 1:
+        return {**runs[0], "repeats": 1}
+    row = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
+    row["repeats"] = len(runs)
+    return row

@@ -14,13 +14,15 @@ Inside a processor call (chunk of N tokens, memory of M rows, H heads of size D)
     out = SDPA(rope(q), K, V)                               # the chunk sees all memory and itself
     if commit: policy.write(layer, (k, v, frames, hw))      # un-roped K/V goes to memory
 
-**Positions** (engine-assigned, window-relative, so length is unlimited): the temporal RoPE position
-of a memory row is the rank of its latent frame among the distinct frames held for that layer
-(oldest = 0); the chunk's frames follow right after. Spatial positions are the token's grid cell.
-With a contiguous window this is the Self-Forcing/LongLive layout shifted to start at 0 (RoPE
-attention depends only on position differences); a sink or retrieved items sit immediately before
-the local window in frame order. Positions never exceed (#memory frames + chunk frames), which must
-fit the model's RoPE table (``rope_max_seq_len``).
+**Positions** (engine-assigned, all in :func:`assign_positions`; the attention preset picks the mode,
+see ``engine/presets.py``): ``rank`` — the temporal RoPE position of a memory row is the rank of its
+latent frame among the distinct frames held for that layer (oldest = 0) and the chunk's frames follow
+right after, so length is unlimited (LongLive's *infinity* layout; a contiguous window is the
+Self-Forcing/LongLive layout shifted to start at 0); ``absolute`` — every row and query sits at its
+absolute latent frame (Self-Forcing, LongLive, MemFlow: the sink stays at 0…2, retrieved frames keep
+their positions). Spatial positions are the token's grid cell. Positions must fit the model's RoPE
+table (``rope_max_seq_len``): under ``absolute`` that bounds the video at 1024 latent frames for Wan2.1,
+as in the reference code.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class StreamState:
     hw: torch.Tensor | None = None  # (N, 2) grid cell of each chunk token
     commit: bool = False  # True on the timestep-0 pass whose K/V is written to memory
     epoch: int = 0  # bumped by the engine whenever memory may have changed (new chunk)
+    rope_mode: str = "rank"  # "rank" or "absolute" (assign_positions)
+    recache: bool = False  # True during a re-cache pass (for the trace)
+    trace: list | None = None  # when a list: layer 0 appends what each pass attends to (tests, inspection)
 
 
 class RopeTable:
@@ -79,12 +84,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-def assign_positions(mem_frames: torch.Tensor | None, chunk_frames: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Window-relative temporal positions: rank of each distinct memory frame, then the chunk's frames.
+def assign_positions(mem_frames: torch.Tensor | None, chunk_frames: torch.Tensor, mode: str = "rank"
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Temporal RoPE positions of the memory rows and the chunk's tokens (module docstring).
 
     mem_frames: (M,) absolute frames of memory rows (or None); chunk_frames: (N,) absolute frames.
-    Returns (M,) and (N,) long positions.
+    ``rank``: rank of each distinct memory frame, then the chunk's frames; ``absolute``: the frames
+    themselves. Returns (M,) and (N,) long positions.
     """
+    if mode == "absolute":
+        return mem_frames, chunk_frames
     chunk_first = chunk_frames.min()
     if mem_frames is None or mem_frames.numel() == 0:
         return None, chunk_frames - chunk_first
@@ -101,6 +110,7 @@ class StreamingAttnProcessor:
         self.rope = rope
         self._cache_epoch = -1
         self._cache: tuple | None = None  # (K buffer, V buffer, chunk positions, memory rows) for this epoch
+        self._cache_rows: tuple | None = None  # (frames, positions) of the memory rows in this epoch
 
     def _memory(self, chunk_frames: torch.Tensor, chunk_hw: torch.Tensor, like: torch.Tensor):
         """K/V buffers with the roped memory rows filled in, and the chunk's positions.
@@ -113,7 +123,7 @@ class StreamingAttnProcessor:
         n = chunk_frames.numel()
         if self._cache_epoch != st.epoch or self._cache is None or self._cache[0].shape[1] - self._cache[3] != n:
             mem = st.memory.read(self.layer) if st.memory is not None else None
-            mem_pos, chunk_pos = assign_positions(mem.frames if mem is not None else None, chunk_frames)
+            mem_pos, chunk_pos = assign_positions(mem.frames if mem is not None else None, chunk_frames, st.rope_mode)
             m = 0 if mem is None else mem.num_tokens
             B, _, H, D = like.shape
             K = like.new_empty(B, m + n, H, D)  # (B, M + N, H, D)
@@ -123,8 +133,28 @@ class StreamingAttnProcessor:
                 K[:, :m] = apply_rope(mem.k.to(like.dtype), cos, sin)  # roped memory keys
                 V[:, :m] = mem.v.to(like.dtype)
             self._cache = (K, V, chunk_pos, m)
+            self._cache_rows = (mem.frames, mem_pos, mem.hw) if mem is not None else None  # for the trace
             self._cache_epoch = st.epoch
         return self._cache
+
+    def _trace(self, chunk_pos: torch.Tensor) -> None:
+        """Record which frames this pass attends to and at which temporal positions (layer 0 only)."""
+        st = self.state
+        rows = self._cache_rows
+
+        def per_frame(frames, pos, hw):  # (frame, position) per frame block: a block starts at grid cell (0, 0)
+            out: list[tuple[int, int]] = []
+            starts = (hw == 0).all(dim=1).tolist()
+            for pair, start in zip(zip(frames.tolist(), pos.tolist()), starts):
+                if not out or out[-1] != pair or start:
+                    out.append(pair)
+            return out
+
+        st.trace.append({
+            "pass": "recache" if st.recache else ("commit" if st.commit else "step"),
+            "chunk": per_frame(st.frames, chunk_pos, st.hw),
+            "memory": per_frame(*rows) if rows is not None else [],
+        })
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         st = self.state
@@ -134,6 +164,8 @@ class StreamingAttnProcessor:
         v = attn.to_v(x).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
 
         K, V, chunk_pos, m = self._memory(st.frames, st.hw, k)
+        if st.trace is not None and self.layer == 0:
+            self._trace(chunk_pos)
         cos, sin = self.rope(chunk_pos, st.hw)
         q_r = apply_rope(q, cos, sin)
         K[:, m:] = apply_rope(k, cos, sin)  # (B, M + N, H, D): [memory ; chunk]

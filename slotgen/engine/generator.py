@@ -4,8 +4,10 @@ One :class:`StreamingEngine` owns a model bundle, a memory policy and a streamin
 produces the video chunk by chunk along a *timeline* (a validated storyboard). For chunk ``c``:
 
 1. pick the prompt in force at the time of the chunk's first video frame; if it differs from the
-   previous chunk's, do a LongLive KV re-cache: the policy drops its local window and the engine
-   re-runs those clean latent frames with the new prompt at timestep 0 (commit passes);
+   previous chunk's, do a KV re-cache as the attention preset says (``engine/presets.py``): the policy
+   drops what must be recomputed and the engine re-runs those clean latent frames with the new prompt
+   at timestep 0 — chunk by chunk (``chunked``) or in one unmasked pass (``one_pass``, LongLive) — or
+   keeps the cache (``none``, Self-Forcing);
 2. draw the chunk's noise from a generator seeded by (seed, c) and denoise with the model's sampler
    (the few-step Self-Forcing schedule, or the Euler flow ODE), every step attending to ``[memory ; chunk]``;
 3. commit: run the clean chunk once more at timestep 0; that pass hands its K/V to the memory;
@@ -26,7 +28,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from slotgen.engine.attention import StreamState, install_streaming_processors
+from slotgen.engine.attention import RopeTable, StreamState, apply_rope, install_streaming_processors
+from slotgen.engine.presets import get_preset
 from slotgen.engine.sampler import FlowSchedule, chunk_noise, sample_chunk, x0_predictor
 from slotgen.memory.base import ChunkContext, MemoryPolicy
 from slotgen.models.bundle import ModelBundle
@@ -76,6 +79,7 @@ class EngineOptions:
     height: int
     steps: int
     shift: float
+    preset: str | None = None  # attention preset (engine/presets.py); None: the model's (ModelSettings.preset)
 
 
 class TextCache:
@@ -108,13 +112,14 @@ class TextCache:
         return int((self.embeds(prompt).abs().sum(-1) > 0).sum())
 
     @torch.no_grad()
-    def text_keys(self, prompt: str, layer: int) -> torch.Tensor:
-        """Cross-attention keys of the prompt's real tokens in ``layer``: (1, L', H, D)."""
-        key = (prompt, layer)
+    def text_keys(self, prompt: str, layer: int, padded: bool = False) -> torch.Tensor:
+        """Cross-attention keys of the prompt's real tokens in ``layer``: (1, L', H, D); ``padded``: of all
+        ``text_len`` rows, the zeroed padding included (Wan's cross-attention cache): (1, text_len, H, D)."""
+        key = (prompt, layer, padded)
         if key not in self._keys:
             tr = self.bundle.transformer
             e = self.embeds(prompt)
-            n = max(self.token_count(prompt), 1)
+            n = e.shape[1] if padded else max(self.token_count(prompt), 1)
             ctx = tr.condition_embedder.text_embedder(e[:, :n])  # (1, L', dim)
             attn2 = tr.blocks[layer].attn2
             self._keys[key] = attn2.norm_k(attn2.to_k(ctx)).unflatten(2, (attn2.heads, -1))
@@ -144,8 +149,11 @@ class StreamingEngine:
         self.latent_hw = (options.height // s.vae_stride_s, options.width // s.vae_stride_s)
         p = bundle.patch_size
         self.token_hw = (self.latent_hw[0] // p[1], self.latent_hw[1] // p[2])
-        self.state = StreamState(memory=policy)
+        self.preset = get_preset(options.preset if options.preset is not None else s.preset)
+        policy.configure_stream(self.preset, s.chunk_frames)
+        self.state = StreamState(memory=policy, rope_mode=self.preset.rope)
         self._processors = install_streaming_processors(bundle.transformer, self.state)
+        self._rope = RopeTable(bundle.transformer.rope)
         self.text = TextCache(bundle, self.device, self.dtype)
         self.decoder = decoder if decoder is not None else StreamingDecoder(bundle.vae)
         # progress of the stream
@@ -178,16 +186,25 @@ class StreamingEngine:
 
     def _context(self, chunk: int, frame_start: int, num_frames: int, prompt_index: int, prompt: str, recache: bool) -> ChunkContext:
         return ChunkContext(chunk=chunk, frame_start=frame_start, num_frames=num_frames, prompt_index=prompt_index,
-                            prompt=prompt, recache=recache, text_keys=lambda layer: self.text.text_keys(prompt, layer))
+                            prompt=prompt, recache=recache, text_keys=lambda layer: self.text.text_keys(prompt, layer),
+                            text_keys_padded=lambda layer: self.text.text_keys(prompt, layer, padded=True),
+                            rotate_keys=self._rotate_keys)
+
+    def _rotate_keys(self, block) -> torch.Tensor:
+        """A memory block's keys rotated at their absolute frames: (B, N, H, D)."""
+        cos, sin = self._rope(block.frames, block.hw)
+        return apply_rope(block.k.to(self.dtype), cos, sin)
 
     def _commit(self, ctx: ChunkContext, latents: torch.Tensor, embeds: torch.Tensor) -> None:
         self.policy.begin_chunk(ctx)
         self.state.epoch += 1
+        self.state.recache = ctx.recache
         self._forward(latents, 0.0, ctx.frame_start, embeds, commit=True)
+        self.state.recache = False
         self.policy.end_chunk()
 
     def _recache(self, chunk: int, prompt_index: int, prompt: str) -> int:
-        """LongLive KV re-cache: re-run the policy's dropped frames with the new prompt at timestep 0."""
+        """KV re-cache: re-run the policy's dropped frames with the new prompt at timestep 0 (module docstring)."""
         ctx = self._context(chunk, self.geometry.chunk_frames * chunk, 0, prompt_index, prompt, True)
         frames = self.policy.on_prompt_switch(ctx)
         missing = [f for f in frames if f not in self.history]
@@ -195,6 +212,12 @@ class StreamingEngine:
             raise RuntimeError(f"re-cache needs latent frames {missing} that the engine no longer holds")
         embeds = self.text.embeds(prompt)
         F = self.geometry.chunk_frames
+        if frames and self.preset.recache == "one_pass":  # LongLive: one pass, no mask, contiguous frames
+            if frames != list(range(frames[0], frames[0] + len(frames))):
+                raise RuntimeError(f"one-pass re-cache needs contiguous latent frames, got {frames}")
+            latents = torch.cat([self.history[f] for f in frames], dim=2)  # (1, C, len(frames), h, w)
+            self._commit(self._context(frames[0] // F, frames[0], len(frames), prompt_index, prompt, True), latents, embeds)
+            return len(frames)
         groups: OrderedDict[int, list[int]] = OrderedDict()
         for f in frames:  # keep the original chunk grouping
             groups.setdefault(f // F, []).append(f)

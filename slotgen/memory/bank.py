@@ -17,6 +17,26 @@ The engine positions rows by the rank of their distinct frames, so bank frames s
 and the window in frame order, gaps compressed.
 
 Prompt switch: drop the local window (the engine re-caches it), keep sink and bank.
+
+Under the ``memflow`` attention preset (``engine/presets.py``) the bank follows MemFlow's own rules
+instead (MemFlow 7ed5147, ``configs/interactive_inference.yaml``), per layer:
+
+* the bank is an ordered list of up to ``bank_frames`` frame slots; read is
+  ``[sink ; every slot ; local]`` with no de-duplication (a slot may hold a sink or window frame, or
+  the same frame twice) and absolute positions (the preset's RoPE);
+* the commit pass of chunk ``c`` with ``c % write_every == 0`` (not a re-cache) records the chunk's
+  *first* frame (frame 0 included) as the pending frame; it enters the bank at the next offer;
+* an offer happens at the first denoising step of every chunk and at a re-cache pass: while at most
+  ``bank_frames`` frames were ever recorded, the pending frame (re)takes slot ``recorded − 1``; after
+  that the ``bank_frames − 1`` slots with the highest relevance are kept, best first, and the pending
+  frame is appended — so until a new frame is recorded the same frame is offered again at every step 0;
+* relevance of a slot: the mean over all ``text_len`` text tokens (padding included), heads and the
+  slot's tokens of ⟨cross-attention text key, key rotated at its absolute frame⟩ / √D;
+* at a prompt switch MemFlow resets its cross-attention cache before re-caching, so the re-cache
+  offer and the first step-0 offer under the new prompt score every slot 0. Tie rule: equal scores
+  keep the earlier slot first (a stable sort); with all scores 0 the first ``bank_frames − 1`` slots
+  are kept in order, which is what ``torch.topk`` returns for MemFlow's 3-slot bank on CPU;
+* bank keys are never recomputed (a re-cache rewrites sink and window, not the bank).
 """
 
 from __future__ import annotations
@@ -94,6 +114,20 @@ class BankMemory(WindowMemory):
         self.config = config
         self.bank: list[KVBlock | None] = [None] * num_layers  # rows of the banked frames
         self.scores: list[dict[int, float]] = [{} for _ in range(num_layers)]  # frame → last relevance
+        # MemFlow rules (preset memflow): ordered slots per layer, the pending recorded frame, counters
+        self.slots: list[list[KVBlock]] = [[] for _ in range(num_layers)]
+        self.pending: list[KVBlock | None] = [None] * num_layers
+        self.recorded = 0  # frames recorded so far (MemFlow's bank end index / frame tokens)
+        self.fresh_prompt = False  # the cross-attention cache was just reset by a prompt switch
+        self._recording = False
+
+    @property
+    def memflow(self) -> bool:
+        """MemFlow's own rules: the engine's preset says so (or, before an engine configured this policy,
+        e.g. when ``slotgen inspect`` rebuilds it from a snapshot, the config's resolved preset)."""
+        if self.preset is not None:
+            return self.preset.bank == "memflow"
+        return self.config.preset == "memflow"
 
     @classmethod
     def from_config(cls, config: BankConfig, num_layers: int, *, phi=None) -> "BankMemory":
@@ -120,12 +154,53 @@ class BankMemory(WindowMemory):
         return bank.select(keep) if keep.any() else None
 
     def read(self, layer: int) -> KVBlock | None:
+        if self.memflow:
+            return KVBlock.cat([self.sink_rows[layer], *self.slots[layer], self.local[layer]])
         return KVBlock.cat([self.sink_rows[layer], self._bank_rows(layer), self.local[layer]])
+
+    def begin_chunk(self, ctx: ChunkContext) -> None:
+        super().begin_chunk(ctx)
+        if self.memflow:
+            self._offer(ctx)
+
+    def _offer(self, ctx: ChunkContext) -> None:
+        """MemFlow's bank update at a chunk's first step and at a re-cache pass (module docstring)."""
+        if self.recorded > 0:
+            blind = ctx.recache or self.fresh_prompt  # MemFlow's cross-attention cache is all zeros here
+            for layer in range(self.num_layers):
+                slots, new = self.slots[layer], self.pending[layer]
+                if self.recorded <= self.config.bank_frames:
+                    self.slots[layer] = slots[: self.recorded - 1] + [new]
+                    continue
+                score = self._slot_scores(layer, slots, ctx, blind)  # (S,)
+                self.scores[layer] = {int(b.frames[0]): float(x) for b, x in zip(slots, score)}
+                keep = torch.sort(score, descending=True, stable=True).indices[: self.config.bank_frames - 1]
+                self.slots[layer] = [slots[i] for i in keep.tolist()] + [new]
+        if not ctx.recache:
+            self.fresh_prompt = False
+
+    def _slot_scores(self, layer: int, slots: list[KVBlock], ctx: ChunkContext, blind: bool) -> torch.Tensor:
+        """MemFlow relevance of each slot: mean over text tokens (padding included), heads and the slot's
+        tokens of <text key, rotated key> / sqrt(D); all 0 when ``blind``. Returns (S,) float32."""
+        if blind or ctx.text_keys_padded is None or ctx.rotate_keys is None:
+            return torch.zeros(len(slots))
+        means = torch.stack([ctx.rotate_keys(b).float().mean(dim=(0, 1)) for b in slots])  # (S, H, D)
+        return text_relevance(ctx.text_keys_padded(layer), means).cpu()
+
+    def end_chunk(self) -> None:
+        super().end_chunk()
+        if self._recording:
+            self.recorded += 1
+            self._recording = False
 
     def write(self, layer: int, block: KVBlock) -> None:
         super().write(layer, block)
         ctx = self.ctx
         if ctx.recache or ctx.chunk % self.config.write_every:
+            return
+        if self.memflow:  # the chunk's first frame waits for the next offer
+            self.pending[layer] = block.select(block.frames == ctx.frame_start)
+            self._recording = True
             return
         candidates = block.frames[block.frames >= self.sink]  # (N',) rows outside the sink
         if candidates.numel() == 0:
@@ -151,7 +226,8 @@ class BankMemory(WindowMemory):
         self.bank[layer] = bank.select(torch.isin(bank.frames, kept))
 
     def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
-        return super().on_prompt_switch(ctx)  # drops the local window only; sink and bank stay
+        self.fresh_prompt = self.memflow
+        return super().on_prompt_switch(ctx)  # drops the local window (one-pass: maybe the sink); the bank stays
 
     # -- introspection / persistence ------------------------------------------------------------------
     def stats(self) -> dict:
@@ -159,10 +235,11 @@ class BankMemory(WindowMemory):
         out.update({
             "bank_frames": self.config.bank_frames,
             "write_every": self.config.write_every,
-            "bank": [sorted({int(f) for f in b.frames.unique()}) if b is not None else [] for b in self.bank],
+            "bank": ([[int(b.frames[0]) for b in slots] for slots in self.slots] if self.memflow else
+                     [sorted({int(f) for f in b.frames.unique()}) if b is not None else [] for b in self.bank]),
             "bank_scores": [{str(f): s for f, s in sc.items()} for sc in self.scores],
-            "tokens_per_layer": [t + (b.num_tokens if b is not None else 0)
-                                 for t, b in zip(out["tokens_per_layer"], self.bank)],
+            "tokens_per_layer": [t + (b.num_tokens if b is not None else 0) + sum(x.num_tokens for x in slots)
+                                 for t, b, slots in zip(out["tokens_per_layer"], self.bank, self.slots)],
             "bytes": self.nbytes(),
         })
         return out
@@ -173,6 +250,9 @@ class BankMemory(WindowMemory):
             "settings": self.config.settings(),
             "bank": [b.to_state() if b is not None else None for b in self.bank],
             "scores": [[[f, s] for f, s in sorted(sc.items())] for sc in self.scores],
+            "memflow": {"slots": [[b.to_state() for b in slots] for slots in self.slots],
+                        "pending": [b.to_state() if b is not None else None for b in self.pending],
+                        "recorded": self.recorded, "fresh_prompt": self.fresh_prompt},
         })
         return out
 
@@ -181,6 +261,12 @@ class BankMemory(WindowMemory):
         self.config = BankConfig(**state["settings"])
         self.bank = [KVBlock.from_state(d, device) if d is not None else None for d in state["bank"]]
         self.scores = [{int(f): float(s) for f, s in sc} for sc in state["scores"]]
+        mf = state.get("memflow")
+        if mf is not None:
+            self.slots = [[KVBlock.from_state(d, device) for d in slots] for slots in mf["slots"]]
+            self.pending = [KVBlock.from_state(d, device) if d is not None else None for d in mf["pending"]]
+            self.recorded, self.fresh_prompt = int(mf["recorded"]), bool(mf["fresh_prompt"])
 
     def nbytes(self) -> int:
-        return super().nbytes() + sum(b.nbytes() for b in self.bank if b is not None)
+        extra = sum(b.nbytes() for slots in self.slots for b in slots) + sum(b.nbytes() for b in self.pending if b)
+        return super().nbytes() + sum(b.nbytes() for b in self.bank if b is not None) + extra

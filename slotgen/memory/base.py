@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, ClassVar
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 
 def _reject_bool(value: Any) -> Any:
@@ -60,6 +60,17 @@ class PolicyConfig(BaseModel):
     """Field → flag name where the flag is not the field's name (``{"num_slots": "slots"}``)."""
 
     policy: str
+    preset: str | None = Field(default=None, description="Attention preset (slotgen, self_forcing, longlive, "
+                               "longlive_infinity, memflow); default: the model's.")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        from slotgen.engine.presets import PRESETS
+
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"unknown attention preset {value!r}; expected one of: {', '.join(PRESETS)}")
+        return value
 
     def settings(self) -> dict[str, Any]:
         """The keys besides ``policy``, as plain data (what a policy's ``state_dict`` records)."""
@@ -126,6 +137,12 @@ class ChunkContext:
     # text_keys(layer) -> (B, L, H, D) cross-attention keys of the prompt (padding rows removed),
     # computed lazily and cached per prompt by the engine; used for text relevance (MemFlow, slot).
     text_keys: Callable[[int], torch.Tensor] | None = field(default=None, repr=False)
+    # text_keys_padded(layer) -> (B, text_len, H, D): the same keys over all text_len rows, padding included
+    # (what Wan's cross-attention cache holds; MemFlow scores against it).
+    text_keys_padded: Callable[[int], torch.Tensor] | None = field(default=None, repr=False)
+    # rotate_keys(block) -> (B, N, H, D): the block's keys rotated at their absolute frame index (MemFlow's
+    # bank stores such keys and scores them).
+    rotate_keys: Callable[[KVBlock], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def frame_end(self) -> int:
@@ -171,6 +188,13 @@ class MemoryPolicy(ABC):
     def inspect_layer(cls, stats: dict, layer: int) -> dict:
         """Extra fields of layer ``layer``'s row in the inspect report, from this policy's ``stats()``."""
         return {}
+
+    def configure_stream(self, preset: Any, chunk_frames: int) -> None:
+        """Called once by the engine before the first chunk: the attention preset in force
+        (:class:`slotgen.engine.presets.Preset`) and the latent frames per chunk. A policy built on the
+        local window reads the window counting, re-cache and bank rules from it; others may ignore it."""
+        self.preset = preset
+        self.chunk_frames = chunk_frames
 
     # -- the chunk protocol ---------------------------------------------------------------------
     def begin_chunk(self, ctx: ChunkContext) -> None:

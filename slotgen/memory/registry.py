@@ -131,8 +131,10 @@ def parse_memory_config(data: Mapping[str, Any] | PolicyConfig) -> PolicyConfig:
     Numeric strings (``"8"``) are accepted, so CLI values pass as they come. A config instance of a
     registered policy is returned as it is.
 
+    A section naming only an attention ``preset`` (``{"preset": "memflow"}``) gets that preset's policy.
+
     Raises:
-        UnknownPolicyError: no ``policy`` key, or a policy that is not registered.
+        UnknownPolicyError: no ``policy`` key (and no preset), or a policy that is not registered.
         pydantic.ValidationError: not a mapping, an unknown key or a bad value (locations are the
             keys within the section). The storyboard loader turns both into line-numbered errors.
     """
@@ -143,7 +145,12 @@ def parse_memory_config(data: Mapping[str, Any] | PolicyConfig) -> PolicyConfig:
     if not isinstance(data, Mapping):
         return PolicyConfig.model_validate(data)  # raises pydantic's "expected a mapping" error
     if "policy" not in data:
-        raise UnknownPolicyError(None)
+        from slotgen.engine.presets import PRESETS
+
+        preset = PRESETS.get(data.get("preset")) if isinstance(data.get("preset"), str) else None
+        if preset is None:
+            raise UnknownPolicyError(None)
+        data = {"policy": preset.memory.get("policy", DEFAULT_POLICY), **data}  # `preset: X` alone: X's policy
     return policy_class(data["policy"]).config_class.model_validate(dict(data))
 
 
@@ -156,6 +163,29 @@ def build_policy(config: PolicyConfig | Mapping[str, Any], num_layers: int, phi=
     return policy_class(config.policy).from_config(config, num_layers, phi=phi)
 
 
+def resolve_memory(config, model_preset: str | None):
+    """The memory section to run: ``config`` with its preset fixed and the preset's keys filled in.
+
+    The preset is the section's own ``preset`` key, else ``model_preset`` (the model folder's). Keys the
+    storyboard (or a CLI flag) set win; keys it left out take the preset's value where the preset has
+    one (e.g. ``window: 21`` under ``self_forcing``); a section that does not even name a policy (no
+    ``memory:`` section at all) takes the preset's policy too.
+    """
+    from slotgen.engine.presets import get_preset
+
+    preset = get_preset(config.preset if config.preset is not None else model_preset)
+    given = config.model_dump(include=set(config.model_fields_set))
+    data = dict(preset.memory) if "policy" not in config.model_fields_set else {}
+    data.setdefault("policy", config.policy)
+    if data["policy"] != config.policy:  # the preset's own policy: keep nothing from a section that named none
+        given = {}
+    fields = policy_class(data["policy"]).config_class.model_fields
+    data.update({k: v for k, v in preset.memory.items() if k in fields and k != "policy"})
+    data.update(given)
+    data["preset"] = preset.name
+    return parse_memory_config(data)
+
+
 __all__ = ["DEFAULT_POLICY", "ENTRY_POINT_GROUP", "POLICY_MODULES_ENV", "UnknownPolicyError", "build_policy",
            "config_classes", "default_memory", "registered_configs", "parse_memory_config", "policy_class", "policy_names",
-           "register_policy", "unregister_policy"]
+           "register_policy", "resolve_memory", "unregister_policy"]

@@ -2,7 +2,13 @@
 
 ``window``: the last ``window`` latent frames' K/V. ``sink``: additionally the first ``sink`` latent
 frames of the video, kept forever (attention sink), with the local window counted without them.
-On a prompt switch both drop the local window (the sink stays) and ask the engine to re-cache it.
+
+The attention preset (``engine/presets.py``, handed over by the engine in :meth:`configure_stream`)
+decides whether ``window`` counts the chunk being generated (then ``window − chunk_frames`` past
+frames are kept) and what a prompt switch does: ``chunked`` drops the local window (the sink stays)
+and asks the engine to re-cache it chunk by chunk; ``one_pass`` (LongLive) asks for the last
+``window`` frames in one pass, and for every frame so far — the sink included, which is then
+rewritten — while ``frame_start − window ≤ sink``; ``none`` (Self-Forcing) keeps everything.
 """
 
 from __future__ import annotations
@@ -55,9 +61,23 @@ class WindowMemory(MemoryPolicy):
             raise ValueError("window must be at least 1 latent frame")
         self.window = window
         self.sink = sink
-        self.local: list[KVBlock | None] = [None] * num_layers  # rows of the last `window` frames
+        self.local: list[KVBlock | None] = [None] * num_layers  # rows of the last `keep` frames
         self.sink_rows: list[KVBlock | None] = [None] * num_layers  # rows of frames < sink
         self.frames_seen = 0  # one past the newest frame written
+        self.preset = None  # set by the engine (configure_stream); None: slotgen's own pattern
+
+    @property
+    def keep(self) -> int:
+        """Past latent frames kept in the local window (the preset may count the chunk in ``window``)."""
+        return self.window if self.preset is None else self.preset.past_window(self.window, self.chunk_frames)
+
+    def configure_stream(self, preset, chunk_frames: int) -> None:
+        super().configure_stream(preset, chunk_frames)
+        self.keep  # noqa: B018 - a window smaller than a chunk under a counting preset fails here, before any chunk
+
+    @property
+    def recache_mode(self) -> str:
+        return "chunked" if self.preset is None else self.preset.recache
 
     @classmethod
     def from_config(cls, config, num_layers: int, *, phi=None) -> "WindowMemory":
@@ -75,17 +95,32 @@ class WindowMemory(MemoryPolicy):
         local = KVBlock.cat([self.local[layer], block])
         if local is not None:
             newest = int(local.frames.max())
-            local = local.select(local.frames > newest - self.window)  # keep `window` frames
+            local = local.select(local.frames > newest - self.keep)  # keep `keep` past frames
+            local = local if local.num_tokens else None
         self.local[layer] = local
         if layer == self.num_layers - 1 and block.num_tokens:
             self.frames_seen = max(self.frames_seen, int(block.frames.max()) + 1)
 
     def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
+        if self.recache_mode == "none":  # Self-Forcing: no re-cache, the cache is kept
+            return []
+        if self.recache_mode == "one_pass":  # LongLive: the last `window` frames, the sink too while f - window <= sink
+            f = ctx.frame_start
+            start = f - self.window
+            if start <= self.sink:
+                start = 0
+                self.sink_rows = [None] * self.num_layers
+            self.local = [None] * self.num_layers
+            return list(range(max(start, 0), f))
         frames = sorted({int(f) for f in self.local[0].frames.unique()}) if self.local[0] is not None else []
         self.local = [None] * self.num_layers
         return frames
 
     def recache_span(self) -> int:
+        if self.recache_mode == "none":
+            return 0
+        if self.recache_mode == "one_pass":
+            return self.sink + self.window
         return self.window
 
     # -- introspection / persistence ------------------------------------------------------------------

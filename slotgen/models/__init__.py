@@ -30,8 +30,12 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     checkpoint: str | Path | None = None,
+    preset: str | None = None,
 ) -> ModelBundle:
-    """Load a model bundle from a built-in name or a local path (see module docstring)."""
+    """Load a model bundle from a built-in name or a local path (see module docstring).
+
+    ``preset``: the attention preset to run a Wan2.1 folder with instead of its ``slotgen.json`` one (it
+    decides which checkpoint entry is loaded); None keeps the folder's. Other models ignore it."""
     device = torch.device(device)
     if spec == "miniature":
         from slotgen.models.miniature import load_miniature
@@ -51,7 +55,7 @@ def load_model(
             return load_miniature(path, device=device)
         from slotgen.models.wan import load_wan
 
-        return load_wan(path, device=device, dtype=dtype, checkpoint=checkpoint)
+        return load_wan(path, device=device, dtype=dtype, checkpoint=checkpoint, preset=preset)
     hint = " (slotgen never downloads: pass a local folder)" if "/" in spec or spec.startswith("Wan") else ""
     raise ModelError(f"model {spec!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor an existing path{hint}")
 

@@ -31,6 +31,7 @@ class ModelSettings:
     text_len: int = 32  # tokens per prompt (Wan: 512); padding rows are zeroed
     vae_stride_t: int = 4  # T latent frames <-> 1 + 4(T - 1) video frames
     vae_stride_s: int = 8  # pixels per latent cell
+    preset: str = "slotgen"  # attention preset the weights were trained with (engine/presets.py)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -52,6 +53,10 @@ class ModelSettings:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        from slotgen.engine.presets import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
 
 
 @dataclass

@@ -37,6 +37,7 @@ seed, init scheme, device type and dtype, which determine its weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -47,6 +48,7 @@ import torch
 
 from slotgen.errors import ModelError, one_line
 from slotgen.models.bundle import ModelBundle, ModelSettings
+from slotgen.engine.presets import get_preset
 from slotgen.models.wan_checkpoint import aligned, checkpoint_state_dict, folder_digest, weight_files
 from slotgen.models.wan_settings import SETTINGS_FILE, WAN_SETTINGS, read_folder_config
 
@@ -289,8 +291,11 @@ def load_wan(
     text_device: str | torch.device | None = "auto",
     text_dtype: torch.dtype | None = None,
     digest_mode: str = "sampled",
+    preset: str | None = None,
 ) -> ModelBundle:
-    """Load a local diffusers-format Wan2.1 folder, optionally with a causal checkpoint (module docstring)."""
+    """Load a local diffusers-format Wan2.1 folder, optionally with a causal checkpoint (module docstring).
+
+    ``preset`` overrides the folder's attention preset (``slotgen.json``), which picks the checkpoint entry."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -307,6 +312,8 @@ def load_wan(
                          f"{', '.join(s + '/' for s in SUBFOLDERS)} (as in Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
     folder = read_folder_config(root)
     settings, name = folder.settings, folder.name
+    if preset is not None:
+        settings = dataclasses.replace(settings, preset=get_preset(preset).name)
     if checkpoint is None and lora is None and folder.checkpoint is not None:  # the folder's own causal weights
         checkpoint, lora = folder.checkpoint, folder.lora
     lora_alpha = lora_alpha if lora_alpha is not None else folder.lora_alpha
@@ -318,10 +325,11 @@ def load_wan(
         str(tdir), local_files_only=True))
     transformer = _meta_transformer(config, dtype)
     # Without a checkpoint the folder's own weights are "the checkpoint": one loading path for both.
+    entry = get_preset(settings.preset).weights  # the entry the preset's own project loads
     if checkpoint is None:
         state, transformer_files = checkpoint_state_dict(transformer, tdir, label="transformer weights")
     else:
-        state, transformer_files = checkpoint_state_dict(transformer, checkpoint, lora, lora_alpha)
+        state, transformer_files = checkpoint_state_dict(transformer, checkpoint, lora, lora_alpha, entry=entry)
     targets = transformer.state_dict()
     for k in list(state):  # cast tensor by tensor, releasing the source as we go
         state[k] = aligned(state[k].to(targets[k].dtype))
@@ -347,7 +355,10 @@ def load_wan(
          "tokenizer": sorted(p for p in kdir.rglob("*") if p.is_file())},
         root, digest_mode,
         extra={"transformer_config": {k: v for k, v in transformer.config.items() if not k.startswith("_")},
-               "lora_alpha": lora_alpha},
+               "lora_alpha": lora_alpha,
+               # the same file holds two generators; the entry loaded is part of the identity (recorded only
+               # when it is not the historical default, so earlier digests stay valid)
+               **({"entry": entry} if checkpoint is not None and entry != "generator_ema" else {})},
     )
     return ModelBundle(name=name, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                        settings=settings, digest=digest, vocabulary=None)

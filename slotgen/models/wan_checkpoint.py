@@ -126,13 +126,15 @@ def _read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _select_generator(obj: object, source: str) -> dict[str, torch.Tensor]:
-    """The generator's flat state dict inside a loaded checkpoint object."""
+def _select_generator(obj: object, source: str, entry: str = "generator_ema") -> dict[str, torch.Tensor]:
+    """The generator's flat state dict inside a loaded checkpoint object: ``entry`` (``generator_ema`` or
+    ``generator``, what the attention preset's project loads) when present, else the other one."""
     if not isinstance(obj, Mapping):
         raise ModelError(f"checkpoint {source}: top level is a {type(obj).__name__}, expected a dict "
                          "(Self-Forcing/LongLive {'generator_ema'|'generator': ...} or a flat state dict)")
     chosen: object = None
-    for key in ("generator_ema", "generator", "model", "state_dict"):
+    other = "generator" if entry == "generator_ema" else "generator_ema"
+    for key in (entry, other, "model", "state_dict"):
         if isinstance(obj.get(key), Mapping) and len(obj[key]) > 0:
             chosen = obj[key]
             break
@@ -258,12 +260,12 @@ def resolve_checkpoint(checkpoint: str | Path, lora: str | Path | None) -> tuple
     return ckpt, lora_path
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: Path, entry: str = "generator_ema") -> dict[str, torch.Tensor]:
     """The generator state dict of a checkpoint file or diffusers folder, wrappers stripped (names unchanged)."""
     if path.is_dir():
         state = _read_safetensors_folder(path)
     else:
-        state = _select_generator(read_weights_file(path), str(path))
+        state = _select_generator(read_weights_file(path), str(path), entry)
     if not state:
         raise ModelError(f"checkpoint {path}: contains no tensors")
     return _strip_prefixes(state)
@@ -271,13 +273,15 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_state_dict(model: torch.nn.Module, checkpoint: str | Path, lora: str | Path | None = None,
                           lora_alpha: float | None = None, lora_scale: float = 1.0,
-                          label: str = "checkpoint") -> tuple[dict[str, torch.Tensor], list[Path]]:
+                          label: str = "checkpoint", entry: str = "generator_ema",
+                          ) -> tuple[dict[str, torch.Tensor], list[Path]]:
     """The transformer state dict a checkpoint (+ LoRA) defines, in diffusers names, checked against ``model``.
 
-    Returns the state dict and the files it came from (for the digest).
+    ``entry``: the preferred weights of a ``{generator, generator_ema}`` checkpoint. Returns the state dict
+    and the files it came from (for the digest).
     """
     path, lora_path = resolve_checkpoint(checkpoint, lora)
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, entry)
     converted = naming_of(state, f"{label} {path}") == "original"
     if converted:
         state = to_diffusers_names(state)

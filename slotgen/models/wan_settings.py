@@ -37,7 +37,9 @@ def read_folder_config(root: Path) -> FolderConfig:
 
     Keys: any :class:`ModelSettings` field, ``name``, and ``checkpoint`` / ``lora`` / ``lora_alpha``
     (paths relative to the folder): the causal weights to use when the caller names none, so a folder
-    can carry its generator and render through ``--model PATH`` alone.
+    can carry its generator and render through ``--model PATH`` alone. ``preset`` names the attention
+    preset of those weights (``engine/presets.py``): it is every storyboard's default and decides which
+    entry of a ``{generator, generator_ema}`` checkpoint is loaded.
     """
     path = root / SETTINGS_FILE
     if not path.is_file():
@@ -61,9 +63,10 @@ def read_folder_config(root: Path) -> FolderConfig:
     for key in ("shift", "lora_alpha"):
         if key in data and (not isinstance(data[key], (int, float)) or isinstance(data[key], bool) or data[key] <= 0):
             raise ModelError(f"{path}: '{key}' is {data[key]!r}, expected a number > 0")
+    from slotgen.engine.presets import PRESETS
     from slotgen.engine.sampler import PREDICTIONS, SAMPLERS
 
-    for key, allowed in (("sampler", SAMPLERS), ("prediction", PREDICTIONS)):
+    for key, allowed in (("sampler", SAMPLERS), ("prediction", PREDICTIONS), ("preset", tuple(PRESETS))):
         if key in data and data[key] not in allowed:
             raise ModelError(f"{path}: '{key}' is {data[key]!r}, expected one of {list(allowed)}")
     if "resolution" in data:

@@ -279,7 +279,9 @@ class Storyboard(BaseModel):
         data["model"] = self.model
         if self.sampler is not None:
             data["sampler"] = self.sampler.model_dump(exclude_none=True)
-        data["memory"] = self.memory.model_dump()
+        if self.memory.model_fields_set:  # only the keys given: the rest comes from the preset (engine/presets.py)
+            data["memory"] = {"policy": self.memory.policy,
+                              **self.memory.model_dump(include=set(self.memory.model_fields_set) - {"policy"})}
         data["prompts"] = [{"at": prompt.start, "prompt": prompt.text} for prompt in self.prompts]
         return data
 
