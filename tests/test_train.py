@@ -244,3 +244,36 @@ def test_memorise_check_scores_the_episodes_it_trained_on(tmp_path):
     again = [clip_from_episode(ep) for ep in training_episodes(2, 3, TrainConfig().max_gap)]
     assert [c.chunk_captions for c in trained] == [c.chunk_captions for c in again]
     assert all(torch.equal(a.frames, b.frames) for a, b in zip(trained, again))
+
+
+def test_a_resumed_run_continues_step_for_step(tmp_path):
+    """`train-miniature --resume DIR`: a run stopped after a checkpoint and resumed writes the same weights
+    and losses as the uninterrupted run (same threads), and snapshots are loadable folders."""
+    from slotgen.models.miniature import load_miniature
+    from slotgen.train.miniature import CHECKPOINT, load_checkpoint
+
+    cfg = dict(seed=2, steps=5, episodes=3, batch=2, clip_chunks=2, world="reduced", slots=TINY_SLOTS, threads=1)
+    whole = train_miniature(TrainConfig(**cfg, checkpoint_every=0), tmp_path / "whole", log=lambda m: None)
+    assert not (tmp_path / "whole" / CHECKPOINT).exists()
+    part = train_miniature(TrainConfig(**cfg, checkpoint_every=2, snapshot_every=2), tmp_path / "split",
+                           log=lambda m: None, stop_after=3)
+    assert part.steps == 3 and not (tmp_path / "split" / "weights.safetensors").exists()
+    assert load_checkpoint(tmp_path / "split")["step"] == 3
+    assert load_miniature(tmp_path / "split" / "snapshots" / "step-000002").transformer is not None
+    # the stored config wins over the one passed in: a resumed run is the run it continues
+    rest = train_miniature(TrainConfig(steps=99, world="standard"), tmp_path / "split", log=lambda m: None, resume=True)
+    assert rest.steps == 5 and rest.losses == whole.losses
+    assert (tmp_path / "split" / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
+    config = json.loads((tmp_path / "split" / "config.json").read_text())
+    assert config["training"]["config"]["world"] == "reduced"
+
+
+def test_resume_without_a_checkpoint_and_an_unknown_world_are_one_line_errors(tmp_path):
+    for args, needle in ((["--resume"], "no checkpoint"), (["--world", "tiny"], "--world")):
+        r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), *args])
+        assert r.exit_code == 2 and needle in _out(r), (args, _out(r))
+        assert "Traceback" not in _out(r)
+    (tmp_path / "bad" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "bad" / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "bad"), "--resume"])
+    assert r.exit_code == 2 and "cannot read" in _out(r) and "Traceback" not in _out(r)
