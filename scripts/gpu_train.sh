@@ -12,7 +12,7 @@
 # Steps: (1) a 5-step smoke run, so a device bug costs seconds, not the budget; (2) the run itself,
 # larger batches, more episodes; (3) `slotgen bench identity` on the result (2 episodes per gap, CPU
 # renders), scripts/memorise_check.py on 2 of its own training episodes (the recipe's positive control,
-# docs/MINIATURE.md "Session 9"), and a strip of frames of one unseen episode, ground truth over the
+# docs/MINIATURE.md "What it can and cannot do"), and a strip of frames of one unseen episode, ground truth over the
 # model's (no MP4: the device image lacks imageio-ffmpeg, whose 68 MB wheel cannot travel), as a first
 # look. Everything lands in OUT_DIR (6 files) plus OUT_DIR/../identity.json and OUT_DIR/../frames.png
 # (8 files: what a device call can bring back).

@@ -15,7 +15,7 @@ storyboard `--seeds` noise seed) and scores it with the world's analyser. Nothin
 data: the question is whether the recipe, the engine and the sampler agree well enough for a model
 that has had enough samples of an episode to draw it. A failure here would be a recipe bug that no
 amount of compute fixes; a pass says the shipped model's failure on unseen episodes is samples per
-episode (docs/MINIATURE.md, "Session 9"). SlotMemory's φ is trained for a single step (the check uses
+episode (docs/MINIATURE.md, "The positive control"). SlotMemory's φ is trained for a single step (the check uses
 `window` memory, which does not read it). With the same `--threads`, `--steps` repeats a run exactly.
 """
 

@@ -18,14 +18,14 @@ weights nor loss definitions. This is our reading, at the miniature's size:
   ground-truth masks: φ is a *supervised* probe of the keys, scored on held-out episodes.
 * **Reconstruction loss**: a linear decoder per layer must reconstruct each token's unit-normalised key
   from φ(k) (weight ``recon_weight``), so φ keeps what the keys say beyond the labels.
-* **Co-assignment loss** (weight ``assign_weight``, session 7): the policy's own slot attention
+* **Co-assignment loss** (weight ``assign_weight``): the policy's own slot attention
   (:func:`~slotgen.memory.slot_attention.batched_slot_attention`, the batched form of the engine's
   :func:`~slotgen.memory.slot_attention.slot_attention`, with the policy's slot count,
   iterations and temperature, farthest-point init as on a first chunk) runs on φ(k), differentiably.
   ``P = Aᵀ A`` (N, N) is the probability that two tokens land in one slot; a binary cross-entropy pulls
   it to 1 for same-label pairs and 0 otherwise, the two kinds weighted equally. The contrastive loss only
   shapes φ-space; this one scores the grouping the memory actually uses. On 12 held-out validation
-  episodes it lifted slot purity from 0.58 to 0.78 (docs/MINIATURE.md, "Session 7").
+  episodes it lifted slot purity from 0.58 to 0.78 (docs/MINIATURE.md, "The slot module").
 
 Everything is seeded; on the same machine and thread count a run repeats exactly.
 """
