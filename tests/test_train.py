@@ -239,6 +239,16 @@ def test_memorise_check_scores_the_episodes_it_trained_on(tmp_path):
     assert report["train"]["steps"] == 2 and report["train"]["episodes"] == 2
     assert [r["episode_seed"] for r in report["rows"]] == [300_000, 300_001]
     assert all(0.0 <= r["presence"] <= 1.0 and r["sampler_steps"] == 1 for r in report["rows"])
+    # --held-out scores unseen episodes of the folder's own world (a learning-curve point)
+    held = tmp_path / "held.json"
+    assert mod.main(["--model", str(tmp_path / "m"), "--held-out", "2", "--sampler-steps", "1", "--seeds", "7",
+                     "--threads", "1", "--json", str(held)]) == 0
+    from slotgen.train.miniature import HELD_OUT_SEED0, held_out_episodes
+
+    report = json.loads(held.read_text())
+    assert [r["episode_seed"] for r in report["rows"]] == [HELD_OUT_SEED0, HELD_OUT_SEED0 + 1]
+    assert report["train"]["world"] == "standard" and set(report["means"]) >= {"presence", "duplicate_rate"}
+    assert held_out_episodes(2, "reduced")[0].config.lanes == 2
     # the episodes it scores are the ones the run trained on
     trained = build_dataset(2, seed=3, max_gap=TrainConfig().max_gap)
     again = [clip_from_episode(ep) for ep in training_episodes(2, 3, TrainConfig().max_gap)]
