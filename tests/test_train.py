@@ -276,6 +276,7 @@ def test_a_resumed_run_continues_step_for_step(tmp_path):
     assert (tmp_path / "split" / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
     config = json.loads((tmp_path / "split" / "config.json").read_text())
     assert config["training"]["config"]["world"] == "reduced"
+    assert not (tmp_path / "split" / CHECKPOINT).exists()  # a finished run leaves nothing to resume
 
 
 def test_resume_without_a_checkpoint_and_an_unknown_world_are_one_line_errors(tmp_path):

@@ -36,6 +36,7 @@ import functools
 import json
 import math
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -528,7 +529,8 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     Every ``cfg.checkpoint_every`` steps the run's state goes to ``out/checkpoint/state.pt``. With
     ``resume`` the run in ``out`` continues from there with the config it was started with (``cfg`` is
     ignored) and repeats, step for step, what an uninterrupted run does. ``stop_after``: checkpoint and
-    return after that many steps without writing the model (one sitting of a longer run)."""
+    return after that many steps without writing the model (one sitting of a longer run). A run that
+    completes removes its checkpoint."""
     from diffusers import AutoencoderKLWan
 
     from slotgen.models.miniature import (TEXT_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, VOCABULARY, build_modules,
@@ -643,6 +645,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
                                                        "data_seconds": res.data_seconds, "losses": res.losses}) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card(cfg, res, command))
     add_slot_phi(out, cfg.slots, log=log, command=command)  # SlotMemory's φ on the trained transformer's keys
+    shutil.rmtree(out / Path(CHECKPOINT).parent, ignore_errors=True)  # the run is complete: nothing to resume
     log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
     return res
 
