@@ -12,16 +12,17 @@
 # Steps: (1) a 5-step smoke run, so a device bug costs seconds, not the budget; (2) the run itself,
 # larger batches, more episodes; (3) `slotgen bench identity` on the result (2 episodes per gap, CPU
 # renders), scripts/memorise_check.py on 2 of its own training episodes (the recipe's positive control,
-# docs/MINIATURE.md "Session 9"), and a strip of frames of one unseen episode, ground truth over the
+# docs/MINIATURE.md "What it can and cannot do"), and a strip of frames of one unseen episode, ground truth over the
 # model's (no MP4: the device image lacks imageio-ffmpeg, whose 68 MB wheel cannot travel), as a first
-# look. Everything lands in OUT_DIR (6 files) plus OUT_DIR/../identity.json and OUT_DIR/../frames.png
-# (8 files: what a device call can bring back).
+# look. Everything lands in OUT_DIR (6 files; no checkpoint: a device machine does not outlive the run)
+# plus OUT_DIR/../identity.json, OUT_DIR/../held_out.json and OUT_DIR/../frames.png (9 files: what a
+# device call can bring back).
 #
 # The device image has torch but not diffusers: put its wheel in .whl/ first (on the dev machine,
 # network allowed):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
 # and carry .whl. Env: PYTHON (default python3), GPU_TRAIN_BATCH (64),
-# GPU_TRAIN_EPISODES (256), GPU_TRAIN_THREADS (8, CPU threads for data and batches), GPU_TRAIN_DEVICE (cuda; "cpu" only to check this script's plumbing).
+# GPU_TRAIN_EPISODES (256), GPU_TRAIN_WORLD (standard; "reduced": docs/WORLD.md), GPU_TRAIN_THREADS (8, CPU threads for data and batches), GPU_TRAIN_DEVICE (cuda; "cpu" only to check this script's plumbing).
 set -euo pipefail
 
 out="${1:-${OUT:+$OUT/mini}}"
@@ -54,12 +55,12 @@ PY
 
 sizes=(--batch "${GPU_TRAIN_BATCH:-64}")
 echo "== smoke: 5 transformer steps on $device"
-"$py" -m slotgen train-miniature --out /tmp/gpu_train_smoke --device "$device" --steps 5 \
+"$py" -m slotgen train-miniature --out /tmp/gpu_train_smoke --device "$device" --steps 5 --checkpoint-every 0 \
   --episodes 8 "${sizes[@]}" --threads "$threads" -q
 
 echo "== train: $minutes minutes on $device -> $out"
 "$py" -m slotgen train-miniature --out "$out" --device "$device" --minutes "$minutes" \
-  --episodes "${GPU_TRAIN_EPISODES:-256}" "${sizes[@]}" --threads "$threads"
+  --world "${GPU_TRAIN_WORLD:-standard}" --checkpoint-every 0 --episodes "${GPU_TRAIN_EPISODES:-256}" "${sizes[@]}" --threads "$threads"
 
 echo "== bench identity (first look: 2 episodes per gap, CPU renders)"
 "$py" -m slotgen bench identity --model "$out" --episodes 2 --gaps 12,36 --no-purity \
@@ -69,28 +70,10 @@ echo "== memorise check: does it draw 2 of its own training episodes? (Euler 1 a
 "$py" scripts/memorise_check.py --model "$out" --episodes "${GPU_TRAIN_EPISODES:-256}" --score 2 \
   --sampler-steps 1,12 --seeds 7
 
-echo "== frames: ground truth (top) vs the model (bottom), unseen episode 1100, every 12th frame"
-"$py" - "$out" "$(dirname "$out")/frames.png" <<'PY'
-import sys
+echo "== held-out presence: 12 unseen episodes of the model's world, free-running (window, Euler 12)"
+"$py" scripts/memorise_check.py --model "$out" --held-out 12 --sampler-steps 12 --seeds 7 \
+  --json "$(dirname "$out")/held_out.json"
 
-import numpy as np
-from PIL import Image
-
-from slotgen.bench.identity import FrameCollector, memory_for
-from slotgen.models.miniature import load_miniature
-from slotgen.render import Renderer
-from slotgen.storyboard import parse_storyboard
-from slotgen.world import analyse_episode, episode_to_storyboard_yaml, exit_return_episode, render_episode
-
-folder, png = sys.argv[1], sys.argv[2]
-ep = exit_return_episode(1100, 12, n_entities=2)
-sb = parse_storyboard(episode_to_storyboard_yaml(ep, seed=1, memory=memory_for("slot")), "episode-1100")
-col = FrameCollector()
-Renderer(sb, bundle=load_miniature(folder)).stream([col])
-frames, truth = col.frames(), render_episode(ep).frames
-idx = list(range(4, min(len(frames), len(truth)), 12))
-strip = np.concatenate([np.concatenate([truth[i] for i in idx], 1), np.concatenate([frames[i] for i in idx], 1)], 0)
-Image.fromarray(strip).resize((strip.shape[1] * 2, strip.shape[0] * 2), Image.NEAREST).save(png)
-report = analyse_episode(frames, ep).to_dict()
-print({k: report[k] for k in ("presence", "compliance", "identity_recall")}, "->", png)
-PY
+echo "== frames: ground truth (top) vs the model (bottom), an unseen two-entity episode of the model's world"
+"$py" scripts/frame_strip.py --model "$out" --out "$(dirname "$out")/frames.png" --episode-seed 1100 --gap 12 \
+  --entities 2 --policy slot --every 12

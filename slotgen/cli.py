@@ -758,6 +758,10 @@ def train_miniature_cmd(
                                 "It changes float rounding: bit-exact re-runs need the same value."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N. Batches and random draws stay on the CPU "
                                "(seeded); on a GPU use a larger --batch."),
+    world: str = typer.Option("standard", "--world", help="The world to learn: standard or reduced (docs/WORLD.md)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between resumable checkpoints (default 250; 0: none)."),
+    snapshot_every: Optional[int] = typer.Option(None, "--snapshot-every", help="Steps between loadable folders OUT/snapshots/step-N (default 0: none)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint, step for step (its own settings)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train the miniature's transformer on the shape world (causal chunks, x0-prediction, memory
@@ -767,12 +771,14 @@ def train_miniature_cmd(
     from slotgen.preflight import check_device
 
     check_device(device)
-    cfg = TrainConfig(minutes=minutes, seed=seed, steps=steps, threads=threads, device=device)
-    for name, v in (("episodes", episodes), ("batch", batch), ("clip_chunks", clip_chunks)):
+    cfg = TrainConfig(minutes=minutes, seed=seed, steps=steps, threads=threads, device=device, world=world)
+    for name, v in (("episodes", episodes), ("batch", batch), ("clip_chunks", clip_chunks),
+                    ("checkpoint_every", checkpoint_every), ("snapshot_every", snapshot_every)):
         if v is not None:
             setattr(cfg, name, v)
-    cfg.validate()
-    train_miniature(cfg, out, log=_progress_log(quiet), command=_command_line())
+    if not resume:
+        cfg.validate()
+    train_miniature(cfg, out, log=_progress_log(quiet), command=_command_line(), resume=resume)
     print(f"wrote {out}")
 
 

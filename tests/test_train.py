@@ -243,8 +243,52 @@ def test_memorise_check_scores_the_episodes_it_trained_on(tmp_path):
     assert report["train"]["steps"] == 2 and report["train"]["episodes"] == 2
     assert [r["episode_seed"] for r in report["rows"]] == [300_000, 300_001]
     assert all(0.0 <= r["presence"] <= 1.0 and r["sampler_steps"] == 1 for r in report["rows"])
+    # --held-out scores unseen episodes of the folder's own world (a learning-curve point)
+    held = tmp_path / "held.json"
+    assert mod.main(["--model", str(tmp_path / "m"), "--held-out", "2", "--sampler-steps", "1", "--seeds", "7",
+                     "--threads", "1", "--json", str(held)]) == 0
+    from slotgen.train.miniature import HELD_OUT_SEED0, held_out_episodes
+
+    report = json.loads(held.read_text())
+    assert [r["episode_seed"] for r in report["rows"]] == [HELD_OUT_SEED0, HELD_OUT_SEED0 + 1]
+    assert report["train"]["world"] == "standard" and set(report["means"]) >= {"presence", "duplicate_rate"}
+    assert held_out_episodes(2, "reduced")[0].config.lanes == 2
     # the episodes it scores are the ones the run trained on
     trained = build_dataset(2, seed=3, max_gap=TrainConfig().max_gap)
     again = [clip_from_episode(ep) for ep in training_episodes(2, 3, TrainConfig().max_gap)]
     assert [c.chunk_captions for c in trained] == [c.chunk_captions for c in again]
     assert all(torch.equal(a.frames, b.frames) for a, b in zip(trained, again))
+
+
+def test_a_resumed_run_continues_step_for_step(tmp_path):
+    """`train-miniature --resume DIR`: a run stopped after a checkpoint and resumed writes the same weights
+    and losses as the uninterrupted run (same threads), and snapshots are loadable folders."""
+    from slotgen.models.miniature import load_miniature
+    from slotgen.train.miniature import CHECKPOINT, load_checkpoint
+
+    cfg = dict(seed=2, steps=5, episodes=3, batch=2, clip_chunks=2, world="reduced", slots=TINY_SLOTS, threads=1)
+    whole = train_miniature(TrainConfig(**cfg, checkpoint_every=0), tmp_path / "whole", log=lambda m: None)
+    assert not (tmp_path / "whole" / CHECKPOINT).exists()
+    part = train_miniature(TrainConfig(**cfg, checkpoint_every=2, snapshot_every=2), tmp_path / "split",
+                           log=lambda m: None, stop_after=3)
+    assert part.steps == 3 and not (tmp_path / "split" / "weights.safetensors").exists()
+    assert load_checkpoint(tmp_path / "split")["step"] == 3
+    assert load_miniature(tmp_path / "split" / "snapshots" / "step-000002").transformer is not None
+    # the stored config wins over the one passed in: a resumed run is the run it continues
+    rest = train_miniature(TrainConfig(steps=99, world="standard"), tmp_path / "split", log=lambda m: None, resume=True)
+    assert rest.steps == 5 and rest.losses == whole.losses
+    assert (tmp_path / "split" / "weights.safetensors").read_bytes() == (tmp_path / "whole" / "weights.safetensors").read_bytes()
+    config = json.loads((tmp_path / "split" / "config.json").read_text())
+    assert config["training"]["config"]["world"] == "reduced"
+    assert not (tmp_path / "split" / CHECKPOINT).exists()  # a finished run leaves nothing to resume
+
+
+def test_resume_without_a_checkpoint_and_an_unknown_world_are_one_line_errors(tmp_path):
+    for args, needle in ((["--resume"], "no checkpoint"), (["--world", "tiny"], "--world")):
+        r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), *args])
+        assert r.exit_code == 2 and needle in _out(r), (args, _out(r))
+        assert "Traceback" not in _out(r)
+    (tmp_path / "bad" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "bad" / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "bad"), "--resume"])
+    assert r.exit_code == 2 and "cannot read" in _out(r) and "Traceback" not in _out(r)

@@ -71,8 +71,9 @@ def test_palette_is_small_separated_and_markings_are_disjoint():
     rgb = np.array(list(PALETTE.values()), dtype=float)  # (P, 3)
     distance = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1)
     assert distance[np.triu_indices(len(rgb), 1)].min() >= 100
-    # Marking colours are hidden: the miniature has no word for them.
-    assert not set(MARKING_COLOURS) & set(VOCABULARY)
+    # Marking colours are hidden: no standard-world caption names them (the reduced world names them once,
+    # at an entity's first entrance: tests/test_reduced_world.py), and the entity colours do not include them.
+    assert not set(MARKING_COLOURS) & set(ENTITY_COLOURS)
 
 
 def test_generator_is_deterministic():

@@ -55,6 +55,8 @@ VOCABULARY = (
     " left right up down top bottom center middle background"
     # counts
     " two one another other second first"
+    # the reduced world's lanes and trait introductions (slotgen.world.REDUCED_WORLD)
+    " lane large small dot stripe cyan pink"
 ).split()
 
 TRANSFORMER_CONFIG = dict(

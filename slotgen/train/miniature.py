@@ -36,6 +36,7 @@ import functools
 import json
 import math
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -63,6 +64,7 @@ class TrainConfig:
 
     minutes: float = 55.0  # wall-clock budget (used when steps is not given)
     seed: int = 0
+    world: str = "standard"  # the world the episodes come from (slotgen.world.WORLDS): standard or reduced
     steps: Optional[int] = None  # an explicit step count makes a run exactly reproducible
     episodes: int = 256  # world episodes in the dataset
     max_gap: int = 24  # longest absence gap (video frames) of a training episode; longer absences are
@@ -82,6 +84,8 @@ class TrainConfig:
     entity_weight: float = 4.0  # extra loss weight on latent cells with a pixel within 2 px of an entity
     slots: SlotTrainConfig = field(default_factory=SlotTrainConfig)  # the last stage: SlotMemory's φ (train/slots.py)
     threads: int = 1  # 1 thread: on a shared 2-core machine OpenMP spin contention makes 2 threads slower
+    checkpoint_every: int = 250  # steps between resumable checkpoints (DIR/checkpoint/; `--resume DIR`); 0: none
+    snapshot_every: int = 0  # steps between loadable miniature folders DIR/snapshots/step-N (a learning curve); 0: none
     device: str = "cpu"  # where the modules and batches live ("cuda", "cuda:1", ...). Data, batch sampling and
     # every random draw stay on the CPU (seeded CPU generators), so a batch is the same on any device; only the
     # arithmetic moves. CUDA kernels are not bit-reproducible run to run, so GPU runs repeat closely, not exactly.
@@ -100,8 +104,13 @@ class TrainConfig:
             raise SlotgenError(f"--threads must be at least 1, got {self.threads}")
         if not self.minutes > 0:
             raise SlotgenError(f"--minutes must be positive, got {self.minutes}")
+        from slotgen.world.scene import WORLDS
+
+        if self.world not in WORLDS:
+            raise SlotgenError(f"--world: expected one of {', '.join(WORLDS)}, got {self.world!r}")
         for name, v, low in (("--steps", self.steps, 1), ("--episodes", self.episodes, 2), ("--batch", self.batch, 1),
-                             ("--clip-chunks", self.clip_chunks, 1)):
+                             ("--clip-chunks", self.clip_chunks, 1), ("--checkpoint-every", self.checkpoint_every, 0),
+                             ("--snapshot-every", self.snapshot_every, 0)):
             if v is not None and v < low:
                 raise SlotgenError(f"{name} must be at least {low}, got {v}")
         try:
@@ -148,14 +157,17 @@ def chunk_first_frame(chunk: int) -> int:
     return CHUNK * chunk
 
 
-def random_episode(rng: np.random.Generator, seed: int, max_gap: int):
-    from slotgen.world import exit_return_episode
+def random_episode(rng: np.random.Generator, seed: int, max_gap: int, world: str = "standard"):
+    """One training episode: a random gap ≤ ``max_gap``, 1–3 entities (1–2 in a 2-lane world), 35 % of
+    multi-entity episodes with a same-kind look-alike companion."""
+    from slotgen.world.scene import exit_return_episode, world_named
 
+    spec = world_named(world)
     gaps = [g for g in (0, 12, 24, 36, 48, 60, 72, 96) if g <= max_gap]
     gap = int(rng.choice(gaps))
-    n = int(rng.choice([1, 1, 2, 2, 3]))
+    n = int(rng.choice([1, 1, 2, 2, 3] if spec.config.lanes >= 3 else [1, 1, 2]))
     similar = n >= 2 and rng.random() < 0.35
-    return exit_return_episode(seed=seed, gap_frames=gap, n_entities=n, similar=similar)
+    return exit_return_episode(seed=seed, gap_frames=gap, n_entities=n, similar=similar, world=spec)
 
 
 def clip_from_episode(ep) -> WorldClip:
@@ -178,14 +190,25 @@ def clip_from_episode(ep) -> WorldClip:
     return WorldClip(frames, captions, near, None if ret is None else ret // CHUNK, before)
 
 
-def training_episodes(n: int, seed: int, max_gap: int) -> list:
+def training_episodes(n: int, seed: int, max_gap: int, world: str = "standard") -> list:
     """The ``n`` world episodes a run with ``--seed seed`` trains on (episode seeds ``seed·100000 + i``)."""
     rng = np.random.default_rng(seed)
-    return [random_episode(rng, seed * 100_000 + i, max_gap) for i in range(n)]
+    return [random_episode(rng, seed * 100_000 + i, max_gap, world) for i in range(n)]
 
 
-def build_dataset(n: int, seed: int, max_gap: int) -> list[WorldClip]:
-    return [clip_from_episode(ep) for ep in training_episodes(n, seed, max_gap)]
+HELD_OUT_SEED0 = 900_000
+"""Episode seeds of held-out evaluation episodes (:func:`held_out_episodes`): outside every training run's
+``seed·100000 + i`` for seeds 0..8 and episodes < 100000."""
+
+
+def held_out_episodes(n: int, world: str = "standard", max_gap: int = 24) -> list:
+    """``n`` episodes no training run sees (seeds ``HELD_OUT_SEED0 + i``), drawn like training episodes."""
+    rng = np.random.default_rng(HELD_OUT_SEED0)
+    return [random_episode(rng, HELD_OUT_SEED0 + i, max_gap, world) for i in range(n)]
+
+
+def build_dataset(n: int, seed: int, max_gap: int, world: str = "standard") -> list[WorldClip]:
+    return [clip_from_episode(ep) for ep in training_episodes(n, seed, max_gap, world)]
 
 
 @torch.no_grad()
@@ -434,10 +457,13 @@ def dit_forward(transformer, state: TrainState, batch: Batch, conditioner: Capti
 class _Budget:
     """Step counter that stops at an explicit step count or a wall-clock deadline."""
 
-    def __init__(self, steps: Optional[int], seconds: float):
+    def __init__(self, steps: Optional[int], seconds: float, done: int = 0, elapsed: float = 0.0):
         self.steps, self.seconds = steps, max(seconds, 1.0)
-        self.t0 = time.perf_counter()
-        self.done = 0
+        self.t0 = time.perf_counter() - elapsed  # a resumed run continues the clock where it stopped
+        self.done = done
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
 
     def progress(self) -> float:
         if self.steps is not None:
@@ -455,14 +481,66 @@ def _lr(base: float, step: int, progress: float, warmup: int = 50) -> float:
     return base * warm * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
+CHECKPOINT = "checkpoint/state.pt"
+"""Where a run keeps its resumable state, relative to its output folder."""
+
+
+def save_checkpoint(out: Path, cfg: TrainConfig, res: TrainResult, budget: "_Budget", transformer, opt,
+                    rng: np.random.Generator, gen: torch.Generator, command: Optional[str]) -> Path:
+    """Everything a run needs to continue step for step (one file, written atomically): the config,
+    step count, losses, training seconds, transformer and optimiser state, and both random generators.
+    Loaded with ``torch.load(weights_only=True)``: tensors and plain Python values only, no code."""
+    from slotgen.atomic import atomic_output
+
+    path = out / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": 1, "config": cfg.to_dict(), "step": budget.done, "elapsed": budget.elapsed(),
+        "losses": list(res.losses), "eval_loss0": res.eval_loss[0], "data_seconds": res.data_seconds,
+        "command": command or "", "rng": json.dumps(rng.bit_generator.state), "gen": gen.get_state(),
+        "transformer": {k: v.detach().cpu() for k, v in transformer.state_dict().items()},
+        "optimizer": opt.state_dict(),
+    }
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_checkpoint(out: Path) -> dict:
+    """A run's checkpoint (:func:`save_checkpoint`); a one-line :class:`SlotgenError` when there is none."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        raise SlotgenError(f"--resume {out}: no checkpoint there (expected {path}; a run writes one every "
+                           f"--checkpoint-every steps)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file is a user error, not a traceback
+        raise SlotgenError(f"--resume {out}: cannot read {path} ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != 1:
+        raise SlotgenError(f"--resume {out}: {path} is not a slotgen training checkpoint")
+    return state
+
+
 def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None] = print,
-                    command: Optional[str] = None) -> TrainResult:
-    """Train the transformer and write a miniature folder (config, tokenizer, weights, MODEL_CARD.md, loss.png)."""
+                    command: Optional[str] = None, *, resume: bool = False,
+                    stop_after: Optional[int] = None) -> TrainResult:
+    """Train the transformer and write a miniature folder (config, tokenizer, weights, MODEL_CARD.md, loss.png).
+
+    Every ``cfg.checkpoint_every`` steps the run's state goes to ``out/checkpoint/state.pt``. With
+    ``resume`` the run in ``out`` continues from there with the config it was started with (``cfg`` is
+    ignored) and repeats, step for step, what an uninterrupted run does. ``stop_after``: checkpoint and
+    return after that many steps without writing the model (one sitting of a longer run). A run that
+    completes removes its checkpoint."""
     from diffusers import AutoencoderKLWan
 
     from slotgen.models.miniature import (TEXT_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, VOCABULARY, build_modules,
                                           build_tokenizer, make_exact_vae, write_miniature)
 
+    ckpt = load_checkpoint(Path(out)) if resume else None
+    if ckpt is not None:
+        cfg = TrainConfig(**ckpt["config"])
+        command = ckpt["command"] or command
+        log(f"resuming {out} at step {ckpt['step']} ({ckpt['elapsed']:.0f} s trained)")
     cfg.validate()
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
@@ -480,8 +558,8 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     transformer, vae, text_encoder = build_modules(config)  # built on the CPU (same init on any device)
     make_exact_vae(vae)
 
-    log(f"data: rendering {cfg.episodes} world episodes")
-    clips = build_dataset(cfg.episodes, cfg.seed, cfg.max_gap)
+    log(f"data: rendering {cfg.episodes} {cfg.world} world episodes")
+    clips = build_dataset(cfg.episodes, cfg.seed, cfg.max_gap, cfg.world)
     raw = encode_all(vae, [c.frames for c in clips])  # (C, T, h, w) each
     res.vae_max_error = max(float((vae.decode(r[None, :, :16]).sample[0] - c.frames[:, :16].float()).abs().max())
                             for r, c in zip(raw[:8], clips[:8]))  # decode(encode(x)) against x, first 16 frames
@@ -490,6 +568,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     res.latents_mean, res.latents_std = [float(v) for v in mean], [float(v) for v in std]
     for c, r in zip(clips, raw):
         c.latents = ((r - mean[:, None, None, None]) / std[:, None, None, None]).half()
+    del raw, flat  # float32 copies of every latent: gigabytes at 512 episodes
     vae_config = {**VAE_CONFIG, "latents_mean": res.latents_mean, "latents_std": res.latents_std}
     sd = vae.state_dict()
     vae = AutoencoderKLWan(**vae_config)
@@ -512,8 +591,24 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
         with torch.no_grad():
             return x0_loss(dit_forward(transformer, state, fixed, conditioner, n), fixed, cfg.min_sigma_weight).item()
 
-    res.eval_loss = (evaluate(), float("nan"))
-    t0 = time.perf_counter()
+    def snapshot() -> None:  # a loadable miniature folder of the weights now (no φ): a point of a learning curve
+        folder = out / "snapshots" / f"step-{budget.done:06d}"
+        write_miniature(folder, modules=(transformer, vae, text_encoder), name="miniature",
+                        extra={"vae": vae_config, "training": {"config": cfg.to_dict(), "transformer_steps": budget.done,
+                                                               "seconds": budget.elapsed()}})
+        log(f"snapshot {folder}")
+
+    if ckpt is not None:
+        transformer.load_state_dict(ckpt["transformer"])
+        opt.load_state_dict(ckpt["optimizer"])
+        rng.bit_generator.state = json.loads(ckpt["rng"])
+        gen.set_state(ckpt["gen"])
+        res.losses = list(ckpt["losses"])
+        res.eval_loss = (float(ckpt["eval_loss0"]), float("nan"))
+        budget = _Budget(cfg.steps, budget.seconds, done=int(ckpt["step"]), elapsed=float(ckpt["elapsed"]))
+    else:
+        res.eval_loss = (evaluate(), float("nan"))
+    t0 = budget.t0
     while budget.more():
         for g in opt.param_groups:
             g["lr"] = _lr(cfg.lr, budget.done, budget.progress(), warm)
@@ -527,6 +622,15 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
         budget.done += 1
         if budget.done % 50 == 0 or budget.done == 1:
             log(f"step {budget.done}: loss {np.mean(res.losses[-50:]):.4f} ({time.perf_counter() - t0:.0f} s)")
+        stopping = stop_after is not None and budget.done >= stop_after and budget.more()
+        if cfg.snapshot_every and budget.done % cfg.snapshot_every == 0:
+            snapshot()
+        if stopping or (cfg.checkpoint_every and budget.done % cfg.checkpoint_every == 0):
+            save_checkpoint(out, cfg, res, budget, transformer, opt, rng, gen, command)
+        if stopping:
+            res.steps, res.seconds = budget.done, budget.elapsed()
+            log(f"stopped after step {budget.done}; continue with --resume {out}")
+            return res
     res.steps, res.seconds = budget.done, time.perf_counter() - t0
     res.eval_loss = (res.eval_loss[0], evaluate())
     transformer.eval().requires_grad_(False)
@@ -541,6 +645,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
                                                        "data_seconds": res.data_seconds, "losses": res.losses}) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card(cfg, res, command))
     add_slot_phi(out, cfg.slots, log=log, command=command)  # SlotMemory's φ on the trained transformer's keys
+    shutil.rmtree(out / Path(CHECKPOINT).parent, ignore_errors=True)  # the run is complete: nothing to resume
     log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
     return res
 
@@ -592,7 +697,7 @@ def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> st
 
     cmd = command or "slotgen train-miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     defaults = TrainConfig()
-    flags = "".join(f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("episodes", "batch", "clip_chunks")
+    flags = "".join(f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("world", "episodes", "batch", "clip_chunks")
                     if getattr(cfg, k) != getattr(defaults, k))
     repro = (f"slotgen train-miniature --out DIR --seed {cfg.seed} --steps {res.steps} --threads {cfg.threads}{flags}"
              + (f" --device {cfg.device}" if cfg.device != "cpu" else ""))
@@ -618,9 +723,9 @@ schedule then follows steps, so the numbers can differ slightly from a time-budg
 
 ## Data
 
-{cfg.episodes} seeded episodes of the shape world (`slotgen.world.exit_return_episode`, seeds
-`{cfg.seed}·100000 + i`): 1–3 entities (35 % of multi-entity episodes with a same-kind "similar"
-companion), absence gaps 0–{cfg.max_gap} video frames, captions from the world grammar.
+{cfg.episodes} seeded episodes of the `{cfg.world}` shape world (`slotgen.world.exit_return_episode`, seeds
+`{cfg.seed}·100000 + i`; docs/WORLD.md): one entity per lane at most (35 % of multi-entity episodes with a
+same-kind "similar" companion), absence gaps 0–{cfg.max_gap} video frames, captions from the world grammar.
 
 ## Training
 

@@ -18,14 +18,14 @@ weights nor loss definitions. This is our reading, at the miniature's size:
   ground-truth masks: φ is a *supervised* probe of the keys, scored on held-out episodes.
 * **Reconstruction loss**: a linear decoder per layer must reconstruct each token's unit-normalised key
   from φ(k) (weight ``recon_weight``), so φ keeps what the keys say beyond the labels.
-* **Co-assignment loss** (weight ``assign_weight``, session 7): the policy's own slot attention
+* **Co-assignment loss** (weight ``assign_weight``): the policy's own slot attention
   (:func:`~slotgen.memory.slot_attention.batched_slot_attention`, the batched form of the engine's
   :func:`~slotgen.memory.slot_attention.slot_attention`, with the policy's slot count,
   iterations and temperature, farthest-point init as on a first chunk) runs on φ(k), differentiably.
   ``P = Aᵀ A`` (N, N) is the probability that two tokens land in one slot; a binary cross-entropy pulls
   it to 1 for same-label pairs and 0 otherwise, the two kinds weighted equally. The contrastive loss only
   shapes φ-space; this one scores the grouping the memory actually uses. On 12 held-out validation
-  episodes it lifted slot purity from 0.58 to 0.78 (docs/MINIATURE.md, "Session 7").
+  episodes it lifted slot purity from 0.58 to 0.78 (docs/MINIATURE.md, "The slot module").
 
 Everything is seeded; on the same machine and thread count a run repeats exactly.
 """
@@ -83,16 +83,18 @@ class SlotTrainResult:
     seconds: float = 0.0
 
 
-def world_episodes(n: int, seed: int) -> list:
-    """``n`` seeded exit-and-return episodes with 1–3 entities (a third with a same-kind companion)."""
-    from slotgen.world import exit_return_episode
+def world_episodes(n: int, seed: int, world: str = "standard") -> list:
+    """``n`` seeded exit-and-return episodes of ``world`` with 1 entity per lane at most (a third of the
+    multi-entity ones with a same-kind companion)."""
+    from slotgen.world.scene import exit_return_episode, world_named
 
+    spec = world_named(world)
     rng = np.random.default_rng([seed, 7])
     out = []
     for i in range(n):
-        k = int(rng.choice([1, 2, 3]))
+        k = int(rng.choice([1, 2, 3][: spec.config.lanes]))
         out.append(exit_return_episode(seed=EPISODE_SEED0 + seed * 10_000 + i, gap_frames=int(rng.choice([0, 12, 24])),
-                                       n_entities=k, similar=k >= 2 and bool(rng.random() < 0.35)))
+                                       n_entities=k, similar=k >= 2 and bool(rng.random() < 0.35), world=spec))
     return out
 
 
@@ -157,13 +159,14 @@ def _grouping(f: torch.Tensor, settings) -> torch.Tensor:
 
 
 def train_slot_phi(bundle, cfg: SlotTrainConfig, log: Callable[[str], None] = print,
-                   data: Optional[list] = None) -> SlotTrainResult:
-    """Collect ground-truth keys (unless ``data`` is given) and fit φ (see the module docstring)."""
+                   data: Optional[list] = None, world: str = "standard") -> SlotTrainResult:
+    """Collect ground-truth keys of ``world``'s episodes (unless ``data`` is given) and fit φ (see the
+    module docstring)."""
     cfg.validate()
     t0 = time.perf_counter()
     if data is None:
-        log(f"slots: committing {cfg.episodes} ground-truth world episodes")
-        data = collect_keys(bundle, world_episodes(cfg.episodes, cfg.seed))
+        log(f"slots: committing {cfg.episodes} ground-truth {world} world episodes")
+        data = collect_keys(bundle, world_episodes(cfg.episodes, cfg.seed, world))
     n_layers = len(data[0][0])
     width = data[0][0][0].shape[1]  # H·D
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 11)
@@ -221,8 +224,9 @@ def add_slot_phi(folder, cfg: SlotTrainConfig, log: Callable[[str], None] = prin
     cfg.validate()
     folder = Path(folder)
     bundle = load_miniature(folder)
-    res = train_slot_phi(bundle, cfg, log=log)
     config = json.loads((folder / "config.json").read_text())
+    world = config.get("training", {}).get("config", {}).get("world", "standard")  # the world the model learned
+    res = train_slot_phi(bundle, cfg, log=log, world=world)
     extra = {k: v for k, v in config.items() if k not in ("digest", "name")}
     extra["slot_phi"] = {"config": cfg.to_dict(), "chunks": res.chunks, "seconds": round(res.seconds, 1),
                          "loss_first_last": [res.losses[0], float(np.mean(res.losses[-20:]))]}

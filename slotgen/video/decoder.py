@@ -20,12 +20,20 @@ stopped (on the same device/dtype). The state contains only tensors, ints, strin
 None, so ``torch.load(..., weights_only=True)`` accepts it. The upsampler's first-frame marker is kept
 as the plain string ``"Rep"``, exactly as diffusers stores it.
 
+Residual and attention blocks whose output branch is exactly zero (``conv2`` of a residual block, or
+``proj`` of an attention block, all-zero weights and bias, and no shortcut convolution) add exactly 0
+to their input: :func:`skip_identity_blocks` builds a view of the decoder without them (same parameters,
+same cache layout; their cache slots stay empty), which the streaming decode runs. Its frames are
+bit-identical to the full decoder's for finite inputs. The miniature's exact VAE (``make_exact_vae``)
+is such a decoder: 2 of its 52-channel 3×3×3 convolutions do work, 8 would be multiplied by zero.
+
 Caveats: spatial tiling (``vae.enable_tiling()``) is not used, so the reference for bit-exactness is
 the non-tiled ``vae.decode``; batch size must be 1.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +48,60 @@ STATE_FORMAT = "slotgen.streaming_decoder"
 STATE_VERSION = 1
 
 CacheEntry = torch.Tensor | str | None
+
+
+class _SkippedResidual(nn.Module):
+    """Stands in for a residual block whose output branch is exactly zero: returns its input, and moves
+    the feature-cache index past the block's causal convolutions so every later slot keeps its place."""
+
+    def __init__(self, cache_slots: int):
+        super().__init__()
+        self.cache_slots = cache_slots
+
+    def forward(self, x, feat_cache=None, feat_idx=[0]):  # noqa: B006 - diffusers' own signature
+        if feat_cache is not None:
+            feat_idx[0] += self.cache_slots
+        return x
+
+
+def _all_zero(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or not bool(t.detach().any()) for t in tensors)
+
+
+def skip_identity_blocks(decoder: nn.Module) -> tuple[nn.Module, int]:
+    """A view of a ``WanDecoder3d`` without its provable identity blocks → ``(decoder, blocks skipped)``.
+
+    A ``WanResidualBlock`` returns ``conv2(...) + shortcut(x)``; with ``conv2``'s weight and bias all zero
+    and an identity shortcut that is ``0 + x = x`` exactly (for finite activations). A
+    ``WanAttentionBlock`` returns ``proj(...) + x``, the same with ``proj`` zero. The view shares every
+    parameter with ``decoder`` (nothing is copied or changed), replaces those blocks by stand-ins that
+    keep the feature-cache indices of the others, and is decided once: later edits of the weights are
+    not re-checked. Returns ``decoder`` itself when nothing can be skipped."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import (WanAttentionBlock, WanCausalConv3d,
+                                                                  WanResidualBlock)
+
+    def identity_residual(m: nn.Module) -> bool:
+        return (type(m) is WanResidualBlock and isinstance(m.conv_shortcut, nn.Identity)
+                and _all_zero(m.conv2.weight, m.conv2.bias))
+
+    def identity_attention(m: nn.Module) -> bool:
+        return type(m) is WanAttentionBlock and _all_zero(m.proj.weight, m.proj.bias)
+
+    if not any(identity_residual(m) or identity_attention(m) for m in decoder.modules()):
+        return decoder, 0
+    shared = {id(t): t for t in list(decoder.parameters()) + list(decoder.buffers())}
+    view = copy.deepcopy(decoder, memo=shared)  # new module objects, the same parameter tensors
+    skipped = 0
+    for parent in list(view.modules()):
+        for name, child in list(parent.named_children()):
+            if identity_residual(child):
+                slots = sum(isinstance(c, WanCausalConv3d) for c in child.modules())
+                parent._modules[name] = _SkippedResidual(slots)
+                skipped += 1
+            elif identity_attention(child):
+                parent._modules[name] = nn.Identity()
+                skipped += 1
+    return view, skipped
 
 
 def _count_causal_convs(decoder: nn.Module) -> int:
@@ -99,6 +161,7 @@ class StreamingDecoder:
         self._stats_cache: tuple[torch.device, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
         self.num_cache_slots: int = _count_causal_convs(vae.decoder)
+        self._decoder, self.skipped_blocks = skip_identity_blocks(vae.decoder)  # bit-identical, cheaper
         upsample = list(getattr(vae, "temperal_upsample", config.temperal_downsample[::-1]))
         self.temporal_scale: int = 2 ** sum(bool(u) for u in upsample)  # pixel frames per latent frame
         self.patch_size: int | None = getattr(config, "patch_size", None)
@@ -256,7 +319,7 @@ class StreamingDecoder:
             for i in range(t):
                 first = self.latent_frames_decoded + i == 0
                 # (1, z, 1, h, w) -> (1, 3 * p * p, 1 or s, H / p, W / p)
-                outs.append(vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first))
+                outs.append(self._decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first))
             out = torch.cat(outs, dim=2)  # (1, 3 * p * p, N, H / p, W / p)
             if self.patch_size is not None:
                 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify

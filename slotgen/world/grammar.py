@@ -21,6 +21,12 @@ Grammar (EBNF; ``|`` separates alternatives)::
     SHAPE    = "circle" | "square" | "triangle" | "star"
     BG       = "blue" | "black" | "gray" | "white"
 
+In a world whose config has ``name_lanes``, every clause ends with ``" in the " LANE " lane"`` (LANE =
+"top" | "middle" | "bottom"); with ``introduce_traits``, the actor's clause of an ``enter`` segment (an
+entity's first appearance) names its hidden traits, ``det SIZE COLOUR SHAPE [" with a " MCOLOUR " "
+MARKING] verb`` ("a large red circle with a cyan dot enters from the left in the top lane"), and no other
+clause ever does. The standard world does neither.
+
 The first clause is the segment's actor; then every other entity on stage (not fully off the canvas),
 in id order, with "stays". A ``wait`` segment has no actor, so its clauses are the bystanders only.
 Examples: "a red circle enters from the left on a blue background", "a red circle returns from the
@@ -38,9 +44,13 @@ import yaml
 from slotgen.world.scene import (
     BACKGROUND_COLOURS,
     ENTITY_COLOURS,
+    MARKING_COLOURS,
+    MARKINGS,
     SHAPES,
+    SIZES,
     Direction,
     Episode,
+    lane_name,
 )
 
 _SIDE_WORD: dict[str, str] = {"left": "left", "right": "right", "up": "top", "down": "bottom"}
@@ -49,8 +59,9 @@ GRAMMAR_WORDS: frozenset[str] = frozenset(
     "a another and on the from to frame background enters moves stays leaves returns".split()
     + ["left", "right", "up", "down", "top", "bottom"]
     + list(ENTITY_COLOURS) + list(SHAPES) + list(BACKGROUND_COLOURS)
+    + ["in", "lane", "middle", "with"] + list(SIZES) + [m for m in MARKINGS if m != "none"] + list(MARKING_COLOURS)
 )
-"""Every word a caption can contain."""
+"""Every word a caption can contain (the second line only in worlds that name lanes or introduce traits)."""
 
 
 def _verb(action: str, direction: Optional[Direction]) -> str:
@@ -72,19 +83,30 @@ def segment_caption(episode: Episode, index: int) -> str:
     segment = episode.segments[index]
     start = episode.segment_starts[index]
     outside = episode.trajectory.outside[start]  # (E,) bystanders keep still, so one frame tells
+    config = episode.config
     clauses: list[tuple[int, str]] = []
     if segment.entity is not None:
         clauses.append((segment.entity, _verb(segment.action, segment.direction)))
     clauses += [(k, "stays") for k in range(len(episode.entities)) if k != segment.entity and not outside[k]]
     if not clauses:
         return f"a {episode.background} background"
+    introducing = config.introduce_traits and segment.action == "enter"  # the actor's first entrance
     named: set[tuple[str, str]] = set()
     parts: list[str] = []
     for k, verb in clauses:
         entity = episode.entities[k]
         det = "another" if entity.kind in named else "a"
         named.add(entity.kind)
-        parts.append(f"{det} {entity.colour} {entity.shape} {verb}")
+        words = [det]
+        if introducing and k == segment.entity:
+            words.append(entity.traits.size)
+        words += [entity.colour, entity.shape]
+        if introducing and k == segment.entity and entity.traits.marking != "none":
+            words.append(f"with a {entity.traits.marking_colour} {entity.traits.marking}")
+        words.append(verb)
+        if config.name_lanes:
+            words.append(f"in the {lane_name(config, entity.home[1])} lane")
+        parts.append(" ".join(words))
     return f"{' and '.join(parts)} on a {episode.background} background"
 
 

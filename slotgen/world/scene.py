@@ -107,6 +107,12 @@ class WorldConfig:
             half-side, triangle and star circumradius-like extent), i.e. a ``(2r+1)``-pixel box.
         move_speed: pixels per frame of a ``move`` action (at least 0.5, so that motion is visible
             to the analyser's centroid test within a few frames).
+        lanes: horizontal lanes of :func:`exit_return_episode` (:func:`lane_rows`); 2 or 3.
+        name_lanes: captions name every entity's lane ("in the top lane"), so the first frame of an
+            entrance is decided by its caption (grammar.py).
+        introduce_traits: the caption of an entity's first entrance names its hidden traits ("a large
+            red circle with a cyan dot enters ..."); no later caption does, so after an absence only
+            memory can tell them (grammar.py).
     """
 
     width: int = 64
@@ -115,6 +121,9 @@ class WorldConfig:
     radius_small: int = 6
     radius_large: int = 9
     move_speed: float = 1.0
+    lanes: int = 3
+    name_lanes: bool = False
+    introduce_traits: bool = False
 
     def __post_init__(self) -> None:
         if self.radius_small < 2 or self.radius_large <= self.radius_small:
@@ -125,6 +134,8 @@ class WorldConfig:
             raise ValueError(f"fps must be positive, got {self.fps}")
         if self.move_speed < 0.5:
             raise ValueError(f"move_speed must be at least 0.5 px/frame, got {self.move_speed}")
+        if self.lanes not in (2, 3):
+            raise ValueError(f"lanes must be 2 or 3, got {self.lanes}")
 
     def radius(self, size: SizeClass) -> int:
         """Radius in pixels of a size class."""
@@ -677,15 +688,99 @@ def _different_traits(rng: np.random.Generator, other: Traits) -> Traits:
     return Traits(size, kind, colour)
 
 
-def lane_rows(config: WorldConfig, lanes: int = 3) -> list[int]:
-    """Rows (y) of ``lanes`` horizontal lanes, evenly spread between the margins (10, 32 and 53 on a
-    64-pixel canvas): large entities in neighbouring lanes keep at least 2 free rows between them."""
+def lane_rows(config: WorldConfig, lanes: Optional[int] = None) -> list[int]:
+    """Rows (y) of ``lanes`` (default ``config.lanes``) horizontal lanes, evenly spread between the
+    margins (10, 32 and 53 on a 64-pixel canvas): large entities in neighbouring lanes keep at least 2
+    free rows between them."""
+    lanes = config.lanes if lanes is None else lanes
     low, high = config.margin, config.height - 1 - config.margin
     return [int(round(low + (high - low) * i / (lanes - 1))) for i in range(lanes)]
 
 
+LANE_NAMES: dict[int, tuple[str, ...]] = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
+"""Caption names of the lanes (:func:`lane_rows`, top to bottom), by lane count."""
+
+
+def lane_name(config: WorldConfig, y: float) -> str:
+    """The name of the lane nearest to row ``y``."""
+    rows = lane_rows(config)
+    return LANE_NAMES[config.lanes][int(np.argmin([abs(y - r) for r in rows]))]
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """What a world's random episodes draw from (:func:`exit_return_episode`), and its geometry.
+
+    Attributes:
+        name: the world's name (``slotgen train-miniature --world NAME``).
+        config: geometry and caption style (lanes, lane and trait naming).
+        backgrounds, shapes, colours: the kinds an episode draws from (subsets of the palette/shapes).
+        traits: the hidden trait values an entity draws from, uniformly; None: :func:`draw_traits`
+            (every size × marking, chance of agreement 1/9).
+        companions_centred: companions' home column is the centre (else drawn at random).
+    """
+
+    name: str
+    config: WorldConfig
+    backgrounds: tuple[str, ...] = tuple(BACKGROUND_COLOURS)
+    shapes: tuple[Shape, ...] = SHAPES
+    colours: tuple[str, ...] = tuple(ENTITY_COLOURS)
+    traits: Optional[tuple[Traits, ...]] = None
+    companions_centred: bool = False
+
+    def __post_init__(self) -> None:
+        for values, known, what in ((self.backgrounds, BACKGROUND_COLOURS, "background"), (self.shapes, SHAPES, "shape"),
+                                    (self.colours, ENTITY_COLOURS, "colour")):
+            if not values or any(v not in known for v in values):
+                raise ValueError(f"world {self.name!r}: {what}s must be a non-empty subset of {tuple(known)}, got {values}")
+        if self.traits is not None and len(set(self.traits)) < 2:
+            raise ValueError(f"world {self.name!r}: needs at least 2 distinct trait values, got {self.traits}")
+
+    @property
+    def chance(self) -> float:
+        """Probability that two independent trait draws agree (identity recall of a memoryless model)."""
+        return 1.0 / 9.0 if self.traits is None else 1.0 / len(set(self.traits))
+
+
+STANDARD_WORLD = WorldSpec("standard", DEFAULT_WORLD)
+"""The full shape world: 4 backgrounds, 4 shapes, 4 colours, 10 trait combinations, 3 unnamed lanes."""
+
+REDUCED_WORLD = WorldSpec(
+    "reduced",
+    WorldConfig(radius_small=7, radius_large=11, lanes=2, name_lanes=True, introduce_traits=True),
+    backgrounds=("black",),
+    shapes=("circle", "square"),
+    colours=("red", "green", "yellow"),
+    traits=(Traits("large"), Traits("large", "dot", "cyan"), Traits("large", "dot", "pink")),
+    companions_centred=True,
+)
+"""A world a 2-core CPU can teach the miniature (docs/WORLD.md, "The reduced world"): one background,
+2 shapes, 3 colours, big entities (r = 11), one hidden trait with 3 values (no dot, a cyan dot, a pink
+dot), 2 named lanes, and the traits named only in the caption of the first entrance: every caption
+decides its first frame, and after an absence only memory can tell the traits (chance 1/3)."""
+
+WORLDS: dict[str, WorldSpec] = {w.name: w for w in (STANDARD_WORLD, REDUCED_WORLD)}
+"""Worlds by name."""
+
+
+def world_named(name: str) -> WorldSpec:
+    """The world called ``name`` (``ValueError`` naming the known ones otherwise)."""
+    if name not in WORLDS:
+        raise ValueError(f"unknown world {name!r}; expected one of {', '.join(WORLDS)}")
+    return WORLDS[name]
+
+
+def _other_traits(rng: np.random.Generator, world: WorldSpec, other: Traits) -> Traits:
+    """Traits for a look-alike companion: :func:`_different_traits` in the standard trait set, else a
+    uniform choice among the world's other trait values."""
+    if world.traits is None:
+        return _different_traits(rng, other)
+    options = [t for t in dict.fromkeys(world.traits) if t != other]
+    return options[int(rng.integers(len(options)))]
+
+
 def exit_return_episode(seed: int, gap_frames: int, n_entities: int = 1, similar: bool = False, *,
-                        config: WorldConfig = DEFAULT_WORLD) -> Episode:
+                        config: Optional[WorldConfig] = None, world: WorldSpec = STANDARD_WORLD) -> Episode:
     """The benchmark's standard episode: entity 0 appears, moves, leaves, is absent, and returns.
 
     Script (entity 0 is the *protagonist*; others are companions in their own lanes)::
@@ -707,32 +802,41 @@ def exit_return_episode(seed: int, gap_frames: int, n_entities: int = 1, similar
             A multiple of 12 keeps every prompt switch on a chunk boundary (see FIRST_ENTER_FRAMES).
         n_entities: 1–3 entities on distinct lanes. Without ``similar`` all have distinct colours.
         similar: make entity 1 the same shape and colour as entity 0 with traits differing in size
-            and marking (the attribute-leakage test); needs ``n_entities >= 2``.
-        config: world geometry.
+            and marking (the attribute-leakage test; in a world with its own trait values: other
+            traits); needs ``n_entities >= 2``.
+        config: world geometry (default: the world's).
+        world: what the episode draws from (:data:`STANDARD_WORLD` by default; :data:`REDUCED_WORLD`).
+            The standard world draws exactly as it always did, so its seeds name the same episodes.
     """
-    if not 1 <= n_entities <= 3:
-        raise ValueError(f"n_entities must be 1, 2 or 3, got {n_entities}")
+    config = world.config if config is None else config
+    if not 1 <= n_entities <= config.lanes:
+        raise ValueError(f"n_entities must be 1 to {config.lanes} (one per lane), got {n_entities}")
     if similar and n_entities < 2:
         raise ValueError("similar=True needs at least 2 entities")
     if isinstance(gap_frames, bool) or gap_frames < 0:
         raise ValueError(f"gap_frames must be at least 0, got {gap_frames!r}")
     rng = np.random.default_rng(seed)
-    background = tuple(BACKGROUND_COLOURS)[int(rng.integers(len(BACKGROUND_COLOURS)))]
+    background = world.backgrounds[int(rng.integers(len(world.backgrounds)))]
     n_colours = n_entities - 1 if similar else n_entities
-    colours = [tuple(ENTITY_COLOURS)[int(i)] for i in rng.permutation(len(ENTITY_COLOURS))[:n_colours]]
-    shapes = [SHAPES[int(rng.integers(len(SHAPES)))] for _ in range(n_colours)]
+    if n_colours > len(world.colours):
+        raise ValueError(f"world {world.name!r} has {len(world.colours)} colours, too few for {n_colours} kinds")
+    colours = [world.colours[int(i)] for i in rng.permutation(len(world.colours))[:n_colours]]
+    shapes = [world.shapes[int(rng.integers(len(world.shapes)))] for _ in range(n_colours)]
     if similar:
         colours.insert(1, colours[0])
         shapes.insert(1, shapes[0])
-    traits = [draw_traits(rng) for _ in range(n_entities)]
+    if world.traits is None:
+        traits = [draw_traits(rng) for _ in range(n_entities)]
+    else:
+        traits = [world.traits[int(rng.integers(len(world.traits)))] for _ in range(n_entities)]
     if similar:
-        traits[1] = _different_traits(rng, traits[0])
+        traits[1] = _other_traits(rng, world, traits[0])
     rows = lane_rows(config)
     lanes = [rows[int(i)] for i in rng.permutation(len(rows))[:n_entities]]
     centre_x = float(config.width // 2)
     homes: list[tuple[float, float]] = [(centre_x, float(lanes[0]))]
     for k in range(1, n_entities):
-        x = int(rng.integers(config.margin, config.width - config.margin))
+        x = int(rng.integers(config.margin, config.width - config.margin)) if not world.companions_centred else centre_x
         homes.append((float(x), float(lanes[k])))
     sides: list[Direction] = ["left" if rng.integers(2) == 0 else "right" for _ in range(n_entities)]
     move: Direction = "left" if rng.integers(2) == 0 else "right"
