@@ -61,6 +61,7 @@ def test_ari_of_a_perfect_assignment_is_one():
     assert adjusted_rand_index(torch.tensor([5, 5, 3, 3, 9, 9]), gt) == 1.0
 
 
+@pytest.mark.slow
 def test_slot_purity_scores_every_layer_on_ground_truth():
     """ARI per layer of the slot policy's assignment vs the ground-truth token labels of a similar-pair episode."""
     from slotgen.bench.identity import slot_purity
@@ -109,6 +110,7 @@ def test_forced_chunk_latents_must_fit_the_chunk():
         engine.generate_chunk(0, "a black background", latents=torch.zeros(1, 48, 2, 16, 16))
 
 
+@pytest.mark.slow
 def test_bench_identity_true_past_end_to_end(tmp_path):
     out_json = tmp_path / "id.json"
     r = CliRunner().invoke(app, ["bench", "identity", "--episodes", "1", "--gaps", "0", "--policies", "window",

@@ -287,6 +287,7 @@ def test_gpus_the_cluster_lacks_are_one_line(cluster, tmp_path):
     (["s.yaml", "--seeds", "5-1"], "--seeds: expected seeds like 1-8"),
     (["s.yaml", "--snapshot-every", "soon"], "--snapshot-every"),
 ])
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     (tmp_path / "s.yaml").write_text(story(duration=2))
     res = subprocess.run([sys.executable, "-m", "slotgen", "render-many", *args, "-o", "out"], cwd=tmp_path,

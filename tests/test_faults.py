@@ -161,6 +161,7 @@ app()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nth_join", [1, 4, 5])
 def test_crash_between_snapshot_and_join_is_completed_by_resume(nth_join, tmp_path, references):
     """The write-ahead join record: the snapshot names the sealed segments; resume joins them first.
@@ -240,6 +241,7 @@ def one_line_error(res: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_full_disk_on_the_lossless_copy_mid_render_keeps_the_checkpoint_resumable(tmp_path, small_disk, references):
     (tmp_path / "story.yaml").write_text(story("sink"))
     res = run_cli(tmp_path, "render", "story.yaml", "-o", "out.mp4", "--lossless", str(small_disk / "out.mkv"), "-q",
@@ -261,6 +263,7 @@ def test_full_disk_on_the_lossless_copy_mid_render_keeps_the_checkpoint_resumabl
     assert np.array_equal(read_video(tmp_path / "rest.mkv"), references("sink")[snap.frames_emitted:])
 
 
+@pytest.mark.slow
 def test_read_only_target_is_refused_before_any_work(tmp_path, read_only):
     (tmp_path / "story.yaml").write_text(story("window"))
     for args in (["-o", str(read_only / "v.mp4")], ["-o", "v.mp4", "--stats", str(read_only / "s.json")],
@@ -296,6 +299,7 @@ def test_snapshot_that_cannot_be_written_goes_elsewhere_not_lost(tmp_path, monke
     assert load_snapshot(rep.snapshot).complete
 
 
+@pytest.mark.slow
 def test_ffmpeg_dying_mid_write_is_one_line_and_the_checkpoint_survives(tmp_path, references):
     """The MP4 encoder is killed after the third chunk: EPIPE on the next write, one line naming the
     output; the snapshot of the last checkpoint resumes bit-exactly."""

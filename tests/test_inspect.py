@@ -94,6 +94,7 @@ def test_cli_inspect_table_json_png(stats_files, tmp_path):
     assert res.exit_code == 2 and "slotgen stats" in res.output
 
 
+@pytest.mark.slow
 def test_cli_inspect_reads_a_snapshot(tmp_path):
     """`slotgen inspect snap.pt` shows the same memory as the render's --stats JSON."""
     story = tmp_path / "s.yaml"

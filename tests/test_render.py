@@ -38,6 +38,7 @@ def miniature():
     return load_model("miniature")
 
 
+@pytest.mark.slow
 def test_mp4_has_exact_frames_and_size(tmp_path, miniature):
     sb = story(duration=2.3)
     rep = render(sb, tmp_path / "out.mp4", lossless=tmp_path / "out.mkv", bundle=miniature)

@@ -126,6 +126,7 @@ def test_resume_is_bit_exact(policy, miniature, tmp_path):
     assert np.array_equal(np.concatenate(pieces), ref)
 
 
+@pytest.mark.slow
 def test_cli_render_snapshot_resume_append_chain(miniature, tmp_path, monkeypatch):
     """The CLI: render --snapshot, resume --storyboard --append --snapshot, resume --prompt --append again."""
     import slotgen.render

@@ -42,6 +42,7 @@ def test_chunk_geometry_matches_the_engine():
     assert [chunk_first_frame(c) for c in range(6)] == [g.first_frame(c) for c in range(6)]
 
 
+@pytest.mark.slow
 def test_exact_vae_round_trips_every_pixel_of_a_world_video():
     """encode → decode of a world episode gives back every uint8 pixel (the VAE is 'shown adequate'), frame
     t's latent is frame t's pixels, and streaming decode chunk by chunk equals the one-shot decode."""
@@ -67,6 +68,7 @@ def test_exact_vae_round_trips_every_pixel_of_a_world_video():
     assert np.array_equal(np.concatenate(parts), frames[:30])
 
 
+@pytest.mark.slow
 def test_training_mask_is_block_causal():
     clips = _with_latents(build_dataset(2, seed=3, max_gap=0))
     cfg = TrainConfig(batch=2, relocate_prob=1.0, return_prob=0.0, token_drop=0.0)
@@ -103,6 +105,7 @@ def test_return_clips_relocate_a_chunk_with_the_protagonist_before_it_left():
         assert len(caps) == n + 1
 
 
+@pytest.mark.slow
 def test_x0_loss_weights_entities_and_low_noise():
     clips = _with_latents(build_dataset(2, seed=5, max_gap=0))
     cfg = TrainConfig(batch=2)
@@ -260,6 +263,7 @@ def test_memorise_check_scores_the_episodes_it_trained_on(tmp_path):
     assert all(torch.equal(a.frames, b.frames) for a, b in zip(trained, again))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_step_for_step(tmp_path):
     """`train-miniature --resume DIR`: a run stopped after a checkpoint and resumed writes the same weights
     and losses as the uninterrupted run (same threads), and snapshots are loadable folders."""

@@ -396,6 +396,7 @@ def _write_mp4(path: Path, frames: np.ndarray, **kwargs) -> None:
         writer.write(frames)
 
 
+@pytest.mark.slow
 @needs_av
 def test_append_videos(tmp_path: Path) -> None:
     a, b, c = tmp_path / "a.mp4", tmp_path / "b.mp4", tmp_path / "c.mp4"

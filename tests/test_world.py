@@ -321,6 +321,7 @@ def test_analyser_tolerates_the_errors_of_a_rank_limited_generator(episodes):
     assert aggregate(swapped)["identity_recall"]["mean"] <= sum(coincidences) / 12 + 0.1
 
 
+@pytest.mark.slow
 def test_leakage_is_detected_on_a_constructed_swap():
     for seed in range(4):
         episode = exit_return_episode(seed, 24, 2 + seed % 2, similar=True)
