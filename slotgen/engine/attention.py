@@ -43,6 +43,7 @@ class StreamState:
     hw: torch.Tensor | None = None  # (N, 2) grid cell of each chunk token
     commit: bool = False  # True on the timestep-0 pass whose K/V is written to memory
     epoch: int = 0  # bumped by the engine whenever memory may have changed (new chunk)
+    runs: tuple | None = None  # host mirror of ``frames``: ((frame, tokens), ...) (see KVBlock.runs)
 
 
 class RopeTable:
@@ -54,13 +55,19 @@ class RopeTable:
         self.cos = rope.freqs_cos.split(split, dim=1)  # 3 × (max_len, d_i), pair-repeated
         self.sin = rope.freqs_sin.split(split, dim=1)
 
-    def __call__(self, t: torch.Tensor, hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """t: (N,) temporal positions, hw: (N, 2) → cos, sin of shape (1, N, 1, D)."""
-        if int(t.max()) >= self.max_len or int(hw.max()) >= self.max_len:
+    def check(self, largest: int) -> None:
+        """Refuse a position past the table (the caller knows ``largest`` on the host: no device access)."""
+        if largest >= self.max_len:
             raise SlotgenError(
-                f"RoPE position {max(int(t.max()), int(hw.max()))} exceeds the model's table of {self.max_len}; "
+                f"RoPE position {largest} exceeds the model's table of {self.max_len}; "
                 "use a smaller memory window/budget or resolution"
             )
+
+    def __call__(self, t: torch.Tensor, hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: (N,) temporal positions, hw: (N, 2) → cos, sin of shape (1, N, 1, D).
+
+        Positions are not range-checked here (that would ask the device); callers :meth:`check`
+        the largest position from host integers."""
         cos = torch.cat([self.cos[0][t], self.cos[1][hw[:, 0]], self.cos[2][hw[:, 1]]], dim=-1)  # (N, D)
         sin = torch.cat([self.sin[0][t], self.sin[1][hw[:, 0]], self.sin[2][hw[:, 1]]], dim=-1)
         return cos[None, :, None, :], sin[None, :, None, :]
@@ -79,17 +86,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-def assign_positions(mem_frames: torch.Tensor | None, chunk_frames: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+def frame_ranks(frames: torch.Tensor) -> torch.Tensor:
+    """(M,) rank of each row's frame among the distinct frames (oldest = 0), on the device, no sync.
+
+    Equal to ``torch.unique(frames, return_inverse=True)[1]`` without the device → host copy that
+    ``unique`` needs for its output size."""
+    ordered, order = torch.sort(frames, stable=True)  # (M,), (M,)
+    new = torch.ones_like(ordered, dtype=torch.bool)  # (M,) row starts a new distinct frame
+    new[1:] = ordered[1:] != ordered[:-1]
+    rank_sorted = torch.cumsum(new, 0) - 1  # (M,) rank in sorted order
+    return torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (M,) back to row order
+
+
+def assign_positions(mem_frames: torch.Tensor | None, chunk_frames: torch.Tensor,
+                     num_distinct: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Window-relative temporal positions: rank of each distinct memory frame, then the chunk's frames.
 
-    mem_frames: (M,) absolute frames of memory rows (or None); chunk_frames: (N,) absolute frames.
-    Returns (M,) and (N,) long positions.
+    mem_frames: (M,) absolute frames of memory rows (or None); chunk_frames: (N,) absolute frames
+    (ascending); num_distinct: the number of distinct memory frames when the caller knows it on the host
+    (otherwise it is read from the device). Returns (M,) and (N,) long positions.
     """
-    chunk_first = chunk_frames.min()
+    offsets = chunk_frames - chunk_frames[:1]  # (N,) frame within the chunk
     if mem_frames is None or mem_frames.numel() == 0:
-        return None, chunk_frames - chunk_first
-    distinct, mem_rank = torch.unique(mem_frames, sorted=True, return_inverse=True)  # (U,), (M,)
-    return mem_rank, chunk_frames - chunk_first + distinct.numel()
+        return None, offsets
+    mem_rank = frame_ranks(mem_frames)  # (M,)
+    if num_distinct is None:
+        num_distinct = int(mem_rank.max()) + 1
+    return mem_rank, offsets + num_distinct
 
 
 class StreamingAttnProcessor:
@@ -103,17 +126,23 @@ class StreamingAttnProcessor:
         self._cache: tuple | None = None  # (K buffer, V buffer, chunk positions, memory rows) for this epoch
 
     def _memory(self, chunk_frames: torch.Tensor, chunk_hw: torch.Tensor, like: torch.Tensor):
-        """K/V buffers with the roped memory rows filled in, and the chunk's positions.
+        """The layer's attention plan for this epoch: K/V buffers with the roped memory rows filled in,
+        and the RoPE cos/sin of the chunk's own tokens.
 
         Built once per epoch (a chunk's memory does not change between its denoising steps and its
         commit pass): buffers of shape (B, M + N, H, D) whose first M rows hold the roped memory K and
-        the memory V, so each call only copies the chunk's own N rows in (no per-step concatenation).
+        the memory V, so each call only copies the chunk's own N rows in (no per-step concatenation),
+        and the chunk's RoPE table, so no forward looks positions up again. Nothing here reads the
+        device: positions are ranks computed on it, their bound comes from the host's ``runs``.
         """
         st = self.state
         n = chunk_frames.numel()
         if self._cache_epoch != st.epoch or self._cache is None or self._cache[0].shape[1] - self._cache[3] != n:
             mem = st.memory.read(self.layer) if st.memory is not None else None
-            mem_pos, chunk_pos = assign_positions(mem.frames if mem is not None else None, chunk_frames)
+            distinct = len({f for f, _ in mem.frame_runs}) if mem is not None else 0  # host integer
+            chunk_span = len({f for f, _ in st.runs}) if st.runs is not None else int(chunk_frames.max() - chunk_frames.min()) + 1
+            self.rope.check(distinct + chunk_span - 1)
+            mem_pos, chunk_pos = assign_positions(mem.frames if mem is not None else None, chunk_frames, distinct)
             m = 0 if mem is None else mem.num_tokens
             B, _, H, D = like.shape
             K = like.new_empty(B, m + n, H, D)  # (B, M + N, H, D)
@@ -122,7 +151,7 @@ class StreamingAttnProcessor:
                 cos, sin = self.rope(mem_pos, mem.hw)
                 K[:, :m] = apply_rope(mem.k.to(like.dtype), cos, sin)  # roped memory keys
                 V[:, :m] = mem.v.to(like.dtype)
-            self._cache = (K, V, chunk_pos, m)
+            self._cache = (K, V, self.rope(chunk_pos, chunk_hw), m)
             self._cache_epoch = st.epoch
         return self._cache
 
@@ -133,8 +162,7 @@ class StreamingAttnProcessor:
         k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))  # (B, N, H, D) un-roped
         v = attn.to_v(x).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
 
-        K, V, chunk_pos, m = self._memory(st.frames, st.hw, k)
-        cos, sin = self.rope(chunk_pos, st.hw)
+        K, V, (cos, sin), m = self._memory(st.frames, st.hw, k)
         q_r = apply_rope(q, cos, sin)
         K[:, m:] = apply_rope(k, cos, sin)  # (B, M + N, H, D): [memory ; chunk]
         V[:, m:] = v
@@ -143,7 +171,7 @@ class StreamingAttnProcessor:
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # (B, N, H·D)
 
         if st.commit and st.memory is not None:
-            st.memory.write(self.layer, KVBlock(k.detach(), v.detach(), st.frames, st.hw))
+            st.memory.write(self.layer, KVBlock(k.detach(), v.detach(), st.frames, st.hw, st.runs))
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 

@@ -85,6 +85,7 @@ class TextCache:
         self.bundle, self.device, self.dtype = bundle, device, dtype
         self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._keys: dict[tuple[str, int], torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
 
     @torch.no_grad()
     def embeds(self, prompt: str) -> torch.Tensor:
@@ -92,20 +93,25 @@ class TextCache:
         if prompt not in self._embeds:
             tok = self.bundle.tokenizer(
                 prompt, max_length=self.bundle.settings.text_len, padding="max_length", truncation=True,
-                add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
-            )
+                add_special_tokens=True, return_attention_mask=True,
+            )  # host lists: the token count is known without asking the device
             enc_device = next(self.bundle.text_encoder.parameters()).device
-            ids, mask = tok.input_ids.to(enc_device), tok.attention_mask.to(enc_device)
+            ids = torch.tensor([tok["input_ids"]], device=enc_device)  # (1, L)
+            mask = torch.tensor([tok["attention_mask"]], device=enc_device)  # (1, L)
             h = self.bundle.text_encoder(ids, mask).last_hidden_state  # (1, L, d)
             h = h * mask[..., None].to(h.dtype)  # zero the padding rows
             self._embeds[prompt] = h.to(self.device, self.dtype)
+            self._counts[prompt] = sum(tok["attention_mask"])
             if len(self._embeds) > 64:  # bounded: a story may have unlimited distinct prompts
                 old, _ = self._embeds.popitem(last=False)
+                self._counts.pop(old, None)
                 self._keys = {k: v for k, v in self._keys.items() if k[0] != old}
         return self._embeds[prompt]
 
     def token_count(self, prompt: str) -> int:
-        return int((self.embeds(prompt).abs().sum(-1) > 0).sum())
+        """Real (non-padding) tokens of the prompt, from the tokenizer's mask (a host integer)."""
+        self.embeds(prompt)
+        return self._counts[prompt]
 
     @torch.no_grad()
     def text_keys(self, prompt: str, layer: int) -> torch.Tensor:
@@ -146,6 +152,8 @@ class StreamingEngine:
         self.token_hw = (self.latent_hw[0] // p[1], self.latent_hw[1] // p[2])
         self.state = StreamState(memory=policy)
         self._processors = install_streaming_processors(bundle.transformer, self.state)
+        self._processors[0].rope.check(max(self.token_hw) - 1)  # grid cells are RoPE positions too
+        self._coords_cache = None
         self.text = TextCache(bundle, self.device, self.dtype)
         self.decoder = decoder if decoder is not None else StreamingDecoder(bundle.vae)
         # progress of the stream
@@ -155,13 +163,21 @@ class StreamingEngine:
         self.history: OrderedDict[int, torch.Tensor] = OrderedDict()  # latent frame → (1, C, 1, h, w)
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _coords(self, frame_start: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token coordinates of latent frames [frame_start, +num_frames): frames (N,), hw (N, 2)."""
+    def _coords(self, frame_start: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """Token coordinates of latent frames [frame_start, +num_frames): frames (N,), hw (N, 2) and
+        the host mirror of frames, ``((frame, tokens), ...)``. Built on the device from host integers
+        (no host → device copy) and reused by every forward of the chunk."""
+        key = (frame_start, num_frames)
+        if self._coords_cache is not None and self._coords_cache[0] == key:
+            return self._coords_cache[1]
         th, tw = self.token_hw
         frames = torch.arange(frame_start, frame_start + num_frames, device=self.device).repeat_interleave(th * tw)
         rows = torch.arange(th, device=self.device).repeat_interleave(tw).repeat(num_frames)
         cols = torch.arange(tw, device=self.device).repeat(th * num_frames)
-        return frames, torch.stack([rows, cols], dim=1)
+        runs = tuple((f, th * tw) for f in range(frame_start, frame_start + num_frames))
+        out = (frames, torch.stack([rows, cols], dim=1), runs)
+        self._coords_cache = (key, out)
+        return out
 
     @torch.no_grad()
     def _forward(self, latents: torch.Tensor, timestep: float, frame_start: int, embeds: torch.Tensor, commit: bool) -> torch.Tensor:
@@ -169,7 +185,7 @@ class StreamingEngine:
         tr = self.bundle.transformer
         if tr.blocks[0].attn1.processor is not self._processors[0]:  # another engine shares this model
             self._processors = install_streaming_processors(tr, st)
-        st.frames, st.hw = self._coords(frame_start, latents.shape[2])
+        st.frames, st.hw, st.runs = self._coords(frame_start, latents.shape[2])
         st.commit = commit
         t = torch.full((latents.shape[0],), float(timestep), device=self.device, dtype=torch.float32)
         out = self.bundle.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]

@@ -62,6 +62,25 @@ def text_relevance(text_keys: torch.Tensor | None, key_means: torch.Tensor) -> t
 
 def frame_key_means(block: KVBlock) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct frames of ``block`` (U,) ascending and the mean key of each frame (U, H, D), float32."""
+    frames, means = frame_key_means_host(block)
+    return torch.tensor(frames, dtype=torch.long), means
+
+
+def frame_key_means_host(block: KVBlock) -> tuple[list[int], torch.Tensor]:
+    """:func:`frame_key_means` with the frames as host integers, computed without a device sync when
+    every frame of ``block`` is one run of rows (a bank of whole frames): per-run slices, no ``unique``."""
+    runs = block.frame_runs
+    frames = sorted({f for f, _ in runs})
+    if len(frames) == len(runs):  # one run per frame
+        k = block.k.float().mean(dim=0)  # (B, N, H, D) → (N, H, D)
+        sums = dict(zip((f for f, _ in runs), k.split([n for _, n in runs]), strict=True))
+        count = dict(runs)
+        return frames, torch.stack([sums[f].sum(dim=0) / count[f] for f in frames])  # (U, H, D)
+    frame_t, means = _frame_key_means_device(block)
+    return frame_t.tolist(), means
+
+
+def _frame_key_means_device(block: KVBlock) -> tuple[torch.Tensor, torch.Tensor]:
     frames, inverse = torch.unique(block.frames, sorted=True, return_inverse=True)  # (U,), (N,)
     k = block.k.float().mean(dim=0)  # (B, N, H, D) → (N, H, D)
     sums = torch.zeros(frames.numel(), *k.shape[1:], device=k.device).index_add_(0, inverse, k)  # (U, H, D)
@@ -69,10 +88,9 @@ def frame_key_means(block: KVBlock) -> tuple[torch.Tensor, torch.Tensor]:
     return frames, sums / counts[:, None, None]  # (U, H, D)
 
 
-def held_frames(*blocks: KVBlock | None) -> torch.Tensor:
-    """Distinct frames of the given blocks (sink rows, local window) as a 1-D long tensor."""
-    parts = [b.frames for b in blocks if b is not None]
-    return torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)
+def held_frames(*blocks: KVBlock | None) -> set[int]:
+    """Distinct frames of the given blocks (sink rows, local window), from their host ``runs``."""
+    return {f for b in blocks if b is not None for f, _ in b.frame_runs}
 
 
 @register_policy
@@ -94,6 +112,7 @@ class BankMemory(WindowMemory):
         self.config = config
         self.bank: list[KVBlock | None] = [None] * num_layers  # rows of the banked frames
         self.scores: list[dict[int, float]] = [{} for _ in range(num_layers)]  # frame → last relevance
+        self._to_compress: list[int] = []  # layers whose bank grew this chunk (scored in end_chunk)
 
     @classmethod
     def from_config(cls, config: BankConfig, num_layers: int, *, phi=None) -> "BankMemory":
@@ -115,9 +134,8 @@ class BankMemory(WindowMemory):
             return None
         ctx = getattr(self, "ctx", None)
         start = ctx.frame_start if ctx is not None else self.frames_seen
-        held = held_frames(self.sink_rows[layer], self.local[layer]).to(bank.frames.device)  # (Uh,)
-        keep = (bank.frames < start) & ~torch.isin(bank.frames, held)  # (N,)
-        return bank.select(keep) if keep.any() else None
+        held = held_frames(self.sink_rows[layer], self.local[layer])  # host integers
+        return bank.select_frames(lambda f: f < start and f not in held)
 
     def read(self, layer: int) -> KVBlock | None:
         return KVBlock.cat([self.sink_rows[layer], self._bank_rows(layer), self.local[layer]])
@@ -127,28 +145,42 @@ class BankMemory(WindowMemory):
         ctx = self.ctx
         if ctx.recache or ctx.chunk % self.config.write_every:
             return
-        candidates = block.frames[block.frames >= self.sink]  # (N',) rows outside the sink
-        if candidates.numel() == 0:
+        candidates = [f for f, _ in block.frame_runs if f >= self.sink]  # frames outside the sink
+        if not candidates:
             return
-        frame = int(candidates.min())  # the chunk's first non-sink frame
+        frame = min(candidates)  # the chunk's first non-sink frame
         bank = self.bank[layer]
-        if bank is not None and bool((bank.frames == frame).any()):
+        if bank is not None and frame in held_frames(bank):
             return
-        self.bank[layer] = KVBlock.cat([bank, block.select(block.frames == frame)])
-        self._compress(layer, ctx)
+        self.bank[layer] = KVBlock.cat([bank, block.select_frames(lambda f: f == frame)])
+        self._to_compress.append(layer)
 
-    def _compress(self, layer: int, ctx: ChunkContext) -> None:
+    def end_chunk(self) -> None:
+        """Score and compress the banks that grew, all layers at once: one device → host copy per chunk."""
+        layers, self._to_compress = self._to_compress, []
+        if layers:
+            self._compress(layers, self.ctx)
+        super().end_chunk()
+
+    def _compress(self, layers: list[int], ctx: ChunkContext) -> None:
         """Keep the ``bank_frames`` frames most relevant to the current prompt (ties: older frame)."""
-        bank = self.bank[layer]
-        frames, means = frame_key_means(bank)  # (U,), (U, H, D)
-        text_keys = ctx.text_keys(layer) if ctx.text_keys is not None else None
-        score = text_relevance(text_keys, means)  # (U,)
-        self.scores[layer] = {int(f): float(s) for f, s in zip(frames, score)}
-        if frames.numel() <= self.config.bank_frames:
-            return
-        order = torch.sort(score, descending=True, stable=True).indices  # (U,) best first, ties → older
-        kept = frames[order[: self.config.bank_frames]]  # (bank_frames,)
-        self.bank[layer] = bank.select(torch.isin(bank.frames, kept))
+        frames, scores = [], []
+        for layer in layers:
+            f, means = frame_key_means_host(self.bank[layer])  # U host ints, (U, H, D)
+            text_keys = ctx.text_keys(layer) if ctx.text_keys is not None else None
+            frames.append(f)
+            scores.append(text_relevance(text_keys, means))  # (U,)
+        values = torch.cat(scores).tolist()  # the chunk's one sync: Σ U scores
+        pos = 0
+        for layer, f in zip(layers, frames):
+            score = values[pos: pos + len(f)]
+            pos += len(f)
+            self.scores[layer] = dict(zip(f, score))
+            if len(f) <= self.config.bank_frames:
+                continue
+            order = sorted(range(len(f)), key=lambda i: -score[i])  # stable: best first, ties → older
+            kept = {f[i] for i in order[: self.config.bank_frames]}
+            self.bank[layer] = self.bank[layer].select_frames(lambda x: x in kept)
 
     def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
         return super().on_prompt_switch(ctx)  # drops the local window only; sink and bank stay
@@ -159,7 +191,7 @@ class BankMemory(WindowMemory):
         out.update({
             "bank_frames": self.config.bank_frames,
             "write_every": self.config.write_every,
-            "bank": [sorted({int(f) for f in b.frames.unique()}) if b is not None else [] for b in self.bank],
+            "bank": [b.host_frames() if b is not None else [] for b in self.bank],
             "bank_scores": [{str(f): s for f, s in sc.items()} for sc in self.scores],
             "tokens_per_layer": [t + (b.num_tokens if b is not None else 0)
                                  for t, b in zip(out["tokens_per_layer"], self.bank)],

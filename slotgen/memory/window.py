@@ -68,20 +68,20 @@ class WindowMemory(MemoryPolicy):
         return KVBlock.cat([self.sink_rows[layer], self.local[layer]])
 
     def write(self, layer: int, block: KVBlock) -> None:
-        in_sink = block.frames < self.sink  # (N,)
-        if in_sink.any():
-            self.sink_rows[layer] = KVBlock.cat([self.sink_rows[layer], block.select(in_sink)])
-            block = block.select(~in_sink)
+        # which frames go where is decided on the host from block.runs: no device access
+        if any(f < self.sink for f, _ in block.frame_runs):
+            self.sink_rows[layer] = KVBlock.cat([self.sink_rows[layer], block.select_frames(lambda f: f < self.sink)])
+            block = block.select_frames(lambda f: f >= self.sink)
         local = KVBlock.cat([self.local[layer], block])
         if local is not None:
-            newest = int(local.frames.max())
-            local = local.select(local.frames > newest - self.window)  # keep `window` frames
+            newest = max(f for f, _ in local.frame_runs)
+            local = local.select_frames(lambda f: f > newest - self.window)  # keep `window` frames
         self.local[layer] = local
-        if layer == self.num_layers - 1 and block.num_tokens:
-            self.frames_seen = max(self.frames_seen, int(block.frames.max()) + 1)
+        if layer == self.num_layers - 1 and block is not None and block.num_tokens:
+            self.frames_seen = max(self.frames_seen, max(f for f, _ in block.frame_runs) + 1)
 
     def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
-        frames = sorted({int(f) for f in self.local[0].frames.unique()}) if self.local[0] is not None else []
+        frames = self.local[0].host_frames() if self.local[0] is not None else []
         self.local = [None] * self.num_layers
         return frames
 
@@ -91,7 +91,7 @@ class WindowMemory(MemoryPolicy):
     # -- introspection / persistence ------------------------------------------------------------------
     def _frames(self, blocks: list[KVBlock | None]) -> list[int]:
         b = blocks[0]
-        return sorted({int(f) for f in b.frames.unique()}) if b is not None else []
+        return b.host_frames() if b is not None else []
 
     def stats(self) -> dict:
         return {
