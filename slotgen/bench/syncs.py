@@ -15,7 +15,8 @@ PROMPTS = ("a red circle moves right on a blue background", "a green square ente
 
 def count_per_chunk(bundle, memory: dict, chunks: int, switch_at: int | None = None, width: int | None = None,
                     height: int | None = None, steps: int = 4, seed: int = 0) -> list[dict]:
-    """``[{"chunk", "syncs", "ops", "sources"}]`` for chunks 0..chunks-1 of one stream.
+    """``[{"chunk", "syncs", "ops", "sources", "stats"}]`` for chunks 0..chunks-1 of one stream (``stats``:
+    the policy's ``stats()`` after the chunk, outside the probe).
 
     memory: a policy config mapping (``{"policy": "slot", ...}``); the prompt switches to the second
     prompt at chunk ``switch_at`` (None: never)."""
@@ -30,5 +31,6 @@ def count_per_chunk(bundle, memory: dict, chunks: int, switch_at: int | None = N
         idx = 1 if switch_at is not None and c >= switch_at else 0
         with SyncProbe() as probe:
             engine.generate_chunk(idx, PROMPTS[idx])
-        out.append({"chunk": c, "syncs": probe.syncs, "ops": probe.ops, "sources": dict(probe.sources)})
+        out.append({"chunk": c, "syncs": probe.syncs, "ops": probe.ops, "sources": dict(probe.sources),
+                    "stats": policy.stats()})
     return out

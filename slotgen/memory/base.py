@@ -76,6 +76,15 @@ def _runs_of(frames: torch.Tensor) -> Runs:
     return tuple(zip(values.tolist(), counts.tolist()))
 
 
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU holding only its own elements: a view into a larger buffer (rows sliced out of a
+    chunk's tensor) is copied, so ``torch.save`` does not write the whole buffer behind it."""
+    t = t.cpu()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 def _merge_runs(runs) -> Runs:
     out: list[list[int]] = []
     for f, n in runs:
@@ -178,7 +187,7 @@ class KVBlock:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.frames, self.hw))
 
     def to_state(self) -> dict:
-        return {"k": self.k.cpu(), "v": self.v.cpu(), "frames": self.frames.cpu(), "hw": self.hw.cpu()}
+        return {"k": host_copy(self.k), "v": host_copy(self.v), "frames": host_copy(self.frames), "hw": host_copy(self.hw)}
 
     @staticmethod
     def from_state(d: dict, device: torch.device | str = "cpu") -> "KVBlock":
