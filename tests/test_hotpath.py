@@ -69,3 +69,31 @@ def test_slot_bookkeeping_costs_at_most_a_third_more_operators_than_sink():
     slot = count_per_chunk(bundle, {**POLICIES["slot"], "num_slots": 8, "top_r": 4, "top_k": 8, "budget": 96}, chunks=8)
     ratio = sum(r["ops"] for r in slot[2:]) / sum(r["ops"] for r in sink[2:])
     assert ratio <= 1.3, ratio
+
+
+def test_cross_attention_text_kv_are_cached_per_prompt_and_bit_identical_to_stock():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from slotgen.engine.generator import EngineOptions, StreamingEngine
+    from slotgen.memory import SinkMemory
+
+    prompts = ["a red circle", "a red circle", "a green square", "a green square"]  # a switch at chunk 2
+
+    def run(stock: bool):
+        bundle = tiny_bundle(num_layers=3)
+        engine = StreamingEngine(bundle, SinkMemory(3, window=3, sink=3),
+                                 EngineOptions(seed=0, fps=16, width=48, height=32, steps=2, shift=5.0))
+        if stock:
+            for block in bundle.transformer.blocks:
+                block.attn2.set_processor(WanAttnProcessor())
+        calls = []
+        for block in bundle.transformer.blocks:
+            block.attn2.to_k.register_forward_hook(lambda *a: calls.append(1))
+        out = [engine.generate_chunk(int(p != prompts[0]), p).latents for p in prompts]
+        return out, len(calls)
+
+    cached, cached_calls = run(stock=False)
+    stock, stock_calls = run(stock=True)
+    assert all(torch.equal(a, b) for a, b in zip(cached, stock))
+    assert cached_calls == 3 * 2  # once per layer and prompt (the switch replaced them)
+    assert stock_calls > 3 * 4 * 3  # every forward of every layer

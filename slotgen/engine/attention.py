@@ -1,8 +1,8 @@
 """Streaming self-attention for diffusers' stock ``WanTransformer3DModel``.
 
 We do not fork the model. Each block's ``attn1`` gets its own :class:`StreamingAttnProcessor`
-(installed with ``transformer.set_attn_processor``; ``attn2``, cross-attention, keeps the stock
-``WanAttnProcessor``). All processors share one :class:`StreamState` that the engine sets before each
+(installed with ``transformer.set_attn_processor``; ``attn2``, cross-attention, gets a
+:class:`CachedCrossAttnProcessor`: the stock arithmetic with the text K/V kept per prompt). All processors share one :class:`StreamState` that the engine sets before each
 transformer call: the memory policy, the chunk's token coordinates and whether this is the commit pass.
 
 Inside a processor call (chunk of N tokens, memory of M rows, H heads of size D)::
@@ -44,6 +44,7 @@ class StreamState:
     commit: bool = False  # True on the timestep-0 pass whose K/V is written to memory
     epoch: int = 0  # bumped by the engine whenever memory may have changed (new chunk)
     runs: tuple | None = None  # host mirror of ``frames``: ((frame, tokens), ...) (see KVBlock.runs)
+    text: object = None  # the prompt's embeddings tensor of this call: cross-attention K/V are cached per it
 
 
 class RopeTable:
@@ -176,10 +177,54 @@ class StreamingAttnProcessor:
         return attn.to_out[1](out)
 
 
-def install_streaming_processors(transformer, state: StreamState) -> list[StreamingAttnProcessor]:
-    """Give every block's attn1 its own streaming processor; attn2 keeps the stock Wan processor."""
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+class CachedCrossAttnProcessor:
+    """Cross-attention (``attn2``) whose text K/V are computed once per prompt and layer.
 
+    The text context is the same for every forward of every chunk under one prompt (Self-Forcing and
+    LongLive cache it likewise), so ``norm_k(to_k(ctx))`` and ``to_v(ctx)`` are kept and reused while
+    ``state.text`` is the same embeddings tensor; a new prompt (a switch, or another stream's prompt)
+    replaces them. The arithmetic is the stock ``WanAttnProcessor``'s for text-to-video (no image
+    context, no mask), so outputs are bit-identical to it; anything else falls back to the stock one.
+    """
+
+    def __init__(self, state: StreamState):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.state = state
+        self.stock = WanAttnProcessor()
+        self._text: object = None  # the embeddings tensor the cached K/V belong to
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def clear(self) -> None:
+        self._text, self._kv = None, None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        st = self.state
+        if (st.text is None or encoder_hidden_states is None or attention_mask is not None or rotary_emb is not None
+                or attn.add_k_proj is not None):
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        if self._text is not st.text or self._kv is None:
+            ctx = encoder_hidden_states  # (B, L, C) the projected text context
+            if attn.fused_projections:
+                key, value = attn.to_kv(ctx).chunk(2, dim=-1)
+            else:
+                key, value = attn.to_k(ctx), attn.to_v(ctx)
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))  # (B, L, H, D)
+            self._kv = (key, value.unflatten(2, (attn.heads, -1)))  # (B, L, H, D) each
+            self._text = st.text
+        key, value = self._kv
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
+        out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                    backend=self.stock._attention_backend, parallel_config=None)
+        out = out.flatten(2, 3).type_as(query)  # (B, N, H·D)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def install_streaming_processors(transformer, state: StreamState) -> list[StreamingAttnProcessor]:
+    """Give every block's attn1 its own streaming processor and attn2 its own text-K/V-caching one."""
     rope = RopeTable(transformer.rope)
     processors: dict[str, object] = {}
     streaming = []
@@ -187,6 +232,6 @@ def install_streaming_processors(transformer, state: StreamState) -> list[Stream
         p = StreamingAttnProcessor(i, state, rope)
         streaming.append(p)
         processors[f"blocks.{i}.attn1.processor"] = p
-        processors[f"blocks.{i}.attn2.processor"] = WanAttnProcessor()
+        processors[f"blocks.{i}.attn2.processor"] = CachedCrossAttnProcessor(state)
     transformer.set_attn_processor(processors)
     return streaming

@@ -187,6 +187,7 @@ class StreamingEngine:
             self._processors = install_streaming_processors(tr, st)
         st.frames, st.hw, st.runs = self._coords(frame_start, latents.shape[2])
         st.commit = commit
+        st.text = embeds  # cross-attention K/V are cached per embeddings tensor (one per prompt)
         t = torch.full((latents.shape[0],), float(timestep), device=self.device, dtype=torch.float32)
         out = self.bundle.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
         st.commit = False
