@@ -128,3 +128,16 @@ def test_vae_runs_in_the_model_dtype_on_cuda_and_bf16_decode_stays_close_to_fp32
     psnr = 10 * math.log10(4.0 / float((err ** 2).mean()))  # peak-to-peak 2
     assert psnr >= 25.0 and float(err.abs().max()) <= 0.25, (psnr, float(err.abs().max()))
     assert ref.std() > 0.3  # the frames are not flat: the bound says something
+
+
+def test_chunk_noise_is_drawn_on_the_device_and_depends_only_on_seed_and_chunk():
+    from slotgen.engine.sampler import chunk_noise
+
+    with SyncProbe() as probe:
+        a = chunk_noise((1, 4, 3, 2, 2), seed=7, chunk=5, steps=3, device="cpu")
+    assert probe.syncs == 0 and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in a)
+    chunk_noise((1, 4, 3, 2, 2), seed=7, chunk=4, steps=3)  # other draws in between change nothing
+    b = chunk_noise((1, 4, 3, 2, 2), seed=7, chunk=5, steps=3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], chunk_noise((1, 4, 3, 2, 2), seed=7, chunk=6, steps=1)[0])
+    assert not torch.equal(a[0], a[1])  # one fresh draw per step

@@ -76,6 +76,7 @@ class EngineOptions:
     height: int
     steps: int
     shift: float
+    noise_device: str | None = None  # where chunk noise is drawn; None: the model's device (no copies)
 
 
 class TextCache:
@@ -242,7 +243,9 @@ class StreamingEngine:
         self.state.epoch += 1
         shape = (1, self.bundle.transformer.config.in_channels, F, *self.latent_hw)
         if latents is None:
-            noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c, self.schedule.noise_draws())]
+            noise_device = self.options.noise_device or self.device
+            noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c, self.schedule.noise_draws(),
+                                                                         device=noise_device)]
             predict = x0_predictor(lambda x, t: self._forward(x, t, frame_start, embeds, commit=False),
                                    self.bundle.settings.prediction)
             x0 = sample_chunk(predict, noises, self.schedule)
