@@ -413,6 +413,49 @@ def bench_speed(
     Console(width=200).print(table)
 
 
+@bench_app.command("flops")
+@user_errors
+def bench_flops(
+    model: str = typer.Option("wan-1.3b-random", "--model", help="'wan-1.3b-random' (the Wan2.1-T2V-1.3B architecture) or 'miniature'."),
+    resolution: str = typer.Option("832x480", "--resolution", help="WxH."),
+    memory: Optional[list[str]] = typer.Option(None, "--memory", help="A memory setting, 'policy[:key=value,...]' "
+                                               "(e.g. sink:sink=3,window=6); repeat for several. Default: each "
+                                               "policy at its defaults."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising forwards per chunk (default: the model's); "
+                                        "the commit forward is added."),
+    tflops: str = typer.Option("989", "--tflops", help="Sustained TFLOP/s for the FPS ceiling; comma-separated "
+                               "for several."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
+) -> None:
+    """FLOPs per chunk of the transformer and the VAE (counted on the meta device) and the FPS ceiling."""
+    import json as _json
+
+    from rich.table import Table
+
+    from slotgen.bench.flops import count_flops, parse_memory_spec
+
+    try:
+        width, height = (int(v) for v in resolution.lower().split("x"))
+        rates = [float(r) for r in tflops.split(",")]
+    except ValueError:
+        raise SlotgenError(f"--resolution/--tflops: expected WxH and numbers, got {resolution!r} / {tflops!r}") from None
+    specs = [parse_memory_spec(m) for m in (memory or ["window", "sink", "bank", "slot"])]
+    rows = count_flops(model, width, height, specs, steps=steps)
+    table = Table(title=f"slotgen bench flops — {model} at {width}x{height}, TFLOP per chunk")
+    for col in ("memory", "memory tokens", "transformer / forward", "transformer / chunk", "VAE / chunk", "total",
+                *(f"FPS at {r:g} TFLOP/s" for r in rates)):
+        table.add_column(col, justify="right")
+    for spec, r in zip(specs, rows):
+        label = ",".join(f"{k}={v}" for k, v in spec.items() if k != "policy")
+        table.add_row(f"{r.policy} {label}".strip(), str(r.memory_tokens), f"{r.transformer_tflop_per_forward:.2f}",
+                      f"{r.transformer_tflop_per_chunk:.2f}", f"{r.vae_tflop_per_chunk:.2f}",
+                      f"{r.total_tflop_per_chunk:.2f}", *(f"{r.fps_at(x):.1f}" for x in rates))
+    if json_out is not None:
+        json_out.write_text(_json.dumps([{**spec, **r.__dict__, "total_tflop_per_chunk": r.total_tflop_per_chunk}
+                                         for spec, r in zip(specs, rows)], indent=2) + "\n")
+    Console(width=200).print(table)
+
+
 @bench_app.command("policy-cost")
 @user_errors
 def bench_policy_cost(

@@ -141,3 +141,41 @@ def test_chunk_noise_is_drawn_on_the_device_and_depends_only_on_seed_and_chunk()
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], chunk_noise((1, 4, 3, 2, 2), seed=7, chunk=6, steps=1)[0])
     assert not torch.equal(a[0], a[1])  # one fresh draw per step
+
+
+def test_bench_flops_counts_attention_over_the_memory_exactly():
+    from slotgen.bench.flops import count_flops
+
+    rows = count_flops("miniature", 64, 64, [{"policy": "window", "window": 3}, {"policy": "window", "window": 9},
+                                             {"policy": "slot", "sink": 3, "window": 6, "top_k": 8, "top_r": 4}], steps=4)
+    a, b, slot = rows
+    T = 16  # miniature: 4×4 tokens per latent frame
+    assert (a.memory_tokens, b.memory_tokens, slot.memory_tokens) == (3 * T, 9 * T, 9 * T + 32)
+    n = 3 * T  # chunk tokens
+    import json
+
+    from slotgen.models.miniature import _asset_path
+
+    cfg = json.loads((_asset_path(None) / "config.json").read_text())["transformer"]
+    layers, width = cfg["num_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    extra = b.transformer_tflop_per_forward - a.transformer_tflop_per_forward
+    expected = layers * 2 * (2 * n * (b.memory_tokens - a.memory_tokens) * width) / 1e12  # QKᵀ and PV
+    assert extra == pytest.approx(expected, rel=1e-9)
+    assert a.transformer_tflop_per_chunk == pytest.approx(5 * a.transformer_tflop_per_forward)  # 4 steps + commit
+    settings = json.loads((_asset_path(None) / "config.json").read_text())["settings"]
+    frames = settings.get("vae_stride_t", 4) * settings.get("chunk_frames", 3)
+    assert a.vae_tflop_per_chunk == b.vae_tflop_per_chunk > 0 and a.frames_per_chunk == frames
+    assert b.fps_at(2.0) == pytest.approx(frames * 2.0 / b.total_tflop_per_chunk)
+
+
+def test_bench_flops_command_prints_the_table_and_refuses_bad_settings():
+    from typer.testing import CliRunner
+
+    from slotgen.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["bench", "flops", "--model", "miniature", "--resolution", "64x64", "--memory", "sink:sink=3,window=6"])
+    assert ok.exit_code == 0, ok.output
+    assert "sink sink=3,window=6" in ok.output and "FPS at 989 TFLOP/s" in ok.output
+    bad = runner.invoke(app, ["bench", "flops", "--model", "miniature", "--memory", "sink:window=0"])
+    assert bad.exit_code == 2 and "--memory" in bad.output
