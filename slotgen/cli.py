@@ -399,7 +399,7 @@ def bench_speed(
     base = {r["video_s"]: r for r in rows if r["policy"] == names[0]}
     table = Table(title=f"slotgen bench speed — {rows[0]['model']} on {device} at {rows[0]['resolution']}")
     for col in ("policy", "video s", "wall s", "×realtime", "gen fps", "chunk ms p50", "p95", "vs " + names[0],
-                "drift", "peak RSS MB", "RSS growth", "memory MB"):
+                "drift", "peak RSS MB", "RSS growth", "memory MB", *(["peak GPU MB"] if "peak_gpu_mb" in rows[0] else [])):
         table.add_column(col, justify="right")
     for r in rows:
         ratio = r["chunk_ms_median"] / base[r["video_s"]]["chunk_ms_median"]
@@ -407,9 +407,56 @@ def bench_speed(
                       f"{r['gen_fps']:.1f}", f"{r['chunk_ms_median']:.1f}", f"{r['chunk_ms_p95']:.1f}", f"{ratio:.3f}",
                       "-" if r["drift"] is None else f"{r['drift']:.3f}", f"{r['peak_rss_mb']:.0f}",
                       "-" if r.get("rss_growth") is None else f"{r['rss_growth']:.3f}",
-                      f"{r['memory_bytes'] / 2**20:.2f}")
+                      f"{r['memory_bytes'] / 2**20:.2f}", *([f"{r['peak_gpu_mb']:.0f}"] if "peak_gpu_mb" in r else []))
     if json_out is not None:
         json_out.write_text(_json.dumps(rows, indent=2) + "\n")
+    Console(width=200).print(table)
+
+
+@bench_app.command("syncs")
+@user_errors
+def bench_syncs(
+    policies: str = typer.Option("window,sink,bank,slot", "--policies", help="Comma-separated memory policies."),
+    model: str = typer.Option("miniature", "--model", help="'miniature', 'wan-1.3b-random' or a local folder."),
+    device: str = typer.Option("cpu", "--device"),
+    resolution: Optional[str] = typer.Option(None, "--resolution", help="WxH (default: the model's)."),
+    chunks: int = typer.Option(6, "--chunks", help="Chunks per policy (a prompt switch at the last but one)."),
+    steps: int = typer.Option(4, "--steps", help="Sampler steps."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the per-chunk rows as JSON."),
+) -> None:
+    """Host-device syncs and operator launches per chunk for each policy (SyncProbe), after chunk 0."""
+    import json as _json
+    import statistics
+
+    from rich.table import Table
+
+    from slotgen.bench.syncs import count_per_chunk
+    from slotgen.models import load_model
+
+    names = policy_list(policies)
+    if chunks < 3:
+        raise SlotgenError("--chunks: at least 3 (a warm-up chunk, a steady one and a prompt switch)")
+    size = None
+    if resolution is not None:
+        try:
+            size = tuple(int(v) for v in resolution.lower().split("x"))
+        except ValueError:
+            raise SlotgenError(f"--resolution: expected WxH, got {resolution!r}") from None
+    bundle = load_model(model, device=device)
+    table = Table(title=f"slotgen bench syncs — {bundle.name} on {device}, per chunk after chunk 0")
+    for col in ("policy", "syncs median", "syncs max", "at the switch", "ops median", "sources (chunk 1)"):
+        table.add_column(col, justify="right")
+    out = {}
+    for name in names:
+        rows = count_per_chunk(bundle, {"policy": name}, chunks, switch_at=chunks - 2,
+                               width=size[0] if size else None, height=size[1] if size else None, steps=steps)
+        out[name] = [{k: v for k, v in r.items() if k != "stats"} for r in rows]
+        later = rows[1:]
+        table.add_row(name, f"{statistics.median(r['syncs'] for r in later):g}", str(max(r["syncs"] for r in later)),
+                      str(rows[chunks - 2]["syncs"]), f"{statistics.median(r['ops'] for r in later):g}",
+                      " ".join(f"{k}×{v}" for k, v in rows[1]["sources"].items()))
+    if json_out is not None:
+        json_out.write_text(_json.dumps(out, indent=2) + "\n")
     Console(width=200).print(table)
 
 
