@@ -184,6 +184,7 @@ def render(
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory policy: window, sink, bank, slot, or a "
                                          "registered plug-in (see `slotgen.memory.registry`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (slower start, faster chunks on a GPU)."),
     **memory_keys,
 ) -> None:
     """Render a storyboard to an MP4, streaming chunk by chunk (progress on stderr).
@@ -207,7 +208,7 @@ def render(
 
     with _interruptible():
         bundle = load_model(sb.model, device=device, checkpoint=checkpoint) if checkpoint is not None else None
-        renderer = Renderer(sb, bundle=bundle, device=device)
+        renderer = Renderer(sb, bundle=bundle, device=device, compile=compile)
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
         report = _run_streaming(quiet, renderer, lambda on_chunk, stop: stream_to_files(

@@ -80,7 +80,7 @@ class RenderReport:
 class Renderer:
     """A storyboard bound to a model and a memory policy; renders (and continues) its timeline."""
 
-    def __init__(self, storyboard, bundle: ModelBundle | None = None, device: str = "cpu"):
+    def __init__(self, storyboard, bundle: ModelBundle | None = None, device: str = "cpu", compile: bool = False):
         self.bundle = bundle if bundle is not None else load_model(storyboard.model, device=device)
         self.storyboard = storyboard
         s = self.bundle.settings
@@ -93,6 +93,7 @@ class Renderer:
             height=height,
             steps=(sampler.steps if sampler and sampler.steps else s.steps),
             shift=(sampler.shift if sampler and sampler.shift else s.shift),
+            compile=compile,
         )
         self.policy = build_policy(storyboard.memory, len(self.bundle.transformer.blocks), phi=self.bundle.slot_phi)
         self.engine = StreamingEngine(self.bundle, self.policy, self.options)

@@ -156,6 +156,7 @@ class StreamingAttnProcessor:
             self._cache_epoch = st.epoch
         return self._cache
 
+    @torch.compiler.disable  # per-chunk Python state: dynamo would guard on it and recompile every chunk
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         st = self.state
         x = hidden_states  # (B, N, C)
@@ -198,6 +199,7 @@ class CachedCrossAttnProcessor:
     def clear(self) -> None:
         self._text, self._kv = None, None
 
+    @torch.compiler.disable  # the cache is keyed by Python object identity: kept out of compiled graphs
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         st = self.state
         if (st.text is None or encoder_hidden_states is None or attention_mask is not None or rotary_emb is not None

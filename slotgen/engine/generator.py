@@ -77,6 +77,16 @@ class EngineOptions:
     steps: int
     shift: float
     noise_device: str | None = None  # where chunk noise is drawn; None: the model's device (no copies)
+    compile: bool = False  # torch.compile the transformer blocks (see compile_blocks)
+
+
+def compile_blocks(transformer) -> None:
+    """``torch.compile`` every transformer block in place: norms, modulation, FFN and residuals become
+    fused inductor kernels. The attention processors stay eager (``torch.compiler.disable``: they hold
+    per-chunk Python state), so the graphs see fixed chunk shapes whatever the memory holds and the
+    blocks, alike in structure, share the compiled graphs instead of compiling one set per layer."""
+    for block in transformer.blocks:
+        block.compile()
 
 
 class TextCache:
@@ -155,6 +165,8 @@ class StreamingEngine:
         self._processors = install_streaming_processors(bundle.transformer, self.state)
         self._processors[0].rope.check(max(self.token_hw) - 1)  # grid cells are RoPE positions too
         self._coords_cache = None
+        if options.compile:
+            compile_blocks(bundle.transformer)
         self.text = TextCache(bundle, self.device, self.dtype)
         self.decoder = decoder if decoder is not None else StreamingDecoder(bundle.vae)
         # progress of the stream
