@@ -29,6 +29,7 @@ import torch
 
 from slotgen.atomic import atomic_write_bytes
 from slotgen.engine.generator import ChunkResult, EngineOptions, StreamingEngine
+from slotgen.engine.overlap import DecodeWorker
 from slotgen.memory import build_policy
 from slotgen.models import ModelBundle, load_model
 from slotgen.snapshot import ENGINE_OPTIONS, default_snapshot_path, write_snapshot
@@ -80,7 +81,8 @@ class RenderReport:
 class Renderer:
     """A storyboard bound to a model and a memory policy; renders (and continues) its timeline."""
 
-    def __init__(self, storyboard, bundle: ModelBundle | None = None, device: str = "cpu", compile: bool = False):
+    def __init__(self, storyboard, bundle: ModelBundle | None = None, device: str = "cpu", compile: bool = False,
+                 overlap: bool = True):
         self.bundle = bundle if bundle is not None else load_model(storyboard.model, device=device)
         self.storyboard = storyboard
         s = self.bundle.settings
@@ -100,6 +102,7 @@ class Renderer:
         self.frames_emitted = 0  # video frames handed to the writers so far
         self.pending = np.zeros((0, height, width, 3), np.uint8)  # decoded past the timeline's end
         self.source: str | None = None  # the story's first storyboard file, kept across resumes
+        self.overlap = overlap  # decode + write on a worker thread while the next chunk generates
 
     @property
     def size(self) -> tuple[int, int]:
@@ -141,18 +144,33 @@ class Renderer:
 
         if len(self.pending):
             emit(self.pending)
-        res: ChunkResult
-        for res in self.engine.run(self.storyboard):
-            emit(res.frames)
-            chunk_seconds.append(res.seconds)
-            prompt_chunks.append(res.prompt_index)
-            if on_chunk is not None:
-                on_chunk(ChunkEvent(res.chunk, total_chunks, res.prompt_index, res.prompt, self.frames_emitted,
-                                    total, self.storyboard.fps, res.seconds, time.perf_counter() - t0,
-                                    res.recached_frames))
-            if should_stop is not None and should_stop() and self.frames_emitted < total:
-                interrupted = True
-                break
+        # Overlapped, the worker decodes and writes chunk c while the engine generates chunk c + 1.
+        # Events, timings and should_stop stay on this thread, in generation order: an event's
+        # frames_done counts the chunk's frames as handed over (written by the time stream returns).
+        worker = DecodeWorker(self.engine.decoder.decode_chunk, lambda res, frames: emit(frames), depth=1,
+                              device=self.bundle.device) if self.overlap else None
+        last = t0
+        try:
+            res: ChunkResult
+            for res in self.engine.run(self.storyboard, decode=worker is None):
+                if worker is None:
+                    emit(res.frames)
+                else:
+                    worker.put(res, res.latents)  # blocks while the previous chunk is still being written
+                now = time.perf_counter()
+                seconds, last = now - last, now  # the stream's period, chunk to chunk
+                chunk_seconds.append(seconds)
+                prompt_chunks.append(res.prompt_index)
+                done = min(total, self.engine.geometry.first_frame(self.engine.next_chunk))
+                if on_chunk is not None:
+                    on_chunk(ChunkEvent(res.chunk, total_chunks, res.prompt_index, res.prompt, done, total,
+                                        self.storyboard.fps, seconds, now - t0, res.recached_frames))
+                if should_stop is not None and should_stop() and done < total:
+                    interrupted = True
+                    break
+        finally:
+            if worker is not None:
+                worker.close()  # every generated chunk decoded and written: the state is as without overlap
         return RenderReport(
             frames=self.frames_emitted - start, chunks=self.engine.next_chunk, elapsed=time.perf_counter() - t0,
             chunk_seconds=chunk_seconds, prompt_chunks=prompt_chunks, outputs=[], warnings=[],

@@ -62,9 +62,9 @@ class ChunkResult:
     prompt_index: int
     prompt: str
     first_frame: int  # global index of frames[0]
-    frames: np.ndarray  # (N, H, W, 3) uint8, all frames the chunk decoded to
+    frames: np.ndarray | None  # (N, H, W, 3) uint8, all frames the chunk decoded to (None: not decoded yet)
     latents: torch.Tensor  # (1, C, F, h, w) clean latents
-    seconds: float  # wall time for the chunk (sampling + commit + decode)
+    seconds: float  # wall time for the chunk (sampling + commit, + decode when decoded inline)
     recached_frames: int = 0
 
 
@@ -235,8 +235,12 @@ class StreamingEngine:
 
     # -- the loop -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_chunk(self, prompt_index: int, prompt: str, latents: torch.Tensor | None = None) -> ChunkResult:
+    def generate_chunk(self, prompt_index: int, prompt: str, latents: torch.Tensor | None = None,
+                       decode: bool = True) -> ChunkResult:
         """Generate, commit and decode the next chunk under ``prompt``.
+
+        ``decode=False`` leaves ``frames`` None: the caller decodes ``latents`` with ``self.decoder``
+        itself, in chunk order (``Renderer.stream`` does it on a worker thread, overlapped).
 
         ``latents`` (``(1, C, F, h, w)``, normalised): commit these instead of sampling (teacher forcing,
         e.g. the ground-truth past of ``bench identity --past truth``); everything else is as for a sampled chunk.
@@ -273,19 +277,19 @@ class StreamingEngine:
         while len(self.history) > self.policy.recache_span():
             self.history.popitem(last=False)
 
-        frames = self.decoder.decode_chunk(x0)
+        frames = self.decoder.decode_chunk(x0) if decode else None
         self.next_chunk += 1
         self.prompt, self.prompt_index = prompt, prompt_index
         return ChunkResult(c, prompt_index, prompt, self.geometry.first_frame(c), frames, x0,
                            time.perf_counter() - t0, recached)
 
-    def run(self, timeline) -> Iterator[ChunkResult]:
+    def run(self, timeline, decode: bool = True) -> Iterator[ChunkResult]:
         """Generate every remaining chunk of ``timeline`` (a Storyboard: prompts, fps, total frames)."""
         total = timeline.total_frames
         while self.geometry.first_frame(self.next_chunk) < total:
             t = self.geometry.first_frame(self.next_chunk) / timeline.fps
             idx = timeline.prompt_index_at(t)
-            yield self.generate_chunk(idx, timeline.prompts[idx].text)
+            yield self.generate_chunk(idx, timeline.prompts[idx].text, decode=decode)
 
     # -- persistence (snapshots) -----------------------------------------------------------------------
     def state_dict(self) -> dict:
