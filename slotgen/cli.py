@@ -370,6 +370,15 @@ def policy_list(text: str) -> list[str]:
     return names
 
 
+def _bench_output(table, json_out: Optional[Path], data) -> None:
+    """A bench command's ending: the rows as JSON when asked, then the table."""
+    import json as _json
+
+    if json_out is not None:
+        json_out.write_text(_json.dumps(data, indent=2) + "\n")
+    Console(width=200).print(table)
+
+
 @bench_app.command("speed")
 @user_errors
 def bench_speed(
@@ -384,7 +393,6 @@ def bench_speed(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
 ) -> None:
     """Render the same storyboard with each policy (fresh process each) and print a timing table."""
-    import json as _json
 
     from rich.table import Table
 
@@ -409,9 +417,7 @@ def bench_speed(
                       "-" if r["drift"] is None else f"{r['drift']:.3f}", f"{r['peak_rss_mb']:.0f}",
                       "-" if r.get("rss_growth") is None else f"{r['rss_growth']:.3f}",
                       f"{r['memory_bytes'] / 2**20:.2f}", *([f"{r['peak_gpu_mb']:.0f}"] if "peak_gpu_mb" in r else []))
-    if json_out is not None:
-        json_out.write_text(_json.dumps(rows, indent=2) + "\n")
-    Console(width=200).print(table)
+    _bench_output(table, json_out, rows)
 
 
 @bench_app.command("syncs")
@@ -426,7 +432,6 @@ def bench_syncs(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the per-chunk rows as JSON."),
 ) -> None:
     """Host-device syncs and operator launches per chunk for each policy (SyncProbe), after chunk 0."""
-    import json as _json
     import statistics
 
     from rich.table import Table
@@ -456,9 +461,7 @@ def bench_syncs(
         table.add_row(name, f"{statistics.median(r['syncs'] for r in later):g}", str(max(r["syncs"] for r in later)),
                       str(rows[chunks - 2]["syncs"]), f"{statistics.median(r['ops'] for r in later):g}",
                       " ".join(f"{k}×{v}" for k, v in rows[1]["sources"].items()))
-    if json_out is not None:
-        json_out.write_text(_json.dumps(out, indent=2) + "\n")
-    Console(width=200).print(table)
+    _bench_output(table, json_out, out)
 
 
 @bench_app.command("flops")
@@ -476,7 +479,6 @@ def bench_flops(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
 ) -> None:
     """FLOPs per chunk of the transformer and the VAE (counted on the meta device) and the FPS ceiling."""
-    import json as _json
 
     from rich.table import Table
 
@@ -495,13 +497,11 @@ def bench_flops(
         table.add_column(col, justify="right")
     for spec, r in zip(specs, rows):
         label = ",".join(f"{k}={v}" for k, v in spec.items() if k != "policy")
-        table.add_row(f"{r.policy} {label}".strip(), str(r.memory_tokens), f"{r.transformer_tflop_per_forward:.2f}",
-                      f"{r.transformer_tflop_per_chunk:.2f}", f"{r.vae_tflop_per_chunk:.2f}",
-                      f"{r.total_tflop_per_chunk:.2f}", *(f"{r.fps_at(x):.1f}" for x in rates))
-    if json_out is not None:
-        json_out.write_text(_json.dumps([{**spec, **r.__dict__, "total_tflop_per_chunk": r.total_tflop_per_chunk}
-                                         for spec, r in zip(specs, rows)], indent=2) + "\n")
-    Console(width=200).print(table)
+        table.add_row(f"{r.policy} {label}".strip(), str(r.memory_tokens), f"{r.transformer_tflop_per_forward:.4g}",
+                      f"{r.transformer_tflop_per_chunk:.5g}", f"{r.vae_tflop_per_chunk:.4g}",
+                      f"{r.total_tflop_per_chunk:.5g}", *(f"{r.fps_at(x):.4g}" for x in rates))
+    _bench_output(table, json_out, [{**spec, **r.__dict__, "total_tflop_per_chunk": r.total_tflop_per_chunk}
+                                    for spec, r in zip(specs, rows)])
 
 
 @bench_app.command("policy-cost")
