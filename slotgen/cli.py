@@ -605,7 +605,8 @@ def bench_speed(
 @bench_app.command("syncs")
 @user_errors
 def bench_syncs(
-    policies: str = typer.Option("window,sink,bank,slot", "--policies", help="Comma-separated memory policies."),
+    policies: str = typer.Option("window,sink,bank,slot", "--policies", help="Comma-separated memory settings, "
+                                 "POLICY[@PRESET][:KEY=VALUE...] (e.g. sink@longlive, bank@memflow:write_every=1)."),
     model: str = typer.Option("miniature", "--model", help="'miniature', 'wan-1.3b-random' or a local folder."),
     device: str = typer.Option("cpu", "--device"),
     resolution: Optional[str] = typer.Option(None, "--resolution", help="WxH (default: the model's)."),
@@ -618,10 +619,11 @@ def bench_syncs(
 
     from rich.table import Table
 
+    from slotgen.bench.speed import memory_spec
     from slotgen.bench.syncs import count_per_chunk
     from slotgen.models import load_model
 
-    names = policy_list(policies)
+    names = memory_spec_list(policies)
     if chunks < 3:
         raise SlotgenError("--chunks: at least 3 (a warm-up chunk, a steady one and a prompt switch)")
     size = None
@@ -636,7 +638,7 @@ def bench_syncs(
         table.add_column(col, justify="right")
     out = {}
     for name in names:
-        rows = count_per_chunk(bundle, {"policy": name}, chunks, switch_at=chunks - 2,
+        rows = count_per_chunk(bundle, memory_spec(name), chunks, switch_at=chunks - 2,
                                width=size[0] if size else None, height=size[1] if size else None, steps=steps)
         out[name] = [{k: v for k, v in r.items() if k != "stats"} for r in rows]
         later = rows[1:]

@@ -19,6 +19,16 @@ POLICIES = {
     "slot": {"policy": "slot", "sink": 3, "window": 6, "num_slots": 4, "top_r": 2, "top_k": 3, "budget": 12},
 }
 
+# the attention presets on the same stream: absolute RoPE, window counting the chunk, LongLive's one-pass
+# re-cache (the switch at chunk 6 re-runs 9 frames in one pass) and MemFlow's bank (recording every chunk
+# into 2 slots so the offers score and replace slots from chunk 3 on)
+PRESETS = {
+    "self_forcing": {"preset": "self_forcing", "policy": "window"},
+    "longlive": {"preset": "longlive", "policy": "sink"},
+    "longlive_infinity": {"preset": "longlive_infinity", "policy": "sink"},
+    "memflow": {"preset": "memflow", "policy": "bank", "bank_frames": 2, "write_every": 1},
+}
+
 
 def test_probe_counts_each_kind_of_sync_once():
     x = torch.arange(6.0)
@@ -56,6 +66,34 @@ def test_host_syncs_per_chunk_are_few_and_do_not_grow(layers):
     # the banks really filled (and slot's evicted) during the run, so the counts cover those paths
     assert all(len(b) == 2 for b in counts["bank"][-1]["stats"]["bank"])
     assert all(layer["evicted"] > 0 and layer["retrieved"] for layer in counts["slot"][-1]["stats"]["layers"])
+
+
+@pytest.mark.parametrize("layers", [4, 30])
+def test_host_syncs_per_chunk_are_few_and_do_not_grow_under_the_attention_presets(layers):
+    bundle = tiny_bundle(num_layers=layers)
+    counts = {name: count_per_chunk(bundle, memory, chunks=9, switch_at=6) for name, memory in PRESETS.items()}
+    for name, rows in counts.items():
+        assert {r["preset"] for r in rows} == {name}
+        syncs = [r["syncs"] for r in rows]
+        assert max(syncs) <= MAX_SYNCS, (name, layers, syncs, rows[syncs.index(max(syncs))]["sources"])
+        steady = syncs[2:6] + syncs[7:]  # after warm-up, away from the prompt switch
+        assert max(steady) - min(steady) <= 1, (name, syncs)
+    # at the switch LongLive re-cached the last 9 frames in one pass (sink kept), Self-Forcing nothing
+    assert counts["longlive"][6]["recached"] == 9 and counts["longlive"][6]["stats"]["sink_frames"] == [0, 1, 2]
+    assert counts["self_forcing"][6]["recached"] == 0
+    # a switch while f <= 12: LongLive re-runs the whole video so far, the sink rewritten, in one pass
+    early = count_per_chunk(bundle, PRESETS["longlive"], chunks=5, switch_at=3)
+    assert early[3]["recached"] == 9 and max(r["syncs"] for r in early) <= MAX_SYNCS, [r["syncs"] for r in early]
+    # MemFlow's bank is full and holds its own picks: 2 slots per layer, the newest the frame recorded
+    # by chunk 7 (offered at chunk 8's first step; chunk 8's own frame 24 is still pending)
+    assert all(len(b) == 2 and b[-1] == 21 for b in counts["memflow"][-1]["stats"]["bank"])
+
+
+def test_memflow_offers_copy_scores_once_for_all_layers():
+    rows = {n: count_per_chunk(tiny_bundle(num_layers=n), PRESETS["memflow"], chunks=6) for n in (2, 6)}
+    assert [r["syncs"] for r in rows[2]] == [r["syncs"] for r in rows[6]]
+    scored = rows[6][-1]["stats"]["bank_scores"]
+    assert all(len(layer) == 2 for layer in scored)  # every layer's slots were scored (from chunk 3 on)
 
 
 def test_host_syncs_do_not_depend_on_depth():
