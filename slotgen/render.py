@@ -80,6 +80,15 @@ class RenderReport:
         return asdict(self)
 
 
+def resolved_storyboard(storyboard, model_preset: str | None):
+    """``storyboard`` with its memory section resolved under ``model_preset`` (the preset fixed, its keys
+    filled in): the storyboard a render actually runs, and the one its snapshots hold."""
+    memory = resolve_memory(storyboard.memory, model_preset)
+    if memory != storyboard.memory or memory.model_fields_set != storyboard.memory.model_fields_set:
+        return storyboard.with_overrides(memory=memory)
+    return storyboard
+
+
 class Renderer:
     """A storyboard bound to a model and a memory policy; renders (and continues) its timeline."""
 
@@ -104,9 +113,8 @@ class Renderer:
             shift=(sampler.shift if sampler and sampler.shift else s.shift),
             compile=compile,
         )
-        memory = resolve_memory(storyboard.memory, s.preset)  # the preset fixed, its keys filled in
-        if memory != storyboard.memory or memory.model_fields_set != storyboard.memory.model_fields_set:
-            storyboard = self.storyboard = storyboard.with_overrides(memory=memory)
+        storyboard = self.storyboard = resolved_storyboard(storyboard, s.preset)
+        memory = storyboard.memory
         self.options.preset = memory.preset
         self.policy = build_policy(memory, len(self.bundle.transformer.blocks), phi=self.bundle.slot_phi)
         self.engine = StreamingEngine(self.bundle, self.policy, self.options)
