@@ -298,6 +298,33 @@ def test_overlapped_decode_and_write_is_exact_ordered_and_bounded():
     assert str(a["decoder"]) == str(b["decoder"])
 
 
+def test_crash_safety_checkpoints_drain_the_overlapped_decode_first(tmp_path):
+    """A periodic snapshot taken while the worker still decodes the last chunk would record fewer frames
+    than the engine's position (those frames lost on resume); the checkpoint drains the worker first."""
+    import time
+
+    from slotgen.render import Renderer, stream_to_files
+    from slotgen.snapshot import load_snapshot
+    from slotgen.storyboard import parse_storyboard
+
+    renderer = Renderer(parse_storyboard(STORY, "<test>"), bundle=tiny_bundle(), overlap=True)
+    decode = renderer.engine.decoder.decode_chunk
+    renderer.engine.decoder.decode_chunk = lambda x: (time.sleep(0.2), decode(x))[1]  # a slow decode
+    seen, save = [], renderer.save_snapshot
+
+    def checked_save(path, **video):  # where the stream stands at every snapshot, and the file it wrote
+        geo = renderer.engine.geometry
+        seen.append((renderer.frames_emitted + len(renderer.pending), geo.first_frame(renderer.engine.next_chunk)))
+        written = save(path, **video)
+        assert load_snapshot(written).frames_emitted == renderer.frames_emitted
+        return written
+
+    renderer.save_snapshot = checked_save
+    report = stream_to_files(renderer, tmp_path / "out.mp4", snapshot_every="1c")
+    assert len(seen) == report.chunks  # one per chunk (the last one at the end)
+    assert all(decoded == generated for decoded, generated in seen), seen
+
+
 def test_overlapped_stream_stops_after_the_current_chunk_and_reports_writer_errors():
     from slotgen.render import Renderer
     from slotgen.storyboard import parse_storyboard
