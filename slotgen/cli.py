@@ -572,11 +572,9 @@ def bench_speed(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
 ) -> None:
     """Render the same storyboard with each policy (fresh process each) and print a timing table."""
-
     from rich.table import Table
 
     from slotgen.bench.speed import run_speed_bench
-
     from slotgen.preflight import check_device
 
     check_device(device)
