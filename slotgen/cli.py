@@ -221,6 +221,7 @@ def render(
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory policy: window, sink, bank, slot, or a "
                                          "registered plug-in (see `slotgen.memory.registry`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (slower start, faster chunks on a GPU)."),
     **memory_keys,
 ) -> None:
     """Render a storyboard to an MP4, streaming chunk by chunk (progress on stderr).
@@ -252,7 +253,7 @@ def render(
     with _interruptible(), _model_line(sb, from_storyboard=model is None):
         bundle = (load_model(sb.model, device=dev, checkpoint=checkpoint, preset=sb.memory.preset)
                   if checkpoint is not None else None)
-        renderer = Renderer(sb, bundle=bundle, device=dev)
+        renderer = Renderer(sb, bundle=bundle, device=dev, compile=compile)
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
         report = _run_streaming(quiet, renderer, lambda on_chunk, stop: stream_to_files(
@@ -546,6 +547,15 @@ def memory_spec_list(text: str) -> list[str]:
     return names
 
 
+def _bench_output(table, json_out: Optional[Path], data) -> None:
+    """A bench command's ending: the rows as JSON when asked, then the table."""
+    import json as _json
+
+    if json_out is not None:
+        json_out.write_text(_json.dumps(data, indent=2) + "\n")
+    Console(width=200).print(table)
+
+
 @bench_app.command("speed")
 @user_errors
 def bench_speed(
@@ -562,12 +572,9 @@ def bench_speed(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
 ) -> None:
     """Render the same storyboard with each policy (fresh process each) and print a timing table."""
-    import json as _json
-
     from rich.table import Table
 
     from slotgen.bench.speed import run_speed_bench
-
     from slotgen.preflight import check_device
 
     check_device(device)
@@ -581,7 +588,7 @@ def bench_speed(
     base = {r["video_s"]: r for r in rows if r["policy"] == names[0]}
     table = Table(title=f"slotgen bench speed — {rows[0]['model']} on {device} at {rows[0]['resolution']}")
     for col in ("policy", "video s", "wall s", "×realtime", "gen fps", "chunk ms p50", "p95", "vs " + names[0],
-                "drift", "peak RSS MB", "RSS growth", "memory MB"):
+                "drift", "peak RSS MB", "RSS growth", "memory MB", *(["peak GPU MB"] if "peak_gpu_mb" in rows[0] else [])):
         table.add_column(col, justify="right")
     for r in rows:
         ratio = r["chunk_ms_median"] / base[r["video_s"]]["chunk_ms_median"]
@@ -589,10 +596,94 @@ def bench_speed(
                       f"{r['gen_fps']:.1f}", f"{r['chunk_ms_median']:.1f}", f"{r['chunk_ms_p95']:.1f}", f"{ratio:.3f}",
                       "-" if r["drift"] is None else f"{r['drift']:.3f}", f"{r['peak_rss_mb']:.0f}",
                       "-" if r.get("rss_growth") is None else f"{r['rss_growth']:.3f}",
-                      f"{r['memory_bytes'] / 2**20:.2f}")
-    if json_out is not None:
-        json_out.write_text(_json.dumps(rows, indent=2) + "\n")
-    Console(width=200).print(table)
+                      f"{r['memory_bytes'] / 2**20:.2f}", *([f"{r['peak_gpu_mb']:.0f}"] if "peak_gpu_mb" in r else []))
+    _bench_output(table, json_out, rows)
+
+
+@bench_app.command("syncs")
+@user_errors
+def bench_syncs(
+    policies: str = typer.Option("window,sink,bank,slot", "--policies", help="Comma-separated memory settings, "
+                                 "POLICY[@PRESET][:KEY=VALUE...] (e.g. sink@longlive, bank@memflow:write_every=1)."),
+    model: str = typer.Option("miniature", "--model", help="'miniature', 'wan-1.3b-random' or a local folder."),
+    device: str = typer.Option("cpu", "--device"),
+    resolution: Optional[str] = typer.Option(None, "--resolution", help="WxH (default: the model's)."),
+    chunks: int = typer.Option(6, "--chunks", help="Chunks per policy (a prompt switch at the last but one)."),
+    steps: int = typer.Option(4, "--steps", help="Sampler steps."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the per-chunk rows as JSON."),
+) -> None:
+    """Host-device syncs and operator launches per chunk for each policy (SyncProbe), after chunk 0."""
+    import statistics
+
+    from rich.table import Table
+
+    from slotgen.bench.speed import memory_spec
+    from slotgen.bench.syncs import count_per_chunk
+    from slotgen.models import load_model
+
+    names = memory_spec_list(policies)
+    if chunks < 3:
+        raise SlotgenError("--chunks: at least 3 (a warm-up chunk, a steady one and a prompt switch)")
+    size = None
+    if resolution is not None:
+        try:
+            size = tuple(int(v) for v in resolution.lower().split("x"))
+        except ValueError:
+            raise SlotgenError(f"--resolution: expected WxH, got {resolution!r}") from None
+    bundle = load_model(model, device=device)
+    table = Table(title=f"slotgen bench syncs — {bundle.name} on {device}, per chunk after chunk 0")
+    for col in ("policy", "syncs median", "syncs max", "at the switch", "ops median", "sources (chunk 1)"):
+        table.add_column(col, justify="right")
+    out = {}
+    for name in names:
+        rows = count_per_chunk(bundle, memory_spec(name), chunks, switch_at=chunks - 2,
+                               width=size[0] if size else None, height=size[1] if size else None, steps=steps)
+        out[name] = [{k: v for k, v in r.items() if k != "stats"} for r in rows]
+        later = rows[1:]
+        table.add_row(name, f"{statistics.median(r['syncs'] for r in later):g}", str(max(r["syncs"] for r in later)),
+                      str(rows[chunks - 2]["syncs"]), f"{statistics.median(r['ops'] for r in later):g}",
+                      " ".join(f"{k}×{v}" for k, v in rows[1]["sources"].items()))
+    _bench_output(table, json_out, out)
+
+
+@bench_app.command("flops")
+@user_errors
+def bench_flops(
+    model: str = typer.Option("wan-1.3b-random", "--model", help="'wan-1.3b-random' (the Wan2.1-T2V-1.3B architecture) or 'miniature'."),
+    resolution: str = typer.Option("832x480", "--resolution", help="WxH."),
+    memory: Optional[list[str]] = typer.Option(None, "--memory", help="A memory setting, 'policy[:key=value,...]' "
+                                               "(e.g. sink:sink=3,window=6); repeat for several. Default: each "
+                                               "policy at its defaults."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising forwards per chunk (default: the model's); "
+                                        "the commit forward is added."),
+    tflops: str = typer.Option("989", "--tflops", help="Sustained TFLOP/s for the FPS ceiling; comma-separated "
+                               "for several."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
+) -> None:
+    """FLOPs per chunk of the transformer and the VAE (counted on the meta device) and the FPS ceiling."""
+
+    from rich.table import Table
+
+    from slotgen.bench.flops import count_flops, parse_memory_spec
+
+    try:
+        width, height = (int(v) for v in resolution.lower().split("x"))
+        rates = [float(r) for r in tflops.split(",")]
+    except ValueError:
+        raise SlotgenError(f"--resolution/--tflops: expected WxH and numbers, got {resolution!r} / {tflops!r}") from None
+    specs = [parse_memory_spec(m) for m in (memory or ["window", "sink", "bank", "slot"])]
+    rows = count_flops(model, width, height, specs, steps=steps)
+    table = Table(title=f"slotgen bench flops — {model} at {width}x{height}, TFLOP per chunk")
+    for col in ("memory", "memory tokens", "transformer / forward", "transformer / chunk", "VAE / chunk", "total",
+                *(f"FPS at {r:g} TFLOP/s" for r in rates)):
+        table.add_column(col, justify="right")
+    for spec, r in zip(specs, rows):
+        label = ",".join(f"{k}={v}" for k, v in spec.items() if k != "policy")
+        table.add_row(f"{r.policy} {label}".strip(), str(r.memory_tokens), f"{r.transformer_tflop_per_forward:.4g}",
+                      f"{r.transformer_tflop_per_chunk:.5g}", f"{r.vae_tflop_per_chunk:.4g}",
+                      f"{r.total_tflop_per_chunk:.5g}", *(f"{r.fps_at(x):.4g}" for x in rates))
+    _bench_output(table, json_out, [{**spec, **r.__dict__, "total_tflop_per_chunk": r.total_tflop_per_chunk}
+                                    for spec, r in zip(specs, rows)])
 
 
 @bench_app.command("policy-cost")

@@ -30,6 +30,7 @@ import torch
 from slotgen.atomic import atomic_write_bytes
 from slotgen.errors import SlotgenError
 from slotgen.engine.generator import ChunkResult, EngineOptions, StreamingEngine
+from slotgen.engine.overlap import DecodeWorker
 from slotgen.memory.registry import resolve_memory
 from slotgen.memory import build_policy
 from slotgen.models import ModelBundle, load_model
@@ -91,7 +92,8 @@ def resolved_storyboard(storyboard, model_preset: str | None):
 class Renderer:
     """A storyboard bound to a model and a memory policy; renders (and continues) its timeline."""
 
-    def __init__(self, storyboard, bundle: ModelBundle | None = None, device: str = "cpu"):
+    def __init__(self, storyboard, bundle: ModelBundle | None = None, device: str = "cpu", compile: bool = False,
+                 overlap: bool = True):
         from slotgen.preflight import check_device, check_memory
 
         if bundle is None:
@@ -109,6 +111,7 @@ class Renderer:
             height=height,
             steps=(sampler.steps if sampler and sampler.steps else s.steps),
             shift=(sampler.shift if sampler and sampler.shift else s.shift),
+            compile=compile,
         )
         storyboard = self.storyboard = resolved_storyboard(storyboard, s.preset)
         memory = storyboard.memory
@@ -119,6 +122,8 @@ class Renderer:
         self.pending = np.zeros((0, height, width, 3), np.uint8)  # decoded past the timeline's end
         self.source: str | None = None  # the story's first storyboard file, kept across resumes
         self.notes: list[str] = []  # warnings raised while rendering (a snapshot written elsewhere, ...)
+        self.overlap = overlap  # decode + write on a worker thread while the next chunk generates
+        self._worker: DecodeWorker | None = None  # the running stream's worker (see drain)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -160,24 +165,48 @@ class Renderer:
 
         if len(self.pending):
             emit(self.pending)
-        res: ChunkResult
-        for res in self.engine.run(self.storyboard):
-            emit(res.frames)
-            chunk_seconds.append(res.seconds)
-            prompt_chunks.append(res.prompt_index)
-            if on_chunk is not None:
-                on_chunk(ChunkEvent(res.chunk, total_chunks, res.prompt_index, res.prompt, self.frames_emitted,
-                                    total, self.storyboard.fps, res.seconds, time.perf_counter() - t0,
-                                    res.recached_frames))
-            if should_stop is not None and should_stop() and self.frames_emitted < total:
-                interrupted = True
-                break
+        # Overlapped, the worker decodes and writes chunk c while the engine generates chunk c + 1.
+        # Events, timings and should_stop stay on this thread, in generation order: an event's
+        # frames_done counts the chunk's frames as handed over (written by the time stream returns).
+        worker = DecodeWorker(self.engine.decoder.decode_chunk, lambda res, frames: emit(frames), depth=1,
+                              device=self.bundle.device) if self.overlap else None
+        self._worker = worker
+        last = t0
+        try:
+            res: ChunkResult
+            for res in self.engine.run(self.storyboard, decode=worker is None):
+                if worker is None:
+                    emit(res.frames)
+                else:
+                    worker.put(res, res.latents)  # blocks while the previous chunk is still being written
+                now = time.perf_counter()
+                seconds, last = now - last, now  # the stream's period, chunk to chunk
+                chunk_seconds.append(seconds)
+                prompt_chunks.append(res.prompt_index)
+                done = min(total, self.engine.geometry.first_frame(self.engine.next_chunk))
+                if on_chunk is not None:
+                    on_chunk(ChunkEvent(res.chunk, total_chunks, res.prompt_index, res.prompt, done, total,
+                                        self.storyboard.fps, seconds, now - t0, res.recached_frames))
+                if should_stop is not None and should_stop() and done < total:
+                    interrupted = True
+                    break
+        finally:
+            self._worker = None
+            if worker is not None:
+                worker.close()  # every generated chunk decoded and written: the state is as without overlap
         return RenderReport(
             frames=self.frames_emitted - start, chunks=self.engine.next_chunk, elapsed=time.perf_counter() - t0,
             chunk_seconds=chunk_seconds, prompt_chunks=prompt_chunks, outputs=[], warnings=[],
             interrupted=interrupted, memory_stats=self.policy.stats(), first_frame=start, total_frames=total,
         )
 
+    def drain(self) -> None:
+        """Wait until every chunk generated so far is decoded and handed to the writers (a no-op outside
+        an overlapped stream). An ``on_chunk`` callback calls it before it reads :attr:`frames_emitted`
+        or the writers, or takes a snapshot: then the writers, ``frames_emitted``, ``pending``, the
+        decoder and the engine agree exactly as with inline decoding."""
+        if self._worker is not None:
+            self._worker.drain()
 
     # -- snapshots ----------------------------------------------------------------------------------
     def _model_info(self) -> dict:
@@ -445,6 +474,7 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
 
     def checkpoint(interrupted: bool) -> Path:
         """Seal the segments, write the snapshot (with the joins due), then join."""
+        renderer.drain()  # overlapped decode: the chunks generated so far are written before anything is sealed
         joins = []
         for out, key in zip(outs, ("video", "lossless")):
             j = out.seal()
@@ -462,7 +492,7 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
 
     def maybe_checkpoint(ev: ChunkEvent) -> None:
         state["chunks"] += 1
-        if not every.enabled or renderer.frames_emitted >= renderer.storyboard.total_frames:
+        if not every.enabled or ev.frames_done >= ev.total_frames:  # generated (maybe not yet written) frames
             return
         due = (every.chunks is not None and state["chunks"] >= every.chunks) or \
               (every.seconds is not None and time.monotonic() - state["t"] >= every.seconds)

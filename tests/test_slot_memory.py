@@ -91,6 +91,7 @@ def test_slot_attention_recovers_known_clusters():
     policy = SlotMemory(1, SlotConfig(window=3, sink=0, num_slots=4, top_k=0, budget=1000))
     policy.begin_chunk(ctx_for(0))
     policy.write(0, chunk_block(k, 0))
+    policy.end_chunk()  # the protocol: items are made for all layers at once
     owner = policy.last_assign[0]["slot"]  # (48,)
     assert adjusted_rand_index(owner, labels) >= 0.9
 
@@ -107,6 +108,7 @@ def test_items_hold_top_r_owned_tokens_with_original_kv():
         policy.begin_chunk(ctx_for(c))
         block = chunk_block(k, c)
         policy.write(0, block)
+        policy.end_chunk()  # the protocol: items are made for all layers at once
     items = policy.items[0]
     assert items and all(it.chunk == 1 for it in items)
     owner = policy.last_assign[0]["slot"]  # (N,)
@@ -133,6 +135,7 @@ def test_temporal_init_keeps_assignment_on_a_static_scene():
     for c in range(5):  # the same keys every chunk
         policy.begin_chunk(ctx_for(c))
         policy.write(0, chunk_block(k, c))
+        policy.end_chunk()  # the protocol: items are made for all layers at once
         owners.append(policy.last_assign[0]["slot"])
     assert all(torch.equal(o, owners[0]) for o in owners)
 
@@ -149,6 +152,7 @@ def test_temporal_init_keeps_slot_identity_when_token_order_and_noise_change():
             k, labels = clustered_keys(gen, centres, per_cluster=12, noise=0.3)
             policy.begin_chunk(ctx_for(c))
             policy.write(0, chunk_block(k, c))
+            policy.end_chunk()  # the protocol: items are made for all layers at once
             owner = policy.last_assign[0]["slot"]
             assert adjusted_rand_index(owner, labels) >= 0.9  # clusters are found either way
             out.append(cluster_to_slot(owner, labels))
@@ -354,6 +358,7 @@ def test_spare_slots_on_one_object_are_merged_and_reseeded():
         policy = SlotMemory(1, SlotConfig(window=3, sink=0, num_slots=6, top_k=0, budget=1000, merge=merge))
         policy.begin_chunk(ctx_for(0))
         policy.write(0, chunk_block(k, 0))
+        policy.end_chunk()  # the protocol: items are made for all layers at once
         owners[merge] = policy.last_assign[0]["slot"]
     assert adjusted_rand_index(owners[1.0], labels) < 0.8
     assert adjusted_rand_index(owners[0.9], labels) == pytest.approx(1.0)

@@ -1,8 +1,8 @@
 """Streaming self-attention for diffusers' stock ``WanTransformer3DModel``.
 
 We do not fork the model. Each block's ``attn1`` gets its own :class:`StreamingAttnProcessor`
-(installed with ``transformer.set_attn_processor``; ``attn2``, cross-attention, keeps the stock
-``WanAttnProcessor``). All processors share one :class:`StreamState` that the engine sets before each
+(installed with ``transformer.set_attn_processor``; ``attn2``, cross-attention, gets a
+:class:`CachedCrossAttnProcessor`: the stock arithmetic with the text K/V kept per prompt). All processors share one :class:`StreamState` that the engine sets before each
 transformer call: the memory policy, the chunk's token coordinates and whether this is the commit pass.
 
 Inside a processor call (chunk of N tokens, memory of M rows, H heads of size D)::
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from slotgen.errors import SlotgenError
-from slotgen.memory.base import KVBlock, MemoryPolicy
+from slotgen.memory.base import KVBlock, MemoryPolicy, _runs_of as runs_of
 
 
 @dataclass
@@ -48,6 +48,8 @@ class StreamState:
     rope_mode: str = "rank"  # "rank" or "absolute" (assign_positions)
     recache: bool = False  # True during a re-cache pass (for the trace)
     trace: list | None = None  # when a list: layer 0 appends what each pass attends to (tests, inspection)
+    runs: tuple | None = None  # host mirror of ``frames``: ((frame, tokens), ...) (see KVBlock.runs)
+    text: object = None  # the prompt's embeddings tensor of this call: cross-attention K/V are cached per it
 
 
 class RopeTable:
@@ -59,13 +61,19 @@ class RopeTable:
         self.cos = rope.freqs_cos.split(split, dim=1)  # 3 × (max_len, d_i), pair-repeated
         self.sin = rope.freqs_sin.split(split, dim=1)
 
-    def __call__(self, t: torch.Tensor, hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """t: (N,) temporal positions, hw: (N, 2) → cos, sin of shape (1, N, 1, D)."""
-        if int(t.max()) >= self.max_len or int(hw.max()) >= self.max_len:
+    def check(self, largest: int) -> None:
+        """Refuse a position past the table (the caller knows ``largest`` on the host: no device access)."""
+        if largest >= self.max_len:
             raise SlotgenError(
-                f"RoPE position {max(int(t.max()), int(hw.max()))} exceeds the model's table of {self.max_len}; "
+                f"RoPE position {largest} exceeds the model's table of {self.max_len}; "
                 "use a smaller memory window/budget or resolution"
             )
+
+    def __call__(self, t: torch.Tensor, hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: (N,) temporal positions, hw: (N, 2) → cos, sin of shape (1, N, 1, D).
+
+        Positions are not range-checked here (that would ask the device); callers :meth:`check`
+        the largest position from host integers."""
         cos = torch.cat([self.cos[0][t], self.cos[1][hw[:, 0]], self.cos[2][hw[:, 1]]], dim=-1)  # (N, D)
         sin = torch.cat([self.sin[0][t], self.sin[1][hw[:, 0]], self.sin[2][hw[:, 1]]], dim=-1)
         return cos[None, :, None, :], sin[None, :, None, :]
@@ -84,21 +92,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-def assign_positions(mem_frames: torch.Tensor | None, chunk_frames: torch.Tensor, mode: str = "rank"
-                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+def frame_ranks(frames: torch.Tensor) -> torch.Tensor:
+    """(M,) rank of each row's frame among the distinct frames (oldest = 0), on the device, no sync.
+
+    Equal to ``torch.unique(frames, return_inverse=True)[1]`` without the device → host copy that
+    ``unique`` needs for its output size."""
+    ordered, order = torch.sort(frames, stable=True)  # (M,), (M,)
+    new = torch.ones_like(ordered, dtype=torch.bool)  # (M,) row starts a new distinct frame
+    new[1:] = ordered[1:] != ordered[:-1]
+    rank_sorted = torch.cumsum(new, 0) - 1  # (M,) rank in sorted order
+    return torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (M,) back to row order
+
+
+def assign_positions(mem_frames: torch.Tensor | None, chunk_frames: torch.Tensor, mode: str = "rank",
+                     num_distinct: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Temporal RoPE positions of the memory rows and the chunk's tokens (module docstring).
 
-    mem_frames: (M,) absolute frames of memory rows (or None); chunk_frames: (N,) absolute frames.
-    ``rank``: rank of each distinct memory frame, then the chunk's frames; ``absolute``: the frames
-    themselves. Returns (M,) and (N,) long positions.
+    mem_frames: (M,) absolute frames of memory rows (or None); chunk_frames: (N,) absolute frames
+    (ascending). ``rank``: rank of each distinct memory frame (on the device, no sync), then the chunk's
+    frames; ``absolute``: the frames themselves. num_distinct: the number of distinct memory frames when
+    the caller knows it on the host (``rank`` only; otherwise it is read from the device).
+    Returns (M,) and (N,) long positions.
     """
     if mode == "absolute":
         return mem_frames, chunk_frames
-    chunk_first = chunk_frames.min()
+    offsets = chunk_frames - chunk_frames[:1]  # (N,) frame within the chunk
     if mem_frames is None or mem_frames.numel() == 0:
-        return None, chunk_frames - chunk_first
-    distinct, mem_rank = torch.unique(mem_frames, sorted=True, return_inverse=True)  # (U,), (M,)
-    return mem_rank, chunk_frames - chunk_first + distinct.numel()
+        return None, offsets
+    mem_rank = frame_ranks(mem_frames)  # (M,)
+    if num_distinct is None:
+        num_distinct = int(mem_rank.max()) + 1
+    return mem_rank, offsets + num_distinct
 
 
 class StreamingAttnProcessor:
@@ -110,20 +134,33 @@ class StreamingAttnProcessor:
         self.rope = rope
         self._cache_epoch = -1
         self._cache: tuple | None = None  # (K buffer, V buffer, chunk positions, memory rows) for this epoch
-        self._cache_rows: tuple | None = None  # (frames, positions) of the memory rows in this epoch
+        self._cache_rows: tuple | None = None  # (frames, positions, hw) of the memory rows in this epoch (trace)
+        self._cache_chunk_pos: torch.Tensor | None = None  # the chunk's temporal positions in this epoch (trace)
 
     def _memory(self, chunk_frames: torch.Tensor, chunk_hw: torch.Tensor, like: torch.Tensor):
-        """K/V buffers with the roped memory rows filled in, and the chunk's positions.
+        """The layer's attention plan for this epoch: K/V buffers with the roped memory rows filled in,
+        and the RoPE cos/sin of the chunk's own tokens.
 
         Built once per epoch (a chunk's memory does not change between its denoising steps and its
         commit pass): buffers of shape (B, M + N, H, D) whose first M rows hold the roped memory K and
-        the memory V, so each call only copies the chunk's own N rows in (no per-step concatenation).
+        the memory V, so each call only copies the chunk's own N rows in (no per-step concatenation),
+        and the chunk's RoPE table, so no forward looks positions up again. Nothing here reads the
+        device: positions are ranks computed on it, their bound comes from the host's ``runs``.
         """
         st = self.state
         n = chunk_frames.numel()
         if self._cache_epoch != st.epoch or self._cache is None or self._cache[0].shape[1] - self._cache[3] != n:
             mem = st.memory.read(self.layer) if st.memory is not None else None
-            mem_pos, chunk_pos = assign_positions(mem.frames if mem is not None else None, chunk_frames, st.rope_mode)
+            mem_runs = mem.frame_runs if mem is not None else ()  # host integers
+            chunk_runs = st.runs if st.runs is not None else runs_of(chunk_frames)  # the engine always sets runs
+            distinct = len({f for f, _ in mem_runs})
+            if st.rope_mode == "absolute":  # positions are the frames themselves
+                largest = max(f for f, _ in (*mem_runs, *chunk_runs))
+            else:  # ranks of the distinct memory frames, then the chunk's frames
+                largest = distinct + len({f for f, _ in chunk_runs}) - 1
+            self.rope.check(largest)
+            mem_pos, chunk_pos = assign_positions(mem.frames if mem is not None else None, chunk_frames, st.rope_mode,
+                                                  distinct)
             m = 0 if mem is None else mem.num_tokens
             B, _, H, D = like.shape
             K = like.new_empty(B, m + n, H, D)  # (B, M + N, H, D)
@@ -132,13 +169,15 @@ class StreamingAttnProcessor:
                 cos, sin = self.rope(mem_pos, mem.hw)
                 K[:, :m] = apply_rope(mem.k.to(like.dtype), cos, sin)  # roped memory keys
                 V[:, :m] = mem.v.to(like.dtype)
-            self._cache = (K, V, chunk_pos, m)
+            self._cache = (K, V, self.rope(chunk_pos, chunk_hw), m)
             self._cache_rows = (mem.frames, mem_pos, mem.hw) if mem is not None else None  # for the trace
+            self._cache_chunk_pos = chunk_pos
             self._cache_epoch = st.epoch
         return self._cache
 
     def _trace(self, chunk_pos: torch.Tensor) -> None:
-        """Record which frames this pass attends to and at which temporal positions (layer 0 only)."""
+        """Record which frames this pass attends to and at which temporal positions (layer 0 only;
+        reads the device: tests and inspection only, never on the hot path)."""
         st = self.state
         rows = self._cache_rows
 
@@ -156,6 +195,7 @@ class StreamingAttnProcessor:
             "memory": per_frame(*rows) if rows is not None else [],
         })
 
+    @torch.compiler.disable  # per-chunk Python state: dynamo would guard on it and recompile every chunk
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         st = self.state
         x = hidden_states  # (B, N, C)
@@ -163,10 +203,9 @@ class StreamingAttnProcessor:
         k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))  # (B, N, H, D) un-roped
         v = attn.to_v(x).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
 
-        K, V, chunk_pos, m = self._memory(st.frames, st.hw, k)
+        K, V, (cos, sin), m = self._memory(st.frames, st.hw, k)
         if st.trace is not None and self.layer == 0:
-            self._trace(chunk_pos)
-        cos, sin = self.rope(chunk_pos, st.hw)
+            self._trace(self._cache_chunk_pos)
         q_r = apply_rope(q, cos, sin)
         K[:, m:] = apply_rope(k, cos, sin)  # (B, M + N, H, D): [memory ; chunk]
         V[:, m:] = v
@@ -175,15 +214,60 @@ class StreamingAttnProcessor:
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # (B, N, H·D)
 
         if st.commit and st.memory is not None:
-            st.memory.write(self.layer, KVBlock(k.detach(), v.detach(), st.frames, st.hw))
+            st.memory.write(self.layer, KVBlock(k.detach(), v.detach(), st.frames, st.hw, st.runs))
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class CachedCrossAttnProcessor:
+    """Cross-attention (``attn2``) whose text K/V are computed once per prompt and layer.
+
+    The text context is the same for every forward of every chunk under one prompt (Self-Forcing and
+    LongLive cache it likewise), so ``norm_k(to_k(ctx))`` and ``to_v(ctx)`` are kept and reused while
+    ``state.text`` is the same embeddings tensor; a new prompt (a switch, or another stream's prompt)
+    replaces them. The arithmetic is the stock ``WanAttnProcessor``'s for text-to-video (no image
+    context, no mask), so outputs are bit-identical to it; anything else falls back to the stock one.
+    """
+
+    def __init__(self, state: StreamState):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.state = state
+        self.stock = WanAttnProcessor()
+        self._text: object = None  # the embeddings tensor the cached K/V belong to
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def clear(self) -> None:
+        self._text, self._kv = None, None
+
+    @torch.compiler.disable  # the cache is keyed by Python object identity: kept out of compiled graphs
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        st = self.state
+        if (st.text is None or encoder_hidden_states is None or attention_mask is not None or rotary_emb is not None
+                or attn.add_k_proj is not None):
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        if self._text is not st.text or self._kv is None:
+            ctx = encoder_hidden_states  # (B, L, C) the projected text context
+            if attn.fused_projections:
+                key, value = attn.to_kv(ctx).chunk(2, dim=-1)
+            else:
+                key, value = attn.to_k(ctx), attn.to_v(ctx)
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))  # (B, L, H, D)
+            self._kv = (key, value.unflatten(2, (attn.heads, -1)))  # (B, L, H, D) each
+            self._text = st.text
+        key, value = self._kv
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
+        out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                    backend=self.stock._attention_backend, parallel_config=None)
+        out = out.flatten(2, 3).type_as(query)  # (B, N, H·D)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
 
 def install_streaming_processors(transformer, state: StreamState) -> list[StreamingAttnProcessor]:
-    """Give every block's attn1 its own streaming processor; attn2 keeps the stock Wan processor."""
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
+    """Give every block's attn1 its own streaming processor and attn2 its own text-K/V-caching one."""
     rope = RopeTable(transformer.rope)
     processors: dict[str, object] = {}
     streaming = []
@@ -191,6 +275,6 @@ def install_streaming_processors(transformer, state: StreamState) -> list[Stream
         p = StreamingAttnProcessor(i, state, rope)
         streaming.append(p)
         processors[f"blocks.{i}.attn1.processor"] = p
-        processors[f"blocks.{i}.attn2.processor"] = WanAttnProcessor()
+        processors[f"blocks.{i}.attn2.processor"] = CachedCrossAttnProcessor(state)
     transformer.set_attn_processor(processors)
     return streaming

@@ -65,9 +65,9 @@ class ChunkResult:
     prompt_index: int
     prompt: str
     first_frame: int  # global index of frames[0]
-    frames: np.ndarray  # (N, H, W, 3) uint8, all frames the chunk decoded to
+    frames: np.ndarray | None  # (N, H, W, 3) uint8, all frames the chunk decoded to (None: not decoded yet)
     latents: torch.Tensor  # (1, C, F, h, w) clean latents
-    seconds: float  # wall time for the chunk (sampling + commit + decode)
+    seconds: float  # wall time for the chunk (sampling + commit, + decode when decoded inline)
     recached_frames: int = 0
 
 
@@ -80,6 +80,17 @@ class EngineOptions:
     steps: int
     shift: float
     preset: str | None = None  # attention preset (engine/presets.py); None: the model's (ModelSettings.preset)
+    noise_device: str | None = None  # where chunk noise is drawn; None: the model's device (no copies)
+    compile: bool = False  # torch.compile the transformer blocks (see compile_blocks)
+
+
+def compile_blocks(transformer) -> None:
+    """``torch.compile`` every transformer block in place: norms, modulation, FFN and residuals become
+    fused inductor kernels. The attention processors stay eager (``torch.compiler.disable``: they hold
+    per-chunk Python state), so the graphs see fixed chunk shapes whatever the memory holds and the
+    blocks, alike in structure, share the compiled graphs instead of compiling one set per layer."""
+    for block in transformer.blocks:
+        block.compile()
 
 
 class TextCache:
@@ -88,7 +99,8 @@ class TextCache:
     def __init__(self, bundle: ModelBundle, device: torch.device, dtype: torch.dtype):
         self.bundle, self.device, self.dtype = bundle, device, dtype
         self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._keys: dict[tuple[str, int], torch.Tensor] = {}
+        self._keys: dict[tuple[str, int, bool], torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
 
     @torch.no_grad()
     def embeds(self, prompt: str) -> torch.Tensor:
@@ -96,20 +108,25 @@ class TextCache:
         if prompt not in self._embeds:
             tok = self.bundle.tokenizer(
                 prompt, max_length=self.bundle.settings.text_len, padding="max_length", truncation=True,
-                add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
-            )
+                add_special_tokens=True, return_attention_mask=True,
+            )  # host lists: the token count is known without asking the device
             enc_device = next(self.bundle.text_encoder.parameters()).device
-            ids, mask = tok.input_ids.to(enc_device), tok.attention_mask.to(enc_device)
+            ids = torch.tensor([tok["input_ids"]], device=enc_device)  # (1, L)
+            mask = torch.tensor([tok["attention_mask"]], device=enc_device)  # (1, L)
             h = self.bundle.text_encoder(ids, mask).last_hidden_state  # (1, L, d)
             h = h * mask[..., None].to(h.dtype)  # zero the padding rows
             self._embeds[prompt] = h.to(self.device, self.dtype)
+            self._counts[prompt] = sum(tok["attention_mask"])
             if len(self._embeds) > 64:  # bounded: a story may have unlimited distinct prompts
                 old, _ = self._embeds.popitem(last=False)
+                self._counts.pop(old, None)
                 self._keys = {k: v for k, v in self._keys.items() if k[0] != old}
         return self._embeds[prompt]
 
     def token_count(self, prompt: str) -> int:
-        return int((self.embeds(prompt).abs().sum(-1) > 0).sum())
+        """Real (non-padding) tokens of the prompt, from the tokenizer's mask (a host integer)."""
+        self.embeds(prompt)
+        return self._counts[prompt]
 
     @torch.no_grad()
     def text_keys(self, prompt: str, layer: int, padded: bool = False) -> torch.Tensor:
@@ -154,6 +171,10 @@ class StreamingEngine:
         self.state = StreamState(memory=policy, rope_mode=self.preset.rope)
         self._processors = install_streaming_processors(bundle.transformer, self.state)
         self._rope = RopeTable(bundle.transformer.rope)
+        self._rope.check(max(self.token_hw) - 1)  # grid cells are RoPE positions too
+        self._coords_cache = None
+        if options.compile:
+            compile_blocks(bundle.transformer)
         self.text = TextCache(bundle, self.device, self.dtype)
         self.decoder = decoder if decoder is not None else StreamingDecoder(bundle.vae)
         # progress of the stream
@@ -163,13 +184,21 @@ class StreamingEngine:
         self.history: OrderedDict[int, torch.Tensor] = OrderedDict()  # latent frame → (1, C, 1, h, w)
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _coords(self, frame_start: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token coordinates of latent frames [frame_start, +num_frames): frames (N,), hw (N, 2)."""
+    def _coords(self, frame_start: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """Token coordinates of latent frames [frame_start, +num_frames): frames (N,), hw (N, 2) and
+        the host mirror of frames, ``((frame, tokens), ...)``. Built on the device from host integers
+        (no host → device copy) and reused by every forward of the chunk."""
+        key = (frame_start, num_frames)
+        if self._coords_cache is not None and self._coords_cache[0] == key:
+            return self._coords_cache[1]
         th, tw = self.token_hw
         frames = torch.arange(frame_start, frame_start + num_frames, device=self.device).repeat_interleave(th * tw)
         rows = torch.arange(th, device=self.device).repeat_interleave(tw).repeat(num_frames)
         cols = torch.arange(tw, device=self.device).repeat(th * num_frames)
-        return frames, torch.stack([rows, cols], dim=1)
+        runs = tuple((f, th * tw) for f in range(frame_start, frame_start + num_frames))
+        out = (frames, torch.stack([rows, cols], dim=1), runs)
+        self._coords_cache = (key, out)
+        return out
 
     @torch.no_grad()
     def _forward(self, latents: torch.Tensor, timestep: float, frame_start: int, embeds: torch.Tensor, commit: bool) -> torch.Tensor:
@@ -177,8 +206,9 @@ class StreamingEngine:
         tr = self.bundle.transformer
         if tr.blocks[0].attn1.processor is not self._processors[0]:  # another engine shares this model
             self._processors = install_streaming_processors(tr, st)
-        st.frames, st.hw = self._coords(frame_start, latents.shape[2])
+        st.frames, st.hw, st.runs = self._coords(frame_start, latents.shape[2])
         st.commit = commit
+        st.text = embeds  # cross-attention K/V are cached per embeddings tensor (one per prompt)
         t = torch.full((latents.shape[0],), float(timestep), device=self.device, dtype=torch.float32)
         out = self.bundle.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
         st.commit = False
@@ -228,8 +258,12 @@ class StreamingEngine:
 
     # -- the loop -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_chunk(self, prompt_index: int, prompt: str, latents: torch.Tensor | None = None) -> ChunkResult:
+    def generate_chunk(self, prompt_index: int, prompt: str, latents: torch.Tensor | None = None,
+                       decode: bool = True) -> ChunkResult:
         """Generate, commit and decode the next chunk under ``prompt``.
+
+        ``decode=False`` leaves ``frames`` None: the caller decodes ``latents`` with ``self.decoder``
+        itself, in chunk order (``Renderer.stream`` does it on a worker thread, overlapped).
 
         ``latents`` (``(1, C, F, h, w)``, normalised): commit these instead of sampling (teacher forcing,
         e.g. the ground-truth past of ``bench identity --past truth``); everything else is as for a sampled chunk.
@@ -248,7 +282,9 @@ class StreamingEngine:
         self.state.epoch += 1
         shape = (1, self.bundle.transformer.config.in_channels, F, *self.latent_hw)
         if latents is None:
-            noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c, self.schedule.noise_draws())]
+            noise_device = self.options.noise_device or self.device
+            noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c, self.schedule.noise_draws(),
+                                                                         device=noise_device)]
             predict = x0_predictor(lambda x, t: self._forward(x, t, frame_start, embeds, commit=False),
                                    self.bundle.settings.prediction)
             x0 = sample_chunk(predict, noises, self.schedule)
@@ -264,19 +300,19 @@ class StreamingEngine:
         while len(self.history) > self.policy.recache_span():
             self.history.popitem(last=False)
 
-        frames = self.decoder.decode_chunk(x0)
+        frames = self.decoder.decode_chunk(x0) if decode else None
         self.next_chunk += 1
         self.prompt, self.prompt_index = prompt, prompt_index
         return ChunkResult(c, prompt_index, prompt, self.geometry.first_frame(c), frames, x0,
                            time.perf_counter() - t0, recached)
 
-    def run(self, timeline) -> Iterator[ChunkResult]:
+    def run(self, timeline, decode: bool = True) -> Iterator[ChunkResult]:
         """Generate every remaining chunk of ``timeline`` (a Storyboard: prompts, fps, total frames)."""
         total = timeline.total_frames
         while self.geometry.first_frame(self.next_chunk) < total:
             t = self.geometry.first_frame(self.next_chunk) / timeline.fps
             idx = timeline.prompt_index_at(t)
-            yield self.generate_chunk(idx, timeline.prompts[idx].text)
+            yield self.generate_chunk(idx, timeline.prompts[idx].text, decode=decode)
 
     # -- persistence (snapshots) -----------------------------------------------------------------------
     def state_dict(self) -> dict:

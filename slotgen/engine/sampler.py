@@ -52,17 +52,21 @@ class FlowSchedule:
         return self.steps if self.sampler == "self_forcing" else 1
 
 
-def chunk_generator(seed: int, chunk: int) -> torch.Generator:
-    """A CPU generator unique to (seed, chunk); CPU so noise is identical on every device."""
-    g = torch.Generator(device="cpu")
+def chunk_generator(seed: int, chunk: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` unique to (seed, chunk): the noise of a chunk depends on nothing else,
+    so a resumed stream draws exactly what an uninterrupted one would have (on the same device type)."""
+    g = torch.Generator(device=device)
     g.manual_seed((int(seed) * 1_000_003 + int(chunk) * 7_919 + 12_345) % (2**63 - 1))
     return g
 
 
-def chunk_noise(shape: tuple[int, ...], seed: int, chunk: int, steps: int) -> list[torch.Tensor]:
-    """``steps`` noise tensors of ``shape``: the initial noise first, then one per re-noising step."""
-    g = chunk_generator(seed, chunk)
-    return [torch.randn(shape, generator=g, dtype=torch.float32) for _ in range(steps)]
+def chunk_noise(shape: tuple[int, ...], seed: int, chunk: int, steps: int,
+                device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """``steps`` float32 noise tensors of ``shape`` drawn on ``device`` (no host → device copy): the
+    initial noise first, then one per re-noising step. CPU and CUDA generators differ, so the same
+    (seed, chunk) gives different noise on the two; each is reproducible (docs/SNAPSHOTS.md)."""
+    g = chunk_generator(seed, chunk, device)
+    return [torch.randn(shape, generator=g, dtype=torch.float32, device=device) for _ in range(steps)]
 
 
 def x0_predictor(model: Callable[[torch.Tensor, float], torch.Tensor], prediction: str

@@ -82,6 +82,25 @@ def text_relevance(text_keys: torch.Tensor | None, key_means: torch.Tensor) -> t
 
 def frame_key_means(block: KVBlock) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct frames of ``block`` (U,) ascending and the mean key of each frame (U, H, D), float32."""
+    frames, means = frame_key_means_host(block)
+    return torch.tensor(frames, dtype=torch.long), means
+
+
+def frame_key_means_host(block: KVBlock) -> tuple[list[int], torch.Tensor]:
+    """:func:`frame_key_means` with the frames as host integers, computed without a device sync when
+    every frame of ``block`` is one run of rows (a bank of whole frames): per-run slices, no ``unique``."""
+    runs = block.frame_runs
+    frames = sorted({f for f, _ in runs})
+    if len(frames) == len(runs):  # one run per frame
+        k = block.k.float().mean(dim=0)  # (B, N, H, D) → (N, H, D)
+        sums = dict(zip((f for f, _ in runs), k.split([n for _, n in runs]), strict=True))
+        count = dict(runs)
+        return frames, torch.stack([sums[f].sum(dim=0) / count[f] for f in frames])  # (U, H, D)
+    frame_t, means = _frame_key_means_device(block)
+    return frame_t.tolist(), means
+
+
+def _frame_key_means_device(block: KVBlock) -> tuple[torch.Tensor, torch.Tensor]:
     frames, inverse = torch.unique(block.frames, sorted=True, return_inverse=True)  # (U,), (N,)
     k = block.k.float().mean(dim=0)  # (B, N, H, D) → (N, H, D)
     sums = torch.zeros(frames.numel(), *k.shape[1:], device=k.device).index_add_(0, inverse, k)  # (U, H, D)
@@ -89,10 +108,9 @@ def frame_key_means(block: KVBlock) -> tuple[torch.Tensor, torch.Tensor]:
     return frames, sums / counts[:, None, None]  # (U, H, D)
 
 
-def held_frames(*blocks: KVBlock | None) -> torch.Tensor:
-    """Distinct frames of the given blocks (sink rows, local window) as a 1-D long tensor."""
-    parts = [b.frames for b in blocks if b is not None]
-    return torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)
+def held_frames(*blocks: KVBlock | None) -> set[int]:
+    """Distinct frames of the given blocks (sink rows, local window), from their host ``runs``."""
+    return {f for b in blocks if b is not None for f, _ in b.frame_runs}
 
 
 @register_policy
@@ -114,6 +132,7 @@ class BankMemory(WindowMemory):
         self.config = config
         self.bank: list[KVBlock | None] = [None] * num_layers  # rows of the banked frames
         self.scores: list[dict[int, float]] = [{} for _ in range(num_layers)]  # frame → last relevance
+        self._to_compress: list[int] = []  # layers whose bank grew this chunk (scored in end_chunk)
         # MemFlow rules (preset memflow): ordered slots per layer, the pending recorded frame, counters
         self.slots: list[list[KVBlock]] = [[] for _ in range(num_layers)]
         self.pending: list[KVBlock | None] = [None] * num_layers
@@ -149,9 +168,8 @@ class BankMemory(WindowMemory):
             return None
         ctx = getattr(self, "ctx", None)
         start = ctx.frame_start if ctx is not None else self.frames_seen
-        held = held_frames(self.sink_rows[layer], self.local[layer]).to(bank.frames.device)  # (Uh,)
-        keep = (bank.frames < start) & ~torch.isin(bank.frames, held)  # (N,)
-        return bank.select(keep) if keep.any() else None
+        held = held_frames(self.sink_rows[layer], self.local[layer])  # host integers
+        return bank.select_frames(lambda f: f < start and f not in held)
 
     def read(self, layer: int) -> KVBlock | None:
         if self.memflow:
@@ -164,66 +182,93 @@ class BankMemory(WindowMemory):
             self._offer(ctx)
 
     def _offer(self, ctx: ChunkContext) -> None:
-        """MemFlow's bank update at a chunk's first step and at a re-cache pass (module docstring)."""
+        """MemFlow's bank update at a chunk's first step and at a re-cache pass (module docstring).
+
+        Decided once for all layers from host integers: the scores of every layer's slots are copied
+        to the host together (one device → host copy per offer, none while the bank is filling or the
+        text keys are blind), then each layer keeps its ``bank_frames − 1`` best slots on the host."""
         if self.recorded > 0:
-            blind = ctx.recache or self.fresh_prompt  # MemFlow's cross-attention cache is all zeros here
-            for layer in range(self.num_layers):
-                slots, new = self.slots[layer], self.pending[layer]
-                if self.recorded <= self.config.bank_frames:
-                    self.slots[layer] = slots[: self.recorded - 1] + [new]
-                    continue
-                score = self._slot_scores(layer, slots, ctx, blind)  # (S,)
-                self.scores[layer] = {int(b.frames[0]): float(x) for b, x in zip(slots, score)}
-                keep = torch.sort(score, descending=True, stable=True).indices[: self.config.bank_frames - 1]
-                self.slots[layer] = [slots[i] for i in keep.tolist()] + [new]
+            if self.recorded <= self.config.bank_frames:
+                for layer in range(self.num_layers):
+                    self.slots[layer] = self.slots[layer][: self.recorded - 1] + [self.pending[layer]]
+            else:
+                blind = ctx.recache or self.fresh_prompt  # MemFlow's cross-attention cache is all zeros here
+                scores = self._slot_scores(ctx, blind)  # per layer, S host floats
+                for layer, score in enumerate(scores):
+                    slots = self.slots[layer]
+                    self.scores[layer] = {b.frame_runs[0][0]: x for b, x in zip(slots, score)}
+                    order = sorted(range(len(slots)), key=lambda i: -score[i])  # stable: best first, ties → earlier
+                    keep = order[: self.config.bank_frames - 1]
+                    self.slots[layer] = [slots[i] for i in keep] + [self.pending[layer]]
         if not ctx.recache:
             self.fresh_prompt = False
 
-    def _slot_scores(self, layer: int, slots: list[KVBlock], ctx: ChunkContext, blind: bool) -> torch.Tensor:
-        """MemFlow relevance of each slot: mean over text tokens (padding included), heads and the slot's
-        tokens of <text key, rotated key> / sqrt(D); all 0 when ``blind``. Returns (S,) float32."""
+    def _slot_scores(self, ctx: ChunkContext, blind: bool) -> list[list[float]]:
+        """MemFlow relevance of each layer's slots: mean over text tokens (padding included), heads and the
+        slot's tokens of <text key, rotated key> / sqrt(D); all 0 when ``blind``. Per layer, S floats
+        (float32 values), computed on the device for all layers and copied to the host at once."""
         if blind or ctx.text_keys_padded is None or ctx.rotate_keys is None:
-            return torch.zeros(len(slots))
-        means = torch.stack([ctx.rotate_keys(b).float().mean(dim=(0, 1)) for b in slots])  # (S, H, D)
-        return text_relevance(ctx.text_keys_padded(layer), means).cpu()
-
-    def end_chunk(self) -> None:
-        super().end_chunk()
-        if self._recording:
-            self.recorded += 1
-            self._recording = False
+            return [[0.0] * len(slots) for slots in self.slots]
+        per_layer = []
+        for layer, slots in enumerate(self.slots):
+            means = torch.stack([ctx.rotate_keys(b).float().mean(dim=(0, 1)) for b in slots])  # (S, H, D)
+            per_layer.append(text_relevance(ctx.text_keys_padded(layer), means))  # (S,)
+        values = torch.cat(per_layer).tolist()  # the offer's one sync: Σ S scores
+        out, pos = [], 0
+        for slots in self.slots:
+            out.append(values[pos: pos + len(slots)])
+            pos += len(slots)
+        return out
 
     def write(self, layer: int, block: KVBlock) -> None:
         super().write(layer, block)
         ctx = self.ctx
         if ctx.recache or ctx.chunk % self.config.write_every:
             return
-        if self.memflow:  # the chunk's first frame waits for the next offer
-            self.pending[layer] = block.select(block.frames == ctx.frame_start)
+        if self.memflow:  # the chunk's first frame waits for the next offer (rows chosen on the host)
+            self.pending[layer] = block.select_frames(lambda f: f == ctx.frame_start)
             self._recording = True
             return
-        candidates = block.frames[block.frames >= self.sink]  # (N',) rows outside the sink
-        if candidates.numel() == 0:
+        candidates = [f for f, _ in block.frame_runs if f >= self.sink]  # frames outside the sink
+        if not candidates:
             return
-        frame = int(candidates.min())  # the chunk's first non-sink frame
+        frame = min(candidates)  # the chunk's first non-sink frame
         bank = self.bank[layer]
-        if bank is not None and bool((bank.frames == frame).any()):
+        if bank is not None and frame in held_frames(bank):
             return
-        self.bank[layer] = KVBlock.cat([bank, block.select(block.frames == frame)])
-        self._compress(layer, ctx)
+        self.bank[layer] = KVBlock.cat([bank, block.select_frames(lambda f: f == frame)])
+        self._to_compress.append(layer)
 
-    def _compress(self, layer: int, ctx: ChunkContext) -> None:
+    def end_chunk(self) -> None:
+        """Score and compress the banks that grew, all layers at once: one device → host copy per chunk;
+        under MemFlow's rules count the frame this chunk recorded (it enters at the next offer)."""
+        layers, self._to_compress = self._to_compress, []
+        if layers:
+            self._compress(layers, self.ctx)
+        super().end_chunk()
+        if self._recording:
+            self.recorded += 1
+            self._recording = False
+
+    def _compress(self, layers: list[int], ctx: ChunkContext) -> None:
         """Keep the ``bank_frames`` frames most relevant to the current prompt (ties: older frame)."""
-        bank = self.bank[layer]
-        frames, means = frame_key_means(bank)  # (U,), (U, H, D)
-        text_keys = ctx.text_keys(layer) if ctx.text_keys is not None else None
-        score = text_relevance(text_keys, means)  # (U,)
-        self.scores[layer] = {int(f): float(s) for f, s in zip(frames, score)}
-        if frames.numel() <= self.config.bank_frames:
-            return
-        order = torch.sort(score, descending=True, stable=True).indices  # (U,) best first, ties → older
-        kept = frames[order[: self.config.bank_frames]]  # (bank_frames,)
-        self.bank[layer] = bank.select(torch.isin(bank.frames, kept))
+        frames, scores = [], []
+        for layer in layers:
+            f, means = frame_key_means_host(self.bank[layer])  # U host ints, (U, H, D)
+            text_keys = ctx.text_keys(layer) if ctx.text_keys is not None else None
+            frames.append(f)
+            scores.append(text_relevance(text_keys, means))  # (U,)
+        values = torch.cat(scores).tolist()  # the chunk's one sync: Σ U scores
+        pos = 0
+        for layer, f in zip(layers, frames):
+            score = values[pos: pos + len(f)]
+            pos += len(f)
+            self.scores[layer] = dict(zip(f, score))
+            if len(f) <= self.config.bank_frames:
+                continue
+            order = sorted(range(len(f)), key=lambda i: -score[i])  # stable: best first, ties → older
+            kept = {f[i] for i in order[: self.config.bank_frames]}
+            self.bank[layer] = self.bank[layer].select_frames(lambda x: x in kept)
 
     def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
         self.fresh_prompt = self.memflow
@@ -235,8 +280,8 @@ class BankMemory(WindowMemory):
         out.update({
             "bank_frames": self.config.bank_frames,
             "write_every": self.config.write_every,
-            "bank": ([[int(b.frames[0]) for b in slots] for slots in self.slots] if self.memflow else
-                     [sorted({int(f) for f in b.frames.unique()}) if b is not None else [] for b in self.bank]),
+            "bank": ([[b.frame_runs[0][0] for b in slots] for slots in self.slots] if self.memflow else
+                     [b.host_frames() if b is not None else [] for b in self.bank]),
             "bank_scores": [{str(f): s for f, s in sc.items()} for sc in self.scores],
             "tokens_per_layer": [t + (b.num_tokens if b is not None else 0) + sum(x.num_tokens for x in slots)
                                  for t, b, slots in zip(out["tokens_per_layer"], self.bank, self.slots)],

@@ -77,6 +77,37 @@ class PolicyConfig(BaseModel):
         return self.model_dump(exclude={"policy"})
 
 
+Runs = tuple[tuple[int, int], ...]
+"""Host mirror of a block's row frames, run-length coded in row order: ``((frame, rows), ...)``."""
+
+
+def _runs_of(frames: torch.Tensor) -> Runs:
+    """Run-length code of a 1-D frame tensor (a device → host copy: only where no host mirror exists)."""
+    values, counts = torch.unique_consecutive(frames, return_counts=True)
+    return tuple(zip(values.tolist(), counts.tolist()))
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU holding only its own elements: a view into a larger buffer (rows sliced out of a
+    chunk's tensor) is copied, so ``torch.save`` does not write the whole buffer behind it."""
+    t = t.cpu()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def _merge_runs(runs) -> Runs:
+    out: list[list[int]] = []
+    for f, n in runs:
+        if n <= 0:
+            continue
+        if out and out[-1][0] == f:
+            out[-1][1] += n
+        else:
+            out.append([f, n])
+    return tuple((f, n) for f, n in out)
+
+
 @dataclass
 class KVBlock:
     """Rows of self-attention memory for one layer.
@@ -84,20 +115,66 @@ class KVBlock:
     k, v:   (B, N, H, D)  un-roped keys (after norm_k) and values
     frames: (N,)          absolute latent-frame index of each row (long)
     hw:     (N, 2)        (row, col) token-grid cell of each row (long)
+    runs:   the same frames on the host, run-length coded (``((frame, rows), ...)`` in row order).
+
+    ``runs`` lets policies decide which frames to keep with host integers alone: on a GPU, selecting
+    rows by a boolean mask over ``frames`` (or asking ``frames.max()``) stalls the host until the
+    device catches up. The engine creates blocks with ``runs`` filled in; a block built without it gets
+    it computed from ``frames`` on first use (one device → host copy).
     """
 
     k: torch.Tensor
     v: torch.Tensor
     frames: torch.Tensor
     hw: torch.Tensor
+    runs: Runs | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_tokens(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def frame_runs(self) -> Runs:
+        """``((frame, rows), ...)`` in row order (computed from ``frames`` once if not given)."""
+        if self.runs is None:
+            self.runs = _runs_of(self.frames) if self.frames.numel() else ()
+        return self.runs
+
+    def host_frames(self) -> list[int]:
+        """Distinct frames held, ascending (host integers, no device access when ``runs`` is known)."""
+        return sorted({f for f, _ in self.frame_runs})
+
     def select(self, index: torch.Tensor) -> "KVBlock":
         """Rows at ``index`` (a 1-D long tensor or boolean mask over N)."""
         return KVBlock(self.k[:, index], self.v[:, index], self.frames[index], self.hw[index])
+
+    def rows(self, start: int, stop: int) -> "KVBlock":
+        """Rows ``[start, stop)`` as views (no copy, no device access)."""
+        runs, pos = [], 0
+        for f, n in self.frame_runs:
+            lo, hi = max(pos, start), min(pos + n, stop)
+            if hi > lo:
+                runs.append((f, hi - lo))
+            pos += n
+        return KVBlock(self.k[:, start:stop], self.v[:, start:stop], self.frames[start:stop], self.hw[start:stop],
+                       _merge_runs(runs))
+
+    def select_frames(self, keep: Callable[[int], bool]) -> "KVBlock | None":
+        """The rows whose frame satisfies ``keep`` (decided on the host from ``runs``), in row order; None if none."""
+        spans: list[list[int]] = []  # merged [start, stop) row ranges
+        pos = 0
+        for f, n in self.frame_runs:
+            if keep(f):
+                if spans and spans[-1][1] == pos:
+                    spans[-1][1] = pos + n
+                else:
+                    spans.append([pos, pos + n])
+            pos += n
+        if not spans:
+            return None
+        if len(spans) == 1 and spans[0] == [0, self.num_tokens]:
+            return self
+        return KVBlock.cat([self.rows(a, b) for a, b in spans])
 
     @staticmethod
     def cat(blocks: list["KVBlock"]) -> "KVBlock | None":
@@ -106,22 +183,27 @@ class KVBlock:
             return None
         if len(blocks) == 1:
             return blocks[0]
+        runs = None
+        if all(b.runs is not None for b in blocks):
+            runs = _merge_runs(r for b in blocks for r in b.runs)
         return KVBlock(
             torch.cat([b.k for b in blocks], 1),  # (B, ΣN, H, D)
             torch.cat([b.v for b in blocks], 1),
             torch.cat([b.frames for b in blocks]),
             torch.cat([b.hw for b in blocks]),
+            runs,
         )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.frames, self.hw))
 
     def to_state(self) -> dict:
-        return {"k": self.k.cpu(), "v": self.v.cpu(), "frames": self.frames.cpu(), "hw": self.hw.cpu()}
+        return {"k": host_copy(self.k), "v": host_copy(self.v), "frames": host_copy(self.frames), "hw": host_copy(self.hw)}
 
     @staticmethod
     def from_state(d: dict, device: torch.device | str = "cpu") -> "KVBlock":
-        return KVBlock(d["k"].to(device), d["v"].to(device), d["frames"].to(device), d["hw"].to(device))
+        runs = _runs_of(d["frames"]) if d["frames"].numel() else ()  # from the host copy, before moving
+        return KVBlock(d["k"].to(device), d["v"].to(device), d["frames"].to(device), d["hw"].to(device), runs)
 
 
 @dataclass

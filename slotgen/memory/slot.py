@@ -42,14 +42,15 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from slotgen.memory.bank import held_frames, text_relevance
-from slotgen.memory.base import ChunkContext, Count, KVBlock, Real
+from slotgen.memory.base import ChunkContext, Count, KVBlock, Real, _merge_runs, host_copy
 from slotgen.memory.registry import register_policy
-from slotgen.memory.slot_attention import Phi, default_phi, farthest_point_init, slot_attention
+from slotgen.memory.slot_attention import Phi, batched_farthest_point_init, batched_slot_attention, default_phi
 from slotgen.memory.window import SinkWindowConfig, WindowMemory
 
 
@@ -107,7 +108,7 @@ class SlotItem:
     hits: int = 0  # number of chunks that retrieved it
 
     def to_state(self) -> dict:
-        return {"id": self.id, "rows": self.rows.to_state(), "slot": self.slot.cpu(), "key_mean": self.key_mean.cpu(),
+        return {"id": self.id, "rows": self.rows.to_state(), "slot": host_copy(self.slot), "key_mean": host_copy(self.key_mean),
                 "chunk": self.chunk, "prompt_index": self.prompt_index, "created": self.created,
                 "last_used": self.last_used, "hits": self.hits}
 
@@ -118,16 +119,27 @@ class SlotItem:
                         int(d["last_used"]), int(d["hits"]))
 
 
-def _kept(u: torch.Tensor, threshold: float) -> list[int]:
-    """For each slot of u (S, D') the lowest-index kept slot within cosine ``threshold`` of it (itself if none)."""
-    cos = F.normalize(u.float(), dim=-1) @ F.normalize(u.float(), dim=-1).T  # (S, S)
-    keep = list(range(u.shape[0]))
-    for s in range(u.shape[0]):
-        for j in range(s):
-            if keep[j] == j and cos[s, j] > threshold:
-                keep[s] = j
-                break
-    return keep
+def _rows(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """x[idx] for a host list of indices, without turning the list into a tensor (a host → device copy)."""
+    return x if idx == list(range(x.shape[0])) else torch.stack([x[i] for i in idx])
+
+
+def _kept(u: torch.Tensor, threshold: float) -> torch.Tensor:
+    """For each slot of u (L, S, D') the lowest-index kept slot within cosine ``threshold`` of it (itself
+    if none) → (L, S) long. Slot s is kept when no earlier kept slot is that close. A loop over the S slots
+    of batched device ops: nothing is read back to the host."""
+    un = F.normalize(u.float(), dim=-1)
+    cos = un @ un.transpose(1, 2)  # (L, S, S)
+    L, S = u.shape[:2]
+    keep = [torch.zeros(L, dtype=torch.long, device=u.device)]  # slot 0 is always kept
+    kept = [torch.ones(L, dtype=torch.bool, device=u.device)]
+    for s in range(1, S):
+        close = (cos[:, s, :s] > threshold) & torch.stack(kept, dim=1)  # (L, s) earlier kept slots near s
+        has = close.any(dim=1)  # (L,)
+        first = close.to(torch.uint8).argmax(dim=1)  # (L,) lowest such index (argmax: first maximum)
+        keep.append(torch.where(has, first, s))
+        kept.append(~has)
+    return torch.stack(keep, dim=1)  # (L, S)
 
 
 def reseed_duplicates(prev: torch.Tensor, x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -135,36 +147,51 @@ def reseed_duplicates(prev: torch.Tensor, x: torch.Tensor, threshold: float) -> 
     lower-index one (cosine > threshold: it would be merged) is re-seeded farthest-point style on this
     chunk's features x (N, D'). Without it, slots that settled on the background (most of every frame)
     stay there and a newly visible entity gets none. A threshold of 1 or more keeps ``prev`` as it is."""
+    return batched_reseed_duplicates(prev[None], x[None], threshold)[0]
+
+
+def batched_reseed_duplicates(prev: torch.Tensor, x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """:func:`reseed_duplicates` for a batch: prev (L, S, D'), x (L, N, D') → (L, S, D'), no host sync."""
     if threshold >= 1.0:
         return prev
-    keep = _kept(prev, threshold)
-    out = F.normalize(prev.float(), dim=-1).clone()  # (S, D')
-    kept = [s for s in range(len(keep)) if keep[s] == s]
-    nearest = 1.0 - (x @ out[kept].T).max(dim=1).values  # (N,) cosine distance to the nearest kept slot
-    for s in range(len(keep)):
-        if keep[s] != s:
-            t = int(torch.argmax(nearest))  # ties → lowest token index
-            out[s] = x[t]
-            nearest = torch.minimum(nearest, 1.0 - x @ x[t])  # (N,)
-    return out
+    S = prev.shape[1]
+    keep = _kept(prev, threshold)  # (L, S)
+    dup = keep != torch.arange(S, device=keep.device)  # (L, S) slots to re-seed
+    out = F.normalize(prev.float(), dim=-1)  # (L, S, D')
+    sim = (x @ out.transpose(1, 2)).masked_fill(dup[:, None, :], -float("inf"))  # (L, N, S) kept slots only
+    nearest = 1.0 - sim.max(dim=2).values  # (L, N) cosine distance to the nearest kept slot
+    slots = list(out.unbind(1))  # S × (L, D')
+    for s in range(S):
+        t = torch.argmax(nearest, dim=1)  # (L,) ties → lowest token index
+        xt = x.gather(1, t[:, None, None].expand(-1, 1, x.shape[2]))  # (L, 1, D')
+        d = dup[:, s]  # (L,)
+        slots[s] = torch.where(d[:, None], xt[:, 0], slots[s])
+        nearest = torch.where(d[:, None], torch.minimum(nearest, 1.0 - (x * xt).sum(-1)), nearest)  # (L, N)
+    return torch.stack(slots, dim=1)  # (L, S, D')
 
 
 def merge_slots(u: torch.Tensor, a: torch.Tensor, threshold: float) -> torch.Tensor:
     """Assignments (S, N) after merging near-duplicate slots of u (S, D'): slot s joins the lowest-index slot
     j < s that is itself kept and has cos(u_s, u_j) > threshold; its row of a is added to j's and zeroed.
     A threshold of 1 or more merges nothing (then ``a`` is returned unchanged)."""
+    return batched_merge_slots(u[None], a[None], threshold)[0]
+
+
+def batched_merge_slots(u: torch.Tensor, a: torch.Tensor, threshold: float) -> torch.Tensor:
+    """:func:`merge_slots` for a batch: u (L, S, D'), a (L, S, N) → (L, S, N)."""
     if threshold >= 1.0:
         return a
-    target = torch.tensor(_kept(u, threshold), device=a.device)  # (S,) slot → the slot that owns its mass
-    return torch.zeros_like(a).index_add_(0, target, a)  # (S, N): merged rows are all zero
+    target = _kept(u, threshold)  # (L, S) slot → the slot that owns its mass
+    return torch.zeros_like(a).scatter_add_(1, target[:, :, None].expand_as(a), a)  # merged rows are all zero
 
 
 def zscore(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(x − mean) / std over a 1-D tensor (population std); all zeros when std < eps or fewer than 2 values."""
+    """(x − mean) / std over a 1-D tensor (population std); all zeros when std < eps or fewer than 2 values.
+    Decided on the device (``torch.where``), so it never waits for the value of std."""
     if x.numel() < 2:
         return torch.zeros_like(x)
     std = x.std(unbiased=False)
-    return torch.zeros_like(x) if std < eps else (x - x.mean()) / std  # (I,)
+    return torch.where(std < eps, torch.zeros_like(x), (x - x.mean()) / std)  # (I,)
 
 
 @dataclass
@@ -260,35 +287,48 @@ class SlotMemory(WindowMemory):
         return math.exp(-max(chunk - item.last_used, 0) / self.config.recency_decay)
 
     # -- protocol -----------------------------------------------------------------------------------
+    # Every decision that needs device values is taken once per chunk for all layers: begin_chunk scores
+    # all banks and copies the scores to the host once; the commit pass only stashes each layer's block,
+    # and end_chunk groups all layers' tokens at once (one copy of item sizes and token picks) and
+    # evicts (one copy of eviction values). Item rows carry host ``runs``, so visibility is host logic.
     def begin_chunk(self, ctx: ChunkContext) -> None:
         super().begin_chunk(ctx)
         if not ctx.recache:
             self.now = ctx.chunk
+        self._pending: list[tuple[int, KVBlock]] = []
+        layers = [layer for layer in range(self.num_layers) if self.items[layer]]
         for layer in range(self.num_layers):
-            self.retrieved[layer] = self._retrieve(layer, ctx)
+            if not self.items[layer]:
+                self.last_scores[layer], self.last_retrieved[layer], self.retrieved[layer] = {}, [], None
+        if not layers:
+            return
+        key = (ctx.prompt, tuple(tuple(it.id for it in self.items[layer]) for layer in layers))
+        if getattr(self, "_table", None) is None or self._table[0] != key:  # scores change only with the bank
+            scores = [self.score_items(layer, ctx) for layer in layers]  # or the prompt (window slots: in end_chunk)
+            self._table = (key, torch.cat([torch.stack([sc.r_text, sc.r_vis, sc.r], dim=1) for sc in scores]).tolist())
+        table = self._table[1]  # (ΣI, 3) host values, one copy per chunk (re-cache groups reuse it)
+        pos = 0
+        for layer in layers:
+            n = len(self.items[layer])
+            self.retrieved[layer] = self._retrieve(layer, ctx, table[pos: pos + n])
+            pos += n
 
-    def _retrieve(self, layer: int, ctx: ChunkContext) -> KVBlock | None:
-        """Score the bank, pick the top-K eligible items, count their hits (not during a re-cache)."""
+    def _retrieve(self, layer: int, ctx: ChunkContext, table: list[list[float]]) -> KVBlock | None:
+        """Pick the top-K eligible items by r (host values ``table``: r_text, r_vis, r per item), count
+        their hits (not during a re-cache), return their visible rows in frame order."""
         items = self.items[layer]
-        if not items:
-            self.last_scores[layer], self.last_retrieved[layer] = {}, []
-            return None
-        sc = self.score_items(layer, ctx)
-        self.last_scores[layer] = {it.id: scores for it, scores in
-                                   zip(items, torch.stack([sc.r_text, sc.r_vis, sc.r], dim=1).tolist())}  # (I, 3)
+        self.last_scores[layer] = {it.id: tuple(row) for it, row in zip(items, table)}
         if self.config.top_k == 0:
             self.last_retrieved[layer] = []
             return None
-        held = held_frames(self.sink_rows[layer], self.local[layer])  # (Uh,)
-        frames = torch.cat([it.rows.frames for it in items])  # (T,) rows of all items, item after item
-        counts = [it.rows.num_tokens for it in items]
-        visible = (frames < ctx.frame_start) & ~torch.isin(frames, held.to(frames.device))  # (T,) not yet attended
-        masks = visible.split(counts)  # I × (n_i,)
-        never = torch.iinfo(frames.dtype).max
-        first = torch.where(visible, frames, never).split(counts)  # I × (n_i,)
-        first_frame = torch.stack([f.min() for f in first]).tolist()  # (I,) oldest visible frame per item
-        r = sc.r.tolist()
-        eligible = [i for i in range(len(items)) if first_frame[i] < never]  # items with a visible row
+        held = held_frames(self.sink_rows[layer], self.local[layer])  # host integers
+
+        def visible(f: int) -> bool:  # not yet attended: before the chunk, not in sink or window
+            return f < ctx.frame_start and f not in held
+
+        first_frame = [min((f for f, _ in it.rows.frame_runs if visible(f)), default=None) for it in items]
+        r = [row[2] for row in table]
+        eligible = [i for i in range(len(items)) if first_frame[i] is not None]  # items with a visible row
         ranked = sorted(eligible, key=lambda i: (-r[i], items[i].id))[: self.config.top_k]  # best first
         self.last_retrieved[layer] = [items[i].id for i in ranked]
         if not ctx.recache:
@@ -296,55 +336,89 @@ class SlotMemory(WindowMemory):
                 items[i].hits += 1
                 items[i].last_used = ctx.chunk
         in_frame_order = sorted(ranked, key=lambda i: (first_frame[i], items[i].id))
-        return KVBlock.cat([items[i].rows.select(masks[i]) for i in in_frame_order])
+        return KVBlock.cat([items[i].rows.select_frames(visible) for i in in_frame_order])
 
     def read(self, layer: int) -> KVBlock | None:
         return KVBlock.cat([self.sink_rows[layer], self.retrieved[layer], self.local[layer]])
 
     def write(self, layer: int, block: KVBlock) -> None:
         super().write(layer, block)  # the local window / sink, exactly as SinkMemory
-        ctx = self.ctx
-        if ctx.recache:
-            return
+        if not self.ctx.recache:
+            self._pending.append((layer, block))  # grouped in end_chunk, all layers at once
+
+    def end_chunk(self) -> None:
+        pending, self._pending = getattr(self, "_pending", []), []
+        if pending:
+            self._table = None  # window slots change: r_vis must be recomputed
+        groups: dict[tuple, list[tuple[int, KVBlock]]] = {}
+        for layer, block in pending:  # layers whose features have the same shape are grouped together
+            x = self.phi(layer, block.k.float().mean(dim=0))  # (B, N, H, D) → (N, H, D) → (N, D')
+            groups.setdefault(tuple(x.shape), []).append((layer, block, x))
+        for group in groups.values():
+            self._write_group(group, self.ctx)
+        over = [layer for layer, _ in pending if sum(it.rows.num_tokens for it in self.items[layer]) > self.config.budget]
+        self._evict_layers(over, self.ctx)
+        super().end_chunk()
+
+    def _write_group(self, group: list, ctx: ChunkContext) -> None:
+        """Slot attention, merging and item making for layers whose features x have one shape (L, N, D')."""
         s = self.config
-        x = self.phi(layer, block.k.float().mean(dim=0))  # (B, N, H, D) → (N, H, D) → (N, D')
-        prev = self.prev_slots[layer]
-        if s.temporal_init and prev is not None and prev.shape[1] == x.shape[1]:
-            init = reseed_duplicates(prev.to(x.device), x, s.merge)  # (S, D') temporal init
-        else:
-            init = farthest_point_init(x, s.num_slots)  # (S, D')
-        u, a = slot_attention(x, init, s.iters, s.temperature)  # (S, D'), (S, N)
-        a = merge_slots(u, a, s.merge)  # (S, N): a merged slot's mass moves to its lowest-index twin
-        owner = a.argmax(dim=0)  # (N,) argmax slot per token, ties → lower slot
-        self.prev_slots[layer] = u
-        self.last_assign[layer] = {"slot": owner, "frames": block.frames.clone(), "hw": block.hw.clone()}
+        layers = [layer for layer, _, _ in group]
+        x = torch.stack([x for _, _, x in group])  # (L, N, D')
+        L, N, _ = x.shape
+        temporal = [s.temporal_init and self.prev_slots[layer] is not None and self.prev_slots[layer].shape[1] == x.shape[2]
+                     for layer in layers]
+        init = [None] * L
+        if any(temporal):
+            idx = [i for i in range(L) if temporal[i]]
+            prev = torch.stack([self.prev_slots[layers[i]].to(x.device) for i in idx])  # (L', S, D')
+            for i, u0 in zip(idx, batched_reseed_duplicates(prev, _rows(x, idx), s.merge).unbind(0)):
+                init[i] = u0
+        if not all(temporal):
+            idx = [i for i in range(L) if not temporal[i]]
+            for i, u0 in zip(idx, batched_farthest_point_init(_rows(x, idx), s.num_slots).unbind(0)):
+                init[i] = u0
+        u, a = batched_slot_attention(x, torch.stack(init), s.iters, s.temperature)  # (L, S, D'), (L, S, N)
+        a = batched_merge_slots(u, a, s.merge)  # (L, S, N): a merged slot's mass moves to its lowest-index twin
+        owner = a.argmax(dim=1)  # (L, N) argmax slot per token, ties → lower slot
 
-        lo, hi = int(block.frames.min()), int(block.frames.max())
-        oldest_local = int(self.local[layer].frames.min()) if self.local[layer] is not None else lo
-        self.window_slots[layer] = [w for w in self.window_slots[layer] if w[1] >= oldest_local] + [(lo, hi, u)]
+        # top-R owned, non-sink tokens per slot (ties → lower index), in token order; sizes and picks → host once
+        S, R = u.shape[1], min(s.top_r, N)
+        runs = group[0][1].frame_runs  # the same chunk in every layer
+        sink_rows = sum(n for f, n in runs if f < self.sink)  # frame-major: the sink rows come first
+        eligible = (owner[:, None, :] == torch.arange(S, device=owner.device)[None, :, None]) \
+            & (torch.arange(N, device=owner.device) >= sink_rows)  # (L, S, N)
+        weight = torch.where(eligible, a, -1.0)  # (L, S, N), a ≥ 0 where eligible
+        top_w, top_i = torch.sort(weight, dim=2, descending=True, stable=True)  # (L, S, N)
+        valid = top_w[:, :, :R] >= 0  # (L, S, R)
+        chosen = torch.sort(torch.where(valid, top_i[:, :, :R], N), dim=2).values  # (L, S, R) ascending, N = none
+        host = torch.cat([valid.sum(2).flatten(), chosen.flatten()]).tolist()  # the group's one copy
+        sizes, picks = host[: L * S], host[L * S:]
+        row_frame = [f for f, n in runs for _ in range(n)]  # (N,) host frame of each token
+        lo, hi = runs[0][0], runs[-1][0]
 
-        new = self._make_items(layer, block, u, a, owner, ctx)
-        self.items[layer].extend(new)
-        self.evict(layer, ctx)
-
-    def _make_items(self, layer: int, block: KVBlock, u: torch.Tensor, a: torch.Tensor, owner: torch.Tensor,
-                    ctx: ChunkContext) -> list[SlotItem]:
-        """One item per slot: its top-R owned, non-sink tokens by assignment weight (ties → lower index)."""
-        items = []
-        outside_sink = block.frames >= self.sink  # (N,)
-        for s in range(u.shape[0]):
-            tokens = torch.nonzero((owner == s) & outside_sink).flatten()  # (n_s,) ascending
-            if tokens.numel() == 0:
-                continue
-            order = torch.sort(a[s, tokens], descending=True, stable=True).indices  # (n_s,)
-            chosen = torch.sort(tokens[order[: self.config.top_r]]).values  # (≤R,) token order
-            rows = block.select(chosen)  # (B, ≤R, H, D) copies
-            items.append(SlotItem(
-                id=self.next_id, rows=rows, slot=u[s].clone(), key_mean=rows.k.float().mean(dim=(0, 1)),  # (H, D)
-                chunk=ctx.chunk, prompt_index=ctx.prompt_index, created=ctx.chunk, last_used=ctx.chunk,
-            ))
-            self.next_id += 1
-        return items
+        for i, (layer, block, _) in enumerate(group):
+            self.prev_slots[layer] = u[i]
+            self.last_assign[layer] = {"slot": owner[i], "frames": block.frames, "hw": block.hw}
+            local = self.local[layer]
+            oldest_local = min(f for f, _ in local.frame_runs) if local is not None else lo
+            self.window_slots[layer] = [w for w in self.window_slots[layer] if w[1] >= oldest_local] + [(lo, hi, u[i])]
+            idx = chosen[i].clamp_max(N - 1).flatten()  # (S·R,) invalid picks point at a real row, never read
+            gk, gv, gf, ghw = block.k[:, idx], block.v[:, idx], block.frames[idx], block.hw[idx]  # (B, S·R, ...)
+            km = gk.float().mean(dim=0)  # (S·R, H, D)
+            for slot in range(S):
+                n = sizes[i * S + slot]
+                if n == 0:
+                    continue
+                a0 = slot * R
+                tokens = picks[(i * S + slot) * R: (i * S + slot) * R + n]
+                rows = KVBlock(gk[:, a0:a0 + n], gv[:, a0:a0 + n], gf[a0:a0 + n], ghw[a0:a0 + n],
+                               _merge_runs((row_frame[t], 1) for t in tokens))  # (B, n, H, D) original rows
+                self.items[layer].append(SlotItem(
+                    id=self.next_id, rows=rows, slot=u[i, slot], key_mean=km[a0:a0 + n].mean(dim=0),  # (H, D)
+                    chunk=ctx.chunk, prompt_index=ctx.prompt_index, created=ctx.chunk, last_used=ctx.chunk,
+                ))
+                self.next_id += 1
 
     def eviction_values(self, layer: int, ctx: ChunkContext) -> torch.Tensor:
         """value_i = z(r_text)_i + recency_weight · recency_i for every item of ``layer`` → (I,)."""
@@ -356,20 +430,34 @@ class SlotMemory(WindowMemory):
 
     def evict(self, layer: int, ctx: ChunkContext) -> None:
         """Drop items in increasing (value, id) order until the bank holds ≤ budget tokens."""
-        items = self.items[layer]
-        total = sum(it.rows.num_tokens for it in items)
-        if total <= self.config.budget:
+        self._evict_layers([layer], ctx)
+
+    def _evict_layers(self, layers: list[int], ctx: ChunkContext) -> None:
+        """:meth:`evict` for several layers with one device → host copy (z-scored text relevance); the
+        recency term is host arithmetic in float32, as :meth:`eviction_values` computes it."""
+        layers = [layer for layer in layers if sum(it.rows.num_tokens for it in self.items[layer]) > self.config.budget]
+        if not layers:
             return
-        values = self.eviction_values(layer, ctx).tolist()  # (I,)
-        order = sorted(range(len(items)), key=lambda i: (values[i], items[i].id))
-        dropped = set()
-        for i in order:
-            if total <= self.config.budget:
-                break
-            dropped.add(i)
-            total -= items[i].rows.num_tokens
-        self.items[layer] = [it for i, it in enumerate(items) if i not in dropped]
-        self.evicted[layer] += len(dropped)
+        z = [zscore(text_relevance(self._text_keys(layer, ctx), torch.stack([it.key_mean for it in self.items[layer]])))
+             for layer in layers]
+        z_host = torch.cat(z).tolist()  # (ΣI,): one copy
+        w = np.float32(self.config.recency_weight)
+        pos = 0
+        for layer in layers:
+            items = self.items[layer]
+            values = [float(np.float32(z_host[pos + i]) + w * np.float32(self.recency(it, ctx.chunk)))
+                      for i, it in enumerate(items)]
+            pos += len(items)
+            total = sum(it.rows.num_tokens for it in items)
+            order = sorted(range(len(items)), key=lambda i: (values[i], items[i].id))
+            dropped = set()
+            for i in order:
+                if total <= self.config.budget:
+                    break
+                dropped.add(i)
+                total -= items[i].rows.num_tokens
+            self.items[layer] = [it for i, it in enumerate(items) if i not in dropped]
+            self.evicted[layer] += len(dropped)
 
     def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
         return super().on_prompt_switch(ctx)  # drops the local window only; sink, bank and slots stay
@@ -410,12 +498,12 @@ class SlotMemory(WindowMemory):
         out.update({
             "settings": self.config.settings(),
             "items": [[it.to_state() for it in items] for items in self.items],
-            "prev_slots": [u.cpu() if u is not None else None for u in self.prev_slots],
-            "window_slots": [[[lo, hi, u.cpu()] for lo, hi, u in ws] for ws in self.window_slots],
+            "prev_slots": [host_copy(u) if u is not None else None for u in self.prev_slots],
+            "window_slots": [[[lo, hi, host_copy(u)] for lo, hi, u in ws] for ws in self.window_slots],
             "next_id": self.next_id,
             "now": self.now,
             "evicted": list(self.evicted),
-            "last_assign": [None if a is None else {k: v.cpu() for k, v in a.items()} for a in self.last_assign],
+            "last_assign": [None if a is None else {k: host_copy(v) for k, v in a.items()} for a in self.last_assign],
             "last_retrieved": [list(r) for r in self.last_retrieved],
             "last_scores": [[[i, *v] for i, v in sc.items()] for sc in self.last_scores],
         })
@@ -433,6 +521,7 @@ class SlotMemory(WindowMemory):
         self.last_retrieved = [[int(i) for i in r] for r in state["last_retrieved"]]
         self.last_scores = [{int(i): (float(t), float(v), float(r)) for i, t, v, r in sc} for sc in state["last_scores"]]
         self.retrieved = [None] * self.num_layers  # recomputed by the next begin_chunk
+        self._table = None
 
     def nbytes(self) -> int:
         extra = sum(it.rows.nbytes() + it.slot.numel() * it.slot.element_size() + it.key_mean.numel() * it.key_mean.element_size()

@@ -67,15 +67,20 @@ def farthest_point_init(x: torch.Tensor, num_slots: int) -> torch.Tensor:
     (``argmax``/``argmin`` return the first extremum), so the result does not depend on anything but x.
     With fewer tokens than slots (or duplicate tokens) seeds repeat; repeated slots share mass equally.
     """
-    centre = x.mean(dim=0)  # (D',)
-    first = int(torch.argmin(x @ centre))  # (N,) cosines to the centre → farthest token
-    chosen = [first]
-    nearest = 1.0 - x @ x[first]  # (N,) cosine distance to the nearest seed so far
+    return batched_farthest_point_init(x[None], num_slots)[0]
+
+
+def batched_farthest_point_init(x: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """:func:`farthest_point_init` for a batch x (L, N, D') → (L, S, D'), all on the device (no sync)."""
+    centre = x.mean(dim=1, keepdim=True)  # (L, 1, D')
+    pick = torch.argmin((x * centre).sum(-1), dim=1)  # (L,) farthest token from the centre
+    seeds = [x.gather(1, pick[:, None, None].expand(-1, 1, x.shape[2]))]  # [(L, 1, D')]
+    nearest = 1.0 - (x * seeds[0]).sum(-1)  # (L, N) cosine distance to the nearest seed so far
     for _ in range(num_slots - 1):
-        nxt = int(torch.argmax(nearest))
-        chosen.append(nxt)
-        nearest = torch.minimum(nearest, 1.0 - x @ x[nxt])  # (N,)
-    return x[torch.tensor(chosen, device=x.device)].clone()  # (S, D')
+        pick = torch.argmax(nearest, dim=1)  # (L,)
+        seeds.append(x.gather(1, pick[:, None, None].expand(-1, 1, x.shape[2])))
+        nearest = torch.minimum(nearest, 1.0 - (x * seeds[-1]).sum(-1))  # (L, N)
+    return torch.cat(seeds, dim=1).clone()  # (L, S, D')
 
 
 def slot_attention(x: torch.Tensor, init: torch.Tensor, iters: int, temperature: float, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,18 +88,17 @@ class WindowMemory(MemoryPolicy):
         return KVBlock.cat([self.sink_rows[layer], self.local[layer]])
 
     def write(self, layer: int, block: KVBlock) -> None:
-        in_sink = block.frames < self.sink  # (N,)
-        if in_sink.any():
-            self.sink_rows[layer] = KVBlock.cat([self.sink_rows[layer], block.select(in_sink)])
-            block = block.select(~in_sink)
+        # which frames go where is decided on the host from block.runs: no device access
+        if any(f < self.sink for f, _ in block.frame_runs):
+            self.sink_rows[layer] = KVBlock.cat([self.sink_rows[layer], block.select_frames(lambda f: f < self.sink)])
+            block = block.select_frames(lambda f: f >= self.sink)
         local = KVBlock.cat([self.local[layer], block])
         if local is not None:
-            newest = int(local.frames.max())
-            local = local.select(local.frames > newest - self.keep)  # keep `keep` past frames
-            local = local if local.num_tokens else None
+            newest = max(f for f, _ in local.frame_runs)
+            local = local.select_frames(lambda f: f > newest - self.keep)  # keep `keep` past frames (None: none)
         self.local[layer] = local
-        if layer == self.num_layers - 1 and block.num_tokens:
-            self.frames_seen = max(self.frames_seen, int(block.frames.max()) + 1)
+        if layer == self.num_layers - 1 and block is not None and block.num_tokens:
+            self.frames_seen = max(self.frames_seen, max(f for f, _ in block.frame_runs) + 1)
 
     def on_prompt_switch(self, ctx: ChunkContext) -> list[int]:
         if self.recache_mode == "none":  # Self-Forcing: no re-cache, the cache is kept
@@ -112,7 +111,7 @@ class WindowMemory(MemoryPolicy):
                 self.sink_rows = [None] * self.num_layers
             self.local = [None] * self.num_layers
             return list(range(max(start, 0), f))
-        frames = sorted({int(f) for f in self.local[0].frames.unique()}) if self.local[0] is not None else []
+        frames = self.local[0].host_frames() if self.local[0] is not None else []
         self.local = [None] * self.num_layers
         return frames
 
@@ -126,7 +125,7 @@ class WindowMemory(MemoryPolicy):
     # -- introspection / persistence ------------------------------------------------------------------
     def _frames(self, blocks: list[KVBlock | None]) -> list[int]:
         b = blocks[0]
-        return sorted({int(f) for f in b.frames.unique()}) if b is not None else []
+        return b.host_frames() if b is not None else []
 
     def stats(self) -> dict:
         return {

@@ -94,6 +94,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def vae_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """The VAE decodes in the model's dtype on CUDA (bf16, as LongLive does: half the memory traffic of
+    the 40 TFLOP-a-chunk decode) and in fp32 elsewhere (CPU bf16 convolutions are slower, not faster).
+    ``tests/test_hotpath.py`` bounds the bf16 decode's deviation from fp32."""
+    return model_dtype if device.type == "cuda" else torch.float32
+
+
 def _keeps_fp32(name: str, keep: Iterable[str]) -> bool:
     """diffusers' rule: a tensor stays fp32 when a component of its dotted name is a kept module."""
     parts = name.split(".")
@@ -236,6 +243,7 @@ def build_random_wan(device: str | torch.device = "cpu", dtype: torch.dtype | No
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLWan(**vcfg).eval().requires_grad_(False)
+        vae = vae.to(dtype=vae_dtype(device, dtype))
         torch.manual_seed(seed + 2)
         text_encoder = UMT5EncoderModel(UMT5Config(**ecfg)).eval().requires_grad_(False)
 
@@ -341,7 +349,7 @@ def load_wan(
     vdir, edir, kdir = root / "vae", root / "text_encoder", root / "tokenizer"
     vae = _load_part(vdir, "VAE", lambda: AutoencoderKLWan.from_pretrained(
         str(vdir), torch_dtype=torch.float32, local_files_only=True))
-    vae = vae.to(device).eval().requires_grad_(False)
+    vae = vae.to(device, vae_dtype(device, dtype)).eval().requires_grad_(False)
     tdev = choose_text_device(device, text_device)
     tdt = text_dtype or dtype
     text_encoder = _load_part(edir, "text encoder", lambda: UMT5EncoderModel.from_pretrained(
