@@ -65,6 +65,10 @@ class _SkippedResidual(nn.Module):
 
 
 def _all_zero(*tensors: torch.Tensor | None) -> bool:
+    """True when every tensor is absent or holds only zeros; a tensor without data (``meta``, as
+    ``bench flops`` builds models) proves nothing, so it counts as not zero."""
+    if any(t is not None and t.is_meta for t in tensors):
+        return False
     return all(t is None or not bool(t.detach().any()) for t in tensors)
 
 
