@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect as pyinspect
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from slotgen.atomic import atomic_write_bytes
 from slotgen.errors import SlotgenError
 
 app = typer.Typer(
@@ -301,6 +303,20 @@ def _check_writable(p: Path) -> None:
     os.unlink(probe)
 
 
+def _check_folder_writable(folder: Path, option: str) -> None:
+    """Create ``folder`` (and its parents) if needed and probe that files can be written in it."""
+    from slotgen.errors import WriteError, write_cause
+
+    if folder.exists() and not folder.is_dir():
+        raise SlotgenError(f"{option} {str(folder)!r}: is a file, expected a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        cause = write_cause(e, "", str(folder))
+        raise WriteError(f"cannot create {str(folder)!r}: {cause}", str(folder), cause) from None
+    _check_writable(folder / "probe")
+
+
 def _check_video_extensions(output: Optional[Path], lossless: Optional[Path]) -> None:
     if output is not None and output.suffix.lower() not in (".mp4", ".mkv"):
         raise SlotgenError(f"-o {str(output)!r}: use .mp4 (H.264) or .mkv (lossless FFV1)")
@@ -456,7 +472,7 @@ def resume(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     seed: Optional[int] = typer.Option(None, "--seed", hidden=True),
     memory: Optional[str] = typer.Option(None, "--memory", hidden=True),
-    fps: Optional[str] = typer.Option(None, "--fps", hidden=True),
+    fps: Optional[str] = typer.Option(None, "--fps", min=1, hidden=True),
     resolution: Optional[str] = typer.Option(None, "--resolution", hidden=True),
     **memory_keys,
 ) -> None:
@@ -547,12 +563,24 @@ def memory_spec_list(text: str) -> list[str]:
     return names
 
 
+def resolution_option(text: str, option: str = "--resolution") -> tuple[int, int]:
+    """``"WxH"`` → ``(width, height)``, both positive multiples of 16 (every Wan2.1 model's stride:
+    VAE 8 × patch 2), or a :class:`SlotgenError` naming the option."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SlotgenError(f"{option}: expected WxH like 832x480, got {text!r}") from None
+    if width < 16 or height < 16 or width % 16 or height % 16:
+        raise SlotgenError(f"{option}: width and height must be positive multiples of 16, got {text!r}")
+    return width, height
+
+
 def _bench_output(table, json_out: Optional[Path], data) -> None:
     """A bench command's ending: the rows as JSON when asked, then the table."""
     import json as _json
 
     if json_out is not None:
-        json_out.write_text(_json.dumps(data, indent=2) + "\n")
+        atomic_write_bytes(json_out, (_json.dumps(data, indent=2) + "\n").encode())
     Console(width=200).print(table)
 
 
@@ -565,9 +593,9 @@ def bench_speed(
     model: str = typer.Option("miniature", "--model", help="'miniature', 'wan-1.3b-random' or a local folder."),
     device: str = typer.Option("cpu", "--device"),
     resolution: Optional[str] = typer.Option(None, "--resolution", help="WxH (default: the model's)."),
-    fps: Optional[int] = typer.Option(None, "--fps"),
-    chunks: Optional[int] = typer.Option(None, "--chunks", help="Render exactly N chunks instead of --duration."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the model's)."),
+    fps: Optional[int] = typer.Option(None, "--fps", min=1, max=120),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Render exactly N chunks instead of --duration."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=50, help="Sampler steps (default: the model's)."),
     repeat: int = typer.Option(1, "--repeat", min=1, help="Run the list N times interleaved; report medians."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
 ) -> None:
@@ -582,7 +610,11 @@ def bench_speed(
     try:
         durations = [float(d) for d in duration.split(",")]
     except ValueError:
-        raise SlotgenError(f"--duration: expected seconds like 60 or 60,600, got {duration!r}") from None
+        durations = []
+    if not durations or not all(math.isfinite(d) and d > 0 for d in durations):
+        raise SlotgenError(f"--duration: expected positive seconds like 60 or 60,600, got {duration!r}")
+    if resolution is not None:
+        resolution_option(resolution)
     rows = run_speed_bench(names, durations, model=model, device=device, resolution=resolution, fps=fps,
                            chunks=chunks, steps=steps, repeat=repeat)
     base = {r["video_s"]: r for r in rows if r["policy"] == names[0]}
@@ -608,8 +640,8 @@ def bench_syncs(
     model: str = typer.Option("miniature", "--model", help="'miniature', 'wan-1.3b-random' or a local folder."),
     device: str = typer.Option("cpu", "--device"),
     resolution: Optional[str] = typer.Option(None, "--resolution", help="WxH (default: the model's)."),
-    chunks: int = typer.Option(6, "--chunks", help="Chunks per policy (a prompt switch at the last but one)."),
-    steps: int = typer.Option(4, "--steps", help="Sampler steps."),
+    chunks: int = typer.Option(6, "--chunks", min=1, help="Chunks per policy (a prompt switch at the last but one)."),
+    steps: int = typer.Option(4, "--steps", min=1, help="Sampler steps."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the per-chunk rows as JSON."),
 ) -> None:
     """Host-device syncs and operator launches per chunk for each policy (SyncProbe), after chunk 0."""
@@ -624,12 +656,7 @@ def bench_syncs(
     names = memory_spec_list(policies)
     if chunks < 3:
         raise SlotgenError("--chunks: at least 3 (a warm-up chunk, a steady one and a prompt switch)")
-    size = None
-    if resolution is not None:
-        try:
-            size = tuple(int(v) for v in resolution.lower().split("x"))
-        except ValueError:
-            raise SlotgenError(f"--resolution: expected WxH, got {resolution!r}") from None
+    size = resolution_option(resolution) if resolution is not None else None
     bundle = load_model(model, device=device)
     table = Table(title=f"slotgen bench syncs — {bundle.name} on {device}, per chunk after chunk 0")
     for col in ("policy", "syncs median", "syncs max", "at the switch", "ops median", "sources (chunk 1)"):
@@ -654,7 +681,7 @@ def bench_flops(
     memory: Optional[list[str]] = typer.Option(None, "--memory", help="A memory setting, 'policy[:key=value,...]' "
                                                "(e.g. sink:sink=3,window=6); repeat for several. Default: each "
                                                "policy at its defaults."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising forwards per chunk (default: the model's); "
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising forwards per chunk (default: the model's); "
                                         "the commit forward is added."),
     tflops: str = typer.Option("989", "--tflops", help="Sustained TFLOP/s for the FPS ceiling; comma-separated "
                                "for several."),
@@ -666,11 +693,13 @@ def bench_flops(
 
     from slotgen.bench.flops import count_flops, parse_memory_spec
 
+    width, height = resolution_option(resolution)
     try:
-        width, height = (int(v) for v in resolution.lower().split("x"))
         rates = [float(r) for r in tflops.split(",")]
     except ValueError:
-        raise SlotgenError(f"--resolution/--tflops: expected WxH and numbers, got {resolution!r} / {tflops!r}") from None
+        rates = []
+    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+        raise SlotgenError(f"--tflops: expected positive numbers like 100,400, got {tflops!r}")
     specs = [parse_memory_spec(m) for m in (memory or ["window", "sink", "bank", "slot"])]
     rows = count_flops(model, width, height, specs, steps=steps)
     table = Table(title=f"slotgen bench flops — {model} at {width}x{height}, TFLOP per chunk")
@@ -690,7 +719,7 @@ def bench_flops(
 @user_errors
 def bench_policy_cost(
     resolution: str = typer.Option("832x480", "--resolution", help="WxH of the simulated Wan chunk."),
-    chunks: int = typer.Option(12, "--chunks", help="Chunks fed to every policy."),
+    chunks: int = typer.Option(12, "--chunks", min=1, help="Chunks fed to every policy."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated memory policies (default: every registered one)."),
     layers: int = typer.Option(4, "--layers", help="Layers simulated (memory: ~0.23 GB per layer and policy)."),
     miniature_slot_defaults: bool = typer.Option(False, "--miniature-slot-defaults", help="slot with its miniature defaults instead of docs/MEMORY.md's full-size values."),
@@ -702,10 +731,7 @@ def bench_policy_cost(
     from slotgen.memory.registry import policy_names
 
     names = policy_list(policies) if policies is not None else list(policy_names())
-    try:
-        w, h = (int(x) for x in resolution.lower().split("x"))
-    except ValueError:
-        raise SlotgenError(f"--resolution: expected WxH like 832x480, got {resolution!r}") from None
+    w, h = resolution_option(resolution)
     if chunks < 1 or layers < 1:
         raise SlotgenError("--chunks and --layers must be at least 1")
     for row in run((w, h), chunks, names, not miniature_slot_defaults, layers=layers):
@@ -720,25 +746,28 @@ def bench_snapshot_sizes(
     model: str = typer.Option("miniature", "--model"),
     device: str = typer.Option("cpu", "--device"),
     resolution: Optional[str] = typer.Option(None, "--resolution", help="WxH (default: the model's)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the model's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps (default: the model's)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
 ) -> None:
     """Snapshot size per policy after long renders (no video written): bounded memory, bounded snapshots."""
     import json as _json
 
     from slotgen.bench.snapshot_size import snapshot_sizes
-
     from slotgen.preflight import check_device
 
     check_device(device)
     try:
         seconds = [float(d) for d in durations.split(",") if d.strip()]
     except ValueError:
-        raise SlotgenError(f"--durations: expected seconds like 60,600, got {durations!r}") from None
+        seconds = []
+    if not seconds or not all(math.isfinite(d) and d > 0 for d in seconds):
+        raise SlotgenError(f"--durations: expected positive seconds like 60,600, got {durations!r}")
+    if resolution is not None:
+        resolution_option(resolution)
     names = policy_list(policies) if policies is not None else None
     rows = snapshot_sizes(seconds, names, model=model, device=device, resolution=resolution, steps=steps)
     if json_out is not None:
-        json_out.write_text(_json.dumps(rows, indent=2) + "\n")
+        atomic_write_bytes(json_out, (_json.dumps(rows, indent=2) + "\n").encode())
 
 
 @app.command()
@@ -795,7 +824,7 @@ def import_longlive(
     model: str = typer.Option("miniature", "--model", help="The storyboard's model: a Wan2.1 folder for LongLive weights."),
     line: Optional[int] = typer.Option(None, "--line", help="Only the video on this line (1 = the first)."),
     seed: int = typer.Option(0, "--seed"),
-    fps: int = typer.Option(16, "--fps"),
+    fps: int = typer.Option(16, "--fps", min=1),
 ) -> None:
     """Turn a LongLive interactive prompt file (JSONL) into storyboards with the same switch chunks."""
     from slotgen.atomic import atomic_output
@@ -841,8 +870,8 @@ def train_miniature_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the trained miniature (config, weights, MODEL_CARD.md, loss.png)."),
     minutes: float = typer.Option(55.0, "--minutes", help="Wall-clock budget, data included (ignored with --steps)."),
     seed: int = typer.Option(0, "--seed", help="Seeds data, init, noise and batches."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Exact transformer steps (reproducible) instead of the time budget."),
-    episodes: Optional[int] = typer.Option(None, "--episodes", help="World episodes in the dataset (default 256)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Exact transformer steps (reproducible) instead of the time budget."),
+    episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="World episodes in the dataset (default 256)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Sequences per step (default 8)."),
     clip_chunks: Optional[int] = typer.Option(None, "--clip-chunks", help="Noisy chunks per sequence (default 4)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads (2 on an idle 2-core machine; 1 next to another job). "
@@ -857,9 +886,8 @@ def train_miniature_cmd(
 ) -> None:
     """Train the miniature's transformer on the shape world (causal chunks, x0-prediction, memory
     handed back as relocated context); the VAE is the exact pixel code and the text encoder frozen."""
-    from slotgen.train.miniature import TrainConfig, train_miniature
-
     from slotgen.preflight import check_device
+    from slotgen.train.miniature import TrainConfig, train_miniature
 
     check_device(device)
     cfg = TrainConfig(minutes=minutes, seed=seed, steps=steps, threads=threads, device=device, world=world)
@@ -869,6 +897,7 @@ def train_miniature_cmd(
             setattr(cfg, name, v)
     if not resume:
         cfg.validate()
+    _check_folder_writable(out, "--out")  # before minutes of data rendering, not after
     train_miniature(cfg, out, log=_progress_log(quiet), command=_command_line(), resume=resume)
     print(f"wrote {out}")
 
@@ -878,8 +907,8 @@ def train_miniature_cmd(
 def train_slots_cmd(
     model: Path = typer.Option(..., "--model", help="A miniature folder (config.json, weights.safetensors); φ is written into it."),
     seed: int = typer.Option(0, "--seed", help="Seeds the episodes, the init and the batches."),
-    episodes: int = typer.Option(48, "--episodes", help="Ground-truth world episodes to commit through the model."),
-    steps: int = typer.Option(400, "--steps", help="Optimiser steps."),
+    episodes: int = typer.Option(48, "--episodes", min=1, help="Ground-truth world episodes to commit through the model."),
+    steps: int = typer.Option(400, "--steps", min=1, help="Optimiser steps."),
     threads: int = typer.Option(2, "--threads", help="CPU threads."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -904,7 +933,7 @@ def train_slots_cmd(
 @bench_app.command("identity")
 @user_errors
 def bench_identity(
-    episodes: int = typer.Option(4, "--episodes", help="Seeded episodes per gap (plus as many similar-companion ones)."),
+    episodes: int = typer.Option(4, "--episodes", min=1, help="Seeded episodes per gap (plus as many similar-companion ones)."),
     gaps: str = typer.Option("12,36,72", "--gaps", help="Absence gaps in video frames (multiples of 12)."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated memory policies (default: every registered one)."),
     model: str = typer.Option("miniature", "--model", help="'miniature' or a miniature-format folder."),
@@ -936,7 +965,7 @@ def bench_identity(
     if json_out is not None:
         import json as _json
 
-        json_out.write_text(_json.dumps(result, indent=2) + "\n")
+        atomic_write_bytes(json_out, (_json.dumps(result, indent=2) + "\n").encode())
     if png is not None:
         write_plot(result, png)
 
@@ -951,7 +980,7 @@ def render_many_cmd(
     ray_address: Optional[str] = typer.Option(None, "--ray", help="Join this Ray cluster (head host:6379, or ray://host:10001). Default: a local Ray instance on this machine."),
     cpus_per_job: float = typer.Option(1.0, "--cpus-per-job", help="Ray CPUs per job (also the torch threads of a worker)."),
     gpus_per_job: float = typer.Option(0.0, "--gpus-per-job", help="Ray GPUs per job (renders on cuda when > 0)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Worker actors (default: as many as the cluster's resources fit)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker actors (default: as many as the cluster's resources fit)."),
     local_cpus: Optional[int] = typer.Option(None, "--local-cpus", help="CPUs of the local Ray instance (default: all of this machine's)."),
     snapshot_every: str = typer.Option("60", "--snapshot-every", help="Each job's snapshot interval: SECONDS or Nc (chunks); a preempted job loses at most this much."),
     retries: int = typer.Option(3, "--retries", help="Restarts of a dead worker (and retries of its job, which resumes from its snapshot)."),

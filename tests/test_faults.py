@@ -368,6 +368,13 @@ HOSTILE = [
     ["inspect", "snap.pt", "--png", "p.jpg"],
     ["bench", "speed", "--device", "cuda"],
     ["train-miniature", "--out", "m", "--device", "banana"],
+    ["train-miniature", "--out", "story.yaml", "--steps", "1"],  # refused before any data is rendered
+    ["bench", "speed", "--duration", "-1"],
+    ["bench", "speed", "--duration", "1", "--resolution", "65x64"],
+    ["bench", "flops", "--resolution", "0x0"],
+    ["bench", "flops", "--tflops", "-1"],
+    ["bench", "flops", "--memory", "slot:top_k=-3"],
+    ["bench", "snapshot-sizes", "--durations", "0"],
 ]
 
 

@@ -217,6 +217,10 @@ def test_bench_flops_command_prints_the_table_and_refuses_bad_settings():
     assert "sink sink=3,window=6" in ok.output and "FPS at 989 TFLOP/s" in ok.output
     bad = runner.invoke(app, ["bench", "flops", "--model", "miniature", "--memory", "sink:window=0"])
     assert bad.exit_code == 2 and "--memory" in bad.output
+    assert "window:" in bad.output and "validation error" not in bad.output  # the key and pydantic's own words
+    for args in (["--resolution", "0x0"], ["--resolution", "70x64"], ["--tflops", "-1"], ["--tflops", "nan"]):
+        bad = runner.invoke(app, ["bench", "flops", "--model", "miniature", *args])
+        assert bad.exit_code == 2 and bad.output.startswith("error: " + args[0]), (args, bad.output)
 
 
 def test_compiled_blocks_match_eager_and_share_graphs_across_layers():

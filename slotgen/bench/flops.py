@@ -79,6 +79,8 @@ class _FixedMemory:
 
 def parse_memory_spec(text: str) -> dict:
     """'sink:sink=3,window=6' → {"policy": "sink", "sink": "3", "window": "6"} (validated by the policy's config)."""
+    from pydantic import ValidationError
+
     from slotgen.errors import SlotgenError
     from slotgen.memory import parse_memory_config
 
@@ -91,7 +93,11 @@ def parse_memory_spec(text: str) -> dict:
         spec[key.strip()] = value.strip()
     try:
         parse_memory_config(spec)
-    except Exception as e:  # pydantic's ValidationError or an unknown policy
+    except ValidationError as e:  # the first problem, with the key it is about
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise SlotgenError(f"--memory {text!r}: {where + ': ' if where else ''}{first['msg']}") from None
+    except ValueError as e:  # an unknown policy or preset
         raise SlotgenError(f"--memory {text!r}: {str(e).splitlines()[0]}") from None
     return spec
 
