@@ -40,6 +40,9 @@ def story(duration: float = 3, seed: int = 5, policy: str = "{policy: window, wi
         """)
 
 
+# one Ray instance per module: under pytest-xdist these tests share a worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ray")
+
 BAD = "fps: 16\nduration: 2\nprompts:\n  - prompt: a red circle\n    at: soon\n"
 
 

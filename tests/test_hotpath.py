@@ -54,6 +54,7 @@ def test_probe_counts_each_kind_of_sync_once():
     assert probe.syncs == 0 and probe.ops == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers", [4, 30])
 def test_host_syncs_per_chunk_are_few_and_do_not_grow(layers):
     bundle = tiny_bundle(num_layers=layers)
@@ -68,6 +69,7 @@ def test_host_syncs_per_chunk_are_few_and_do_not_grow(layers):
     assert all(layer["evicted"] > 0 and layer["retrieved"] for layer in counts["slot"][-1]["stats"]["layers"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers", [4, 30])
 def test_host_syncs_per_chunk_are_few_and_do_not_grow_under_the_attention_presets(layers):
     bundle = tiny_bundle(num_layers=layers)
@@ -89,6 +91,7 @@ def test_host_syncs_per_chunk_are_few_and_do_not_grow_under_the_attention_preset
     assert all(len(b) == 2 and b[-1] == 21 for b in counts["memflow"][-1]["stats"]["bank"])
 
 
+@pytest.mark.slow
 def test_memflow_offers_copy_scores_once_for_all_layers():
     rows = {n: count_per_chunk(tiny_bundle(num_layers=n), PRESETS["memflow"], chunks=6) for n in (2, 6)}
     assert [r["syncs"] for r in rows[2]] == [r["syncs"] for r in rows[6]]
@@ -96,11 +99,13 @@ def test_memflow_offers_copy_scores_once_for_all_layers():
     assert all(len(layer) == 2 for layer in scored)  # every layer's slots were scored (from chunk 3 on)
 
 
+@pytest.mark.slow
 def test_host_syncs_do_not_depend_on_depth():
     rows = {n: count_per_chunk(tiny_bundle(num_layers=n), POLICIES["slot"], chunks=5) for n in (2, 6)}
     assert [r["syncs"] for r in rows[2]] == [r["syncs"] for r in rows[6]]
 
 
+@pytest.mark.slow
 def test_slot_bookkeeping_costs_at_most_a_third_more_operators_than_sink():
     bundle = tiny_bundle(num_layers=8)
     sink = count_per_chunk(bundle, POLICIES["sink"], chunks=8)
@@ -206,6 +211,7 @@ def test_bench_flops_counts_attention_over_the_memory_exactly():
     assert b.fps_at(2.0) == pytest.approx(frames * 2.0 / b.total_tflop_per_chunk)
 
 
+@pytest.mark.slow
 def test_bench_flops_command_prints_the_table_and_refuses_bad_settings():
     from typer.testing import CliRunner
 
@@ -223,6 +229,7 @@ def test_bench_flops_command_prints_the_table_and_refuses_bad_settings():
         assert bad.exit_code == 2 and bad.output.startswith("error: " + args[0]), (args, bad.output)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager_and_share_graphs_across_layers():
     """--compile: torch.compile of the transformer blocks (inductor on CPU) gives the eager latents to
     float tolerance, and the blocks share compiled graphs (the count does not grow with depth)."""
@@ -281,6 +288,7 @@ class Collector:
         self.frames.append(frames.copy())
 
 
+@pytest.mark.slow
 def test_overlapped_decode_and_write_is_exact_ordered_and_bounded():
     import numpy as np
 
@@ -302,6 +310,7 @@ def test_overlapped_decode_and_write_is_exact_ordered_and_bounded():
     assert str(a["decoder"]) == str(b["decoder"])
 
 
+@pytest.mark.slow
 def test_crash_safety_checkpoints_drain_the_overlapped_decode_first(tmp_path):
     """A periodic snapshot taken while the worker still decodes the last chunk would record fewer frames
     than the engine's position (those frames lost on resume); the checkpoint drains the worker first."""

@@ -80,6 +80,7 @@ def test_registration_checks_the_contract(stride):
     assert policy_names()[-1] == "stride" and "noconfig" not in policy_names()
 
 
+@pytest.mark.slow
 def test_plugin_policy_renders_snapshots_resumes_and_inspects(stride, miniature, tmp_path):
     from slotgen.inspect import build_report, load_stats, report_schema, report_table
     from slotgen.render import render

@@ -169,6 +169,7 @@ def test_input_validation() -> None:
     assert dec.latent_frames_decoded == 1
 
 
+@pytest.mark.slow
 def test_failure_mid_chunk_leaves_state_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     vae = tiny_vae(3)  # private instance: the test wraps its decoder's forward
     latents, ref = _case(3, 4, 6)
