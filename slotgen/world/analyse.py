@@ -20,10 +20,10 @@ Pipeline (all deterministic numpy):
 
    * shape and size class (:func:`match_template`): the world's own raster of every shape × size
      class, aligned on the detection's centroid and moved by up to :data:`TEMPLATE_SEARCH` px in
-     half-pixel steps; the best intersection-over-union wins. (Sessions 1–6 used fill and solidity
-     thresholds and an area-based size; they were exact on clean renders but a few stray edge pixels
-     swung them, so ground truth projected onto a rank-128 patch basis, which looks unchanged, scored
-     0.04–0.41 presence. ``tests/test_world.py`` checks the projected truth now scores ≥ 0.9.)
+     half-pixel steps; the best intersection-over-union wins. (Fill and solidity thresholds with an
+     area-based size are exact on clean renders, but a few stray edge pixels swing them: ground truth
+     projected onto a rank-128 patch basis, which looks unchanged, scores 0.04–0.41 presence with them.
+     ``tests/test_world.py`` checks the projected truth scores ≥ 0.9 with templates.)
    * fill ratio and solidity are still measured and reported on each :class:`Detection`.
    * marking: the marking colour with most pixels in the detection, if at least
      :data:`MIN_MARKING_PIXELS`; a stripe if those pixels' box is at least :data:`STRIPE_ASPECT`
