@@ -226,6 +226,18 @@ def test_bf16_keeps_diffusers_fp32_modules(tiny_folder):
     assert torch.isfinite(out.float()).all()
 
 
+def test_vae_cast_is_silent_and_casts(capfd):
+    from diffusers import AutoencoderKLWan
+
+    from slotgen.models.wan import cast_vae
+
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1], num_res_blocks=1).eval()
+    assert cast_vae(vae, "cpu", torch.bfloat16).dtype == torch.bfloat16
+    # diffusers' own `to` warns about an empty list of fp32 modules: a second stderr line under every
+    # one-line error of a render on a Wan folder
+    assert "kept in float32" not in capfd.readouterr().err
+
+
 # --- causal checkpoints -------------------------------------------------------------------------------------------
 def test_self_forcing_checkpoint_in_original_naming_prefers_ema(tiny_folder, tmp_path):
     ema, plain = tiny_transformer(11), tiny_transformer(12)

@@ -115,11 +115,11 @@ def model_on_meta(model: str):
     from diffusers import AutoencoderKLWan
 
     if model in ("wan-1.3b", "wan-1.3b-random"):
-        from slotgen.models.wan import WAN_1_3B_TRANSFORMER, WAN_SETTINGS, WAN_VAE, _meta_transformer
+        from slotgen.models.wan import WAN_1_3B_TRANSFORMER, WAN_SETTINGS, WAN_VAE, _meta_transformer, cast_vae
 
         transformer = _meta_transformer(WAN_1_3B_TRANSFORMER, torch.bfloat16)
         with META:
-            vae = AutoencoderKLWan(**WAN_VAE).eval().to(torch.bfloat16)
+            vae = cast_vae(AutoencoderKLWan(**WAN_VAE).eval(), None, torch.bfloat16)
         return transformer, vae, WAN_SETTINGS
     if model == "miniature":
         import json

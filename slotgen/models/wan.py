@@ -101,6 +101,15 @@ def vae_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
     return model_dtype if device.type == "cuda" else torch.float32
 
 
+def cast_vae(vae: torch.nn.Module, device: torch.device | str | None, dtype: torch.dtype) -> torch.nn.Module:
+    """``vae.to(device, dtype)`` without diffusers' warning about modules to keep in fp32, which
+    ``ModelMixin.to`` prints for any dtype argument even when that list is empty (as it is for
+    ``AutoencoderKLWan``); a VAE that does list such modules gets diffusers' own ``to``."""
+    if getattr(vae, "_keep_in_fp32_modules", None):
+        return vae.to(device, dtype)
+    return torch.nn.Module.to(vae, device, dtype)
+
+
 def _keeps_fp32(name: str, keep: Iterable[str]) -> bool:
     """diffusers' rule: a tensor stays fp32 when a component of its dotted name is a kept module."""
     parts = name.split(".")
@@ -243,7 +252,7 @@ def build_random_wan(device: str | torch.device = "cpu", dtype: torch.dtype | No
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLWan(**vcfg).eval().requires_grad_(False)
-        vae = vae.to(dtype=vae_dtype(device, dtype))
+        vae = cast_vae(vae, None, vae_dtype(device, dtype))
         torch.manual_seed(seed + 2)
         text_encoder = UMT5EncoderModel(UMT5Config(**ecfg)).eval().requires_grad_(False)
 
@@ -349,7 +358,7 @@ def load_wan(
     vdir, edir, kdir = root / "vae", root / "text_encoder", root / "tokenizer"
     vae = _load_part(vdir, "VAE", lambda: AutoencoderKLWan.from_pretrained(
         str(vdir), torch_dtype=torch.float32, local_files_only=True))
-    vae = vae.to(device, vae_dtype(device, dtype)).eval().requires_grad_(False)
+    vae = cast_vae(vae, device, vae_dtype(device, dtype)).eval().requires_grad_(False)
     tdev = choose_text_device(device, text_device)
     tdt = text_dtype or dtype
     text_encoder = _load_part(edir, "text encoder", lambda: UMT5EncoderModel.from_pretrained(
