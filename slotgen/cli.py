@@ -206,6 +206,10 @@ def _progress_callbacks(quiet: bool, total_chunks: int, total_frames: int):
     return progress, on_chunk
 
 
+THREADS_HELP = ("CPU threads for generation (default: one fewer than the cores, leaving one to the overlapped "
+                "decode and MP4 writer; OMP_NUM_THREADS, when set, is kept).")
+
+
 @app.command()
 @user_errors
 @with_memory_options(hidden=False)
@@ -224,6 +228,7 @@ def render(
                                          "registered plug-in (see `slotgen.memory.registry`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (slower start, faster chunks on a GPU)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     **memory_keys,
 ) -> None:
     """Render a storyboard to an MP4, streaming chunk by chunk (progress on stderr).
@@ -232,11 +237,12 @@ def render(
     far, writes a snapshot and prints the command that resumes it (exit code 130).
     """
     from slotgen.models import load_model
-    from slotgen.preflight import check_device
+    from slotgen.preflight import apply_cpu_threads, check_device
     from slotgen.render import Renderer, SnapshotEvery, stream_to_files
     from slotgen.storyboard import load_storyboard
 
     dev = check_device(device)
+    apply_cpu_threads(dev, threads)
     if seed is not None and not 0 <= seed <= 2**63 - 1:
         raise SlotgenError(f"--seed: expected an integer from 0 to 2^63-1, got {seed}")
     every = SnapshotEvery.parse(snapshot_every)
@@ -470,9 +476,10 @@ def resume(
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     snapshot_every: str = typer.Option("300", "--snapshot-every", help="Crash safety: every SECONDS of render time (or Nc: every N chunks) seal the videos so far and write the snapshot (--snapshot, else <output>.snapshot.pt), so a kill -9 or power cut loses at most that much; 0 turns it off. Renders shorter than this never pay for it. See docs/SNAPSHOTS.md."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", hidden=True),
     memory: Optional[str] = typer.Option(None, "--memory", hidden=True),
-    fps: Optional[str] = typer.Option(None, "--fps", min=1, hidden=True),
+    fps: Optional[str] = typer.Option(None, "--fps", hidden=True),
     resolution: Optional[str] = typer.Option(None, "--resolution", hidden=True),
     **memory_keys,
 ) -> None:
@@ -481,11 +488,12 @@ def resume(
     Seed, memory configuration, frame rate, resolution and sampler come from the snapshot. Without
     new prompts, an interrupted render's snapshot finishes its own storyboard.
     """
-    from slotgen.preflight import check_device
+    from slotgen.preflight import apply_cpu_threads, check_device
     from slotgen.render import SnapshotEvery
     from slotgen.resume import RESUME_FIXED_KEYS, prepare_resume
 
     dev = check_device(device)
+    apply_cpu_threads(dev, threads)
     from slotgen.timeparse import parse_time
 
     flags = {o.key: o.flag for o in memory_options()}

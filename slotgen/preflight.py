@@ -29,6 +29,40 @@ WARN_RATIO = 0.5  # estimate > available / 2: a warning
 LONG_RENDER_SECONDS = 600.0  # projected render time above which the first chunk prints a warning
 
 
+# torch's own default intra-op thread count (its physical cores), read before anything changes it
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def cpu_threads(requested: int | None, *, usable_cores: int | None = None,
+                torch_default: int = TORCH_DEFAULT_THREADS, env: dict | None = None) -> int | None:
+    """Intra-op threads for a render on the CPU, or ``None`` to leave torch's setting alone.
+
+    ``requested`` (``--threads``) wins. With ``OMP_NUM_THREADS`` set, the user chose: ``None``. Otherwise
+    one fewer than the cores, at least 1 and at most torch's default: the overlapped decode and the MP4
+    writer run on a thread of their own and torch's thread count is process-wide, so generation at
+    torch's default (every core) and the decode worker oversubscribe the machine. On this project's
+    2-core machine, 60 s of video take 41.5 s at 1 thread and 66.8 s at torch's default of 2
+    (docs/BENCHMARKS.md); more cores are not measured."""
+    if requested is not None:
+        if requested < 1:
+            raise SlotgenError(f"--threads: expected at least 1, got {requested}")
+        return requested
+    if "OMP_NUM_THREADS" in (os.environ if env is None else env):
+        return None
+    if usable_cores is None:
+        usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch_default, usable_cores - 1))
+
+
+def apply_cpu_threads(device: torch.device, requested: int | None) -> int:
+    """Set torch's intra-op threads for a render on ``device`` (CPU only, see :func:`cpu_threads`);
+    returns the count in effect."""
+    n = cpu_threads(requested) if device.type == "cpu" else None
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def available_devices() -> list[str]:
     """The devices this torch build can use here, e.g. ``["cpu", "cuda:0"]``."""
     out = ["cpu"]

@@ -114,6 +114,37 @@ def test_render_demo_subprocess(tmp_path):
     assert probe_video(out)["frames"] == 16
 
 
+def test_cpu_thread_default_leaves_a_core_to_the_overlapped_decode():
+    from slotgen.errors import SlotgenError
+    from slotgen.preflight import cpu_threads
+
+    assert cpu_threads(None, usable_cores=2, torch_default=2, env={}) == 1
+    assert cpu_threads(None, usable_cores=8, torch_default=8, env={}) == 7
+    assert cpu_threads(None, usable_cores=16, torch_default=8, env={}) == 8  # never above torch's own default
+    assert cpu_threads(None, usable_cores=1, torch_default=1, env={}) == 1
+    assert cpu_threads(None, usable_cores=8, torch_default=8, env={"OMP_NUM_THREADS": "3"}) is None  # the user's
+    assert cpu_threads(5, usable_cores=2, torch_default=2, env={"OMP_NUM_THREADS": "3"}) == 5  # --threads wins
+    with pytest.raises(SlotgenError):
+        cpu_threads(0)
+
+
+@pytest.mark.slow
+def test_render_threads_option_sets_torch_threads(tmp_path):
+    import torch
+
+    story = tmp_path / "short.yaml"
+    story.write_text(GOOD)
+    before = torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(app, ["render", str(story), "-o", str(tmp_path / "t.mp4"), "-q", "--threads", "2"])
+        assert res.exit_code == 0, res.output
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    bad = CliRunner().invoke(app, ["render", str(story), "-o", str(tmp_path / "t.mp4"), "--threads", "0"])
+    assert bad.exit_code == 2
+
+
 def test_demo_storyboard_is_valid():
     from slotgen.storyboard import load_storyboard
 

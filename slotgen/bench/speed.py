@@ -100,6 +100,9 @@ def run_worker(policy: str, duration: float, model: str, device: str, resolution
     from slotgen.storyboard import parse_storyboard
     from slotgen.video.writer import open_writer
 
+    from slotgen.preflight import apply_cpu_threads
+
+    apply_cpu_threads(torch.device(device), None)  # as `slotgen render` does, unless OMP_NUM_THREADS is set
     bundle = load_model(model, device=device)
     fps_eff = fps or bundle.settings.fps
     if chunks:  # exactly `chunks` chunks of video
