@@ -366,9 +366,15 @@ class InterruptGuard:
 
 
 def debug_chunk_line(ev: ChunkEvent) -> None:
-    """With ``SLOTGEN_DEBUG_CHUNKS=1``: one machine-readable line per finished chunk on stderr."""
+    """With ``SLOTGEN_DEBUG_CHUNKS=1``: one machine-readable line per finished chunk on stderr (before
+    that chunk's crash-safety checkpoint). With ``SLOTGEN_DEBUG_HOLD_AFTER_CHUNK=K`` as well, the render
+    then waits for a line on stdin after chunk ``K``'s line: a test that kills the process at an
+    earlier chunk knows the render cannot have finished, however slowly its own reading is scheduled."""
     if os.environ.get("SLOTGEN_DEBUG_CHUNKS") == "1":
         print(f"slotgen-chunk {ev.chunk} frames {ev.frames_done} of {ev.total_frames}", file=sys.stderr, flush=True)
+        hold = os.environ.get("SLOTGEN_DEBUG_HOLD_AFTER_CHUNK")
+        if hold is not None and ev.chunk == int(hold):
+            sys.stdin.readline()
 
 
 def _chain(*callbacks):
@@ -472,8 +478,9 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
     record = {"video": output, "video_first_frame": first["video"], "lossless": lossless,
               "lossless_first_frame": first["lossless"]}
 
-    def checkpoint(interrupted: bool) -> Path:
-        """Seal the segments, write the snapshot (with the joins due), then join."""
+    def checkpoint(interrupted: bool, go_on: bool = False) -> Path:
+        """Seal the segments, write the snapshot (with the joins due), then join; ``go_on``: the render
+        continues, so open the next segments here, on the render's thread (see SegmentedOutput.prepare)."""
         renderer.drain()  # overlapped decode: the chunks generated so far are written before anything is sealed
         joins = []
         for out, key in zip(outs, ("video", "lossless")):
@@ -486,6 +493,8 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
             out.recorded = out.sealed
         for out in outs:
             out.join()
+            if go_on:
+                out.prepare()
         return path
 
     state = {"t": time.monotonic(), "chunks": 0, "snapshots": 0}
@@ -497,7 +506,7 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
         due = (every.chunks is not None and state["chunks"] >= every.chunks) or \
               (every.seconds is not None and time.monotonic() - state["t"] >= every.seconds)
         if due:
-            checkpoint(interrupted=False)
+            checkpoint(interrupted=False, go_on=True)
             state.update(t=time.monotonic(), chunks=0, snapshots=state["snapshots"] + 1)
 
     try:

@@ -77,11 +77,15 @@ def references(tmp_path_factory):
 
 def kill_at_chunk(cwd: Path, chunk: int, extra: tuple[str, ...] = ()) -> str:
     """Start a render that snapshots after every chunk and SIGKILL it once chunk ``chunk`` is reported
-    (the kill lands somewhere in that chunk's checkpoint or the next chunk's generation)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", SLOTGEN_DEBUG_CHUNKS="1", PYTHONUNBUFFERED="1")
+    (the kill lands somewhere in that chunk's checkpoint or the next chunk's generation). The render
+    holds after chunk ``chunk + 1`` until told (it never is), so on a loaded machine the kill cannot
+    arrive after the render finished."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SLOTGEN_DEBUG_CHUNKS="1", PYTHONUNBUFFERED="1",
+               SLOTGEN_DEBUG_HOLD_AFTER_CHUNK=str(chunk + 1))
     proc = subprocess.Popen(slotgen_cmd("render", "story.yaml", "-o", "out.mp4", "--lossless", "out.mkv", "-q",
                                         "--snapshot-every", "1c", *extra),
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     lines = []
     deadline = time.monotonic() + 240
     try:

@@ -338,6 +338,31 @@ def test_crash_safety_checkpoints_drain_the_overlapped_decode_first(tmp_path):
     assert all(decoded == generated for decoded, generated in seen), seen
 
 
+def test_segments_are_opened_on_the_render_thread_not_the_decode_worker(tmp_path, monkeypatch):
+    """Starting ffmpeg points the process's stderr at ffmpeg's log for a moment; on the decode worker
+    that moment swallowed what the render's thread printed (a chunk line went missing under load). After
+    every checkpoint the next segment is opened by the render's thread, and none is left empty."""
+    import threading
+
+    import slotgen.video.writer as writer_mod
+    from slotgen.render import Renderer, stream_to_files
+    from slotgen.storyboard import parse_storyboard
+    from slotgen.video.writer import read_video
+
+    threads, real = [], writer_mod.open_writer
+
+    def recording_open(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer_mod, "open_writer", recording_open)
+    renderer = Renderer(parse_storyboard(STORY, "<test>"), bundle=tiny_bundle(), overlap=True)
+    report = stream_to_files(renderer, tmp_path / "out.mkv", snapshot_every="1c")
+    assert len(threads) >= report.chunks - 1 and set(threads) == {threading.main_thread().name}, threads
+    assert len(read_video(tmp_path / "out.mkv")) == report.frames
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mkv", "out.mkv.snapshot.pt"]  # no empty segment left
+
+
 def test_overlapped_stream_stops_after_the_current_chunk_and_reports_writer_errors():
     from slotgen.render import Renderer
     from slotgen.storyboard import parse_storyboard

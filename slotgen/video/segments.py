@@ -125,11 +125,26 @@ class SegmentedOutput:
                 self._writer = self._open()
             self._writer.write(frames)
 
+    def prepare(self) -> None:
+        """Open the next segment now, on the calling thread (the render's own, after a checkpoint's join).
+
+        Starting ffmpeg points this process's stderr at ffmpeg's log for a moment
+        (:class:`~slotgen.video.writer.VideoWriter`); opened lazily by :meth:`write` on the overlapped
+        decode's worker thread, that moment would swallow whatever the render's thread printed then
+        (progress, warnings, the lines tests read)."""
+        if self._writer is None and not self.sealed:
+            with _as_target(self):
+                self._writer = self._open()
+
     def seal(self) -> dict | None:
-        """Close the current segment (complete and fsync'ed under its hidden name); None if it is empty.
+        """Close the current segment (complete and fsync'ed under its hidden name); None if it is empty
+        (an opened, empty segment is dropped).
 
         Returns the join record a snapshot keeps: ``{"target", "base", "segment"}``."""
-        if self._writer is None or self._writer.frames_written == 0:
+        if self._writer is not None and self._writer.frames_written == 0:
+            self._writer.abort()
+            self._writer = None
+        if self._writer is None:
             return None
         with _as_target(self):
             self._writer.close()

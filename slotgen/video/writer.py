@@ -16,6 +16,7 @@ Frames are ``np.ndarray`` uint8 ``(N, H, W, 3)`` RGB; sizes are given as ``(W, H
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import tempfile
@@ -195,7 +196,14 @@ class _FFmpegWriter:
         try:
             if self._proc is not None and self._proc.poll() is None:
                 self._proc.kill()
-            self._gen.close()
+            # imageio-ffmpeg logs "No frames have been written" when a writer closes empty; an aborted
+            # writer's file is discarded anyway (e.g. a segment opened after a checkpoint, then not needed)
+            log = logging.getLogger("imageio_ffmpeg")
+            quiet, log.disabled = log.disabled, True
+            try:
+                self._gen.close()
+            finally:
+                log.disabled = quiet
             if self._proc is not None:
                 self._proc.wait()
         finally:
