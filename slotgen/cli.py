@@ -571,6 +571,18 @@ def memory_spec_list(text: str) -> list[str]:
     return names
 
 
+def positive_numbers(text: str, option: str, example: str) -> list[float]:
+    """``"60,600"`` → ``[60.0, 600.0]``: one or more finite numbers above 0, comma-separated, or a
+    :class:`SlotgenError` naming the option."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise SlotgenError(f"{option}: expected positive {example}, got {text!r}")
+    return values
+
+
 def resolution_option(text: str, option: str = "--resolution") -> tuple[int, int]:
     """``"WxH"`` → ``(width, height)``, both positive multiples of 16 (every Wan2.1 model's stride:
     VAE 8 × patch 2), or a :class:`SlotgenError` naming the option."""
@@ -615,12 +627,7 @@ def bench_speed(
 
     check_device(device)
     names = memory_spec_list(policies)
-    try:
-        durations = [float(d) for d in duration.split(",")]
-    except ValueError:
-        durations = []
-    if not durations or not all(math.isfinite(d) and d > 0 for d in durations):
-        raise SlotgenError(f"--duration: expected positive seconds like 60 or 60,600, got {duration!r}")
+    durations = positive_numbers(duration, "--duration", "seconds like 60 or 60,600")
     if resolution is not None:
         resolution_option(resolution)
     rows = run_speed_bench(names, durations, model=model, device=device, resolution=resolution, fps=fps,
@@ -702,12 +709,7 @@ def bench_flops(
     from slotgen.bench.flops import count_flops, parse_memory_spec
 
     width, height = resolution_option(resolution)
-    try:
-        rates = [float(r) for r in tflops.split(",")]
-    except ValueError:
-        rates = []
-    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
-        raise SlotgenError(f"--tflops: expected positive numbers like 100,400, got {tflops!r}")
+    rates = positive_numbers(tflops, "--tflops", "numbers like 100,400")
     specs = [parse_memory_spec(m) for m in (memory or ["window", "sink", "bank", "slot"])]
     rows = count_flops(model, width, height, specs, steps=steps)
     table = Table(title=f"slotgen bench flops — {model} at {width}x{height}, TFLOP per chunk")
@@ -764,12 +766,7 @@ def bench_snapshot_sizes(
     from slotgen.preflight import check_device
 
     check_device(device)
-    try:
-        seconds = [float(d) for d in durations.split(",") if d.strip()]
-    except ValueError:
-        seconds = []
-    if not seconds or not all(math.isfinite(d) and d > 0 for d in seconds):
-        raise SlotgenError(f"--durations: expected positive seconds like 60,600, got {durations!r}")
+    seconds = positive_numbers(durations, "--durations", "seconds like 60,600")
     if resolution is not None:
         resolution_option(resolution)
     names = policy_list(policies) if policies is not None else None
