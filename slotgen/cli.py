@@ -221,7 +221,7 @@ def render(
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Write a snapshot at the end, to continue the story with `slotgen resume` (an interrupted render writes <output>.snapshot.pt anyway)."),
     snapshot_every: str = typer.Option("300", "--snapshot-every", help="Crash safety: every SECONDS of render time (or Nc: every N chunks) seal the videos so far and write the snapshot (--snapshot, else <output>.snapshot.pt), so a kill -9 or power cut loses at most that much; 0 turns it off. Renders shorter than this never pay for it. See docs/SNAPSHOTS.md."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the storyboard's seed."),
-    model: Optional[str] = typer.Option(None, "--model", help="Override the model: 'miniature' or a local folder."),
+    model: Optional[str] = typer.Option(None, "--model", help="Override the model: 'miniature', a pulled name (slotgen pull) or a local folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Causal generator weights for a Wan2.1 folder (Self-Forcing .pt, LongLive base+LoRA folder, diffusers transformer); see docs/REAL_MODEL.md."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory policy: window, sink, bank, slot, or a "
@@ -280,9 +280,11 @@ def _model_path(spec: Optional[str]) -> Optional[Path]:
     """A model given as a folder or file (an input no output may overwrite); None for a built-in."""
     from slotgen.models import BUILTIN_MODELS
 
+    from slotgen.models.pull import resolve_model_path
+
     if spec is None or spec in BUILTIN_MODELS:
         return None
-    return Path(spec).expanduser()
+    return resolve_model_path(spec) or Path(spec).expanduser()
 
 
 def _identity(p: Path) -> tuple:
@@ -1075,6 +1077,47 @@ def _farm_progress(quiet: bool, jobs: int):
     return progress, on_update
 
 
+@app.command("pull")
+@user_errors
+def pull_cmd(
+    name: Optional[str] = typer.Argument(None, help="self-forcing, longlive, memflow or wan-base."),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Where the model folder goes (default: $SLOTGEN_HOME/models, where --model NAME looks)."),
+    list_: bool = typer.Option(False, "--list", help="Show what can be pulled, sizes, and what is already here."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="A branch, tag or commit of every repository (default: main)."),
+) -> None:
+    """Download a model folder from the Hugging Face Hub, verify it and install it atomically; then
+    `slotgen render STORY.yaml --model NAME` finds it. Honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE; an
+    interrupted pull resumes when run again (see docs/REAL_MODEL.md)."""
+    from slotgen.models.pull import human_size, list_pullable, pull, render_hint
+
+    if list_:
+        from rich.table import Table
+
+        table = Table(title="slotgen pull --list")
+        for col in ("name", "what", "repositories", "size", "here"):
+            table.add_column(col)
+        for r in list_pullable(directory):
+            size = f"{human_size(r['bytes'])} ({r['size_from']})" if r["bytes"] is not None else r["size_from"]
+            table.add_row(r["name"], r["summary"], ", ".join(r["repos"]), size, r["folder"] or "not pulled")
+        Console(width=200).print(table)
+        return
+    if name is None:
+        raise SlotgenError("pull: name a model (slotgen pull --list shows them)")
+    try:
+        result = pull(name, directory, revision=revision, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        print("interrupted: nothing was installed; run the same command to resume (finished and partial downloads "
+              "stay in the Hugging Face cache)", file=sys.stderr)
+        raise typer.Exit(130)
+    for c in result.checks:
+        print(f"verified: {c}", file=sys.stderr)
+    if not result.sizes_checked:
+        print("sizes were not compared with the hub (offline)", file=sys.stderr)
+    print(f"pulled {result.name} into {result.folder}")
+    print(f"next: {render_hint(result)}")
+
+
 def main() -> None:  # pragma: no cover - console entry
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if sys.argv[1:2] != ["pull"]:  # only `slotgen pull` may reach the hub; it honours the user's HF_HUB_OFFLINE
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     app()

@@ -5,12 +5,14 @@
 * ``"miniature"`` — the embedded toy-size Wan stack shipped in the package (default);
 * ``"wan-1.3b-random"`` — the full Wan2.1-T2V-1.3B architecture with random weights (for speed
   benchmarks: speed does not depend on weight values);
+* a name ``slotgen pull`` installed (``longlive``, ...): the folder ``$SLOTGEN_HOME/models/NAME`` when no
+  path of that name exists (:func:`slotgen.models.pull.resolve_model_path`);
 * a local path — a miniature-format folder (``config.json`` + ``weights.safetensors``) or a
   diffusers-format Wan2.1 folder (see ``slotgen.models.wan``), optionally with a causal generator
   ``checkpoint``.
 
 Anything that looks like a hub id (``org/name`` that is not a local path) is refused with a clear
-message: slotgen never downloads.
+message: loading never downloads (``slotgen pull`` does, once).
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ def load_model(
         from slotgen.models.wan import build_random_wan
 
         return build_random_wan(device=device, dtype=dtype)
-    path = Path(spec).expanduser()
-    if path.exists():
+    from slotgen.models.pull import not_pulled_hint, resolve_model_path
+
+    path = resolve_model_path(spec)
+    if path is not None:
         if (path / "weights.safetensors").is_file() and (path / "config.json").is_file():
             from slotgen.models.miniature import load_miniature
 
@@ -56,7 +60,8 @@ def load_model(
         from slotgen.models.wan import load_wan
 
         return load_wan(path, device=device, dtype=dtype, checkpoint=checkpoint, preset=preset)
-    hint = " (slotgen never downloads: pass a local folder)" if "/" in spec or spec.startswith("Wan") else ""
+    hint = not_pulled_hint(spec) or (" (loading never downloads: pass a local folder, or see slotgen pull --list)"
+                                     if "/" in spec or spec.startswith("Wan") else "")
     raise ModelError(f"model {spec!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor an existing path{hint}")
 
 

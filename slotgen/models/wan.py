@@ -356,8 +356,10 @@ def load_wan(
     transformer = transformer.to(device).eval().requires_grad_(False)
 
     vdir, edir, kdir = root / "vae", root / "text_encoder", root / "tokenizer"
+    # low_cpu_mem_usage=False: the default (True) needs accelerate and, without it, prints advice to install
+    # it on every load; for the 0.5 GB VAE the plain path costs nothing worth the dependency
     vae = _load_part(vdir, "VAE", lambda: AutoencoderKLWan.from_pretrained(
-        str(vdir), torch_dtype=torch.float32, local_files_only=True))
+        str(vdir), torch_dtype=torch.float32, local_files_only=True, low_cpu_mem_usage=False))
     vae = cast_vae(vae, device, vae_dtype(device, dtype)).eval().requires_grad_(False)
     tdev = choose_text_device(device, text_device)
     tdt = text_dtype or dtype
