@@ -977,6 +977,46 @@ def bench_identity(
         write_plot(result, png)
 
 
+@bench_app.command("narrative")
+@user_errors
+def bench_narrative(
+    prompts: Path = typer.Argument(..., help="A storyboard (.yaml) or a LongLive prompt file (.jsonl, one narrative per line)."),
+    policies: str = typer.Option("sink,slot", "--policies", help="Comma-separated memory specs POLICY[@PRESET][:KEY=VALUE...], e.g. sink@longlive,slot@longlive."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models, one per --policies entry (or one for all); default: the storyboard's."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds (1-8 or 1,4,9): the same for every setting."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="Render through render-many on this Ray cluster (head host:6379); default: in this process."),
+    scorer_dir: Optional[Path] = typer.Option(None, "--scorer-dir", help="Local CLIP and DINO (clip/, dino/ saved with save_pretrained) instead of the hub."),
+    out: Path = typer.Option(Path("narrative-bench"), "--out", help="Folder for storyboards, videos, narrative.json and narrative.png (finished videos are reused)."),
+    device: str = typer.Option("cpu", "--device", help="torch device for rendering and scoring."),
+    window: float = typer.Option(10.0, "--window", help="Seconds per CLIP/consistency window."),
+) -> None:
+    """The paper's interactive evaluation: render a narrative under each memory setting with the same seeds,
+    then CLIP text-video score per prompt segment and per window, VBench subject (DINO) and background (CLIP)
+    consistency, with bootstrap intervals over seeds: a table, narrative.json and narrative.png."""
+    from slotgen.bench.narrative import Setting, print_report, run_narrative_bench, write_plot
+    from slotgen.farm import parse_seeds
+    from slotgen.preflight import check_device
+
+    dev = str(check_device(device))
+    specs = memory_spec_list(policies)
+    names = [m.strip() for m in models.split(",")] if models else [None]
+    if len(names) == 1:
+        names = names * len(specs)
+    if len(names) != len(specs):
+        raise SlotgenError(f"--models: {len(names)} models for {len(specs)} --policies entries; expected one or as many")
+    if not math.isfinite(window) or window <= 0:
+        raise SlotgenError(f"--window: expected seconds > 0, got {window}")
+    settings = [Setting(s, m) for s, m in zip(specs, names)]
+    if len({x.label for x in settings}) != len(settings):
+        raise SlotgenError("--policies/--models: two settings are the same")
+    result = run_narrative_bench(prompts, settings, parse_seeds(seeds), out, scorer_dir=scorer_dir, device=dev,
+                                 ray_address=ray_address, window_seconds=window,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+    write_plot(result, out / "narrative.png")
+    print_report(result)
+    print(f"wrote {out / 'narrative.json'} and {out / 'narrative.png'}")
+
+
 @app.command("render-many")
 @user_errors
 def render_many_cmd(
@@ -1118,6 +1158,7 @@ def pull_cmd(
 
 
 def main() -> None:  # pragma: no cover - console entry
-    if sys.argv[1:2] != ["pull"]:  # only `slotgen pull` may reach the hub; it honours the user's HF_HUB_OFFLINE
+    if sys.argv[1:2] != ["pull"] and sys.argv[1:3] != ["bench", "narrative"]:
+        # only `pull` (weights) and `bench narrative` (its scorers) may reach the hub; they honour HF_HUB_OFFLINE
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     app()
