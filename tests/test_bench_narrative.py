@@ -177,3 +177,45 @@ def test_bench_narrative_bad_input_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["bench", "narrative", str(ROOT / "storyboards" / "demo.yaml"), "--policies",
                                    "sink,slot", "--models", "a,b,c"])
     assert res.exit_code == 2 and "--models: 3 models for 2 --policies entries" in res.output
+
+
+def test_longlive_jsonl_gives_the_60_second_interactive_narrative():
+    from slotgen.bench.narrative import narratives
+
+    [sb] = narratives(ROOT / "storyboards" / "narrative_60s.jsonl")
+    # LongLive's interactive protocol: 240 latent frames, switches at 40, 80, 120, 160, 200 (16 fps, 4x time stride)
+    assert sb.duration == (1 + 4 * 239) / 16 and len(sb.prompts) == 6
+    assert [p.start for p in sb.prompts[1:]] == [(1 + 4 * (s - 1)) / 16 for s in (40, 80, 120, 160, 200)]
+
+
+SHORT = ("duration: 1.5625\nfps: 16\nseed: 0\nprompts:\n  - prompt: a red circle moves left\n"
+         "  - at: 0.75\n    prompt: a green square\n")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_bench_narrative_on_ray_renders_through_render_many(scorers, tmp_path):
+    """--ray: the videos come from render-many's library (manifest and all) and equal in-process renders."""
+    import logging
+
+    import ray
+
+    from slotgen.bench.narrative import Setting, run_narrative_bench
+    from slotgen.video.writer import read_video
+
+    story = tmp_path / "story.yaml"
+    story.write_text(SHORT)
+    settings = [Setting("slot", None)]
+    ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=96 * 2**20,
+             log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        on_ray = run_narrative_bench(story, settings, [3], tmp_path / "ray", scorers=scorers,
+                                     ray_address=ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+    rows = json.loads((tmp_path / "ray" / "videos" / "manifest.json").read_text())["jobs"]
+    assert [(r["job"], r["status"]) for r in rows] == [("slot-seed3", "done")]
+    local = run_narrative_bench(story, settings, [3], tmp_path / "local", scorers=scorers)
+    assert np.array_equal(read_video(tmp_path / "ray" / "videos" / "slot-seed3.mkv"),
+                          read_video(tmp_path / "local" / "videos" / "slot-seed3.mkv"))
+    assert on_ray["summary"] == local["summary"]
