@@ -398,6 +398,10 @@ def write_plot(result: dict, path: str | Path, size: tuple[int, int] = (720, 420
         v = lo + (hi - lo) * i / 4
         d.line([(x0, px(0, v)[1]), (x1, px(0, v)[1])], fill=(225, 225, 225))
         d.text((5, px(0, v)[1] - 6), f"{v:.2f}", fill="black")
+    for t in sorted({t for t, _ in points}):
+        cx = px(t, lo)[0]
+        d.line([(cx, y1), (cx, y1 + 4)], fill="black")
+        d.text((cx - 12, y1 + 6), f"{t + result['window_seconds'] / 2:g}", fill="black")
     d.text(((x0 + x1) // 2 - 40, y1 + 24), "time (s, window centre)", fill="black")
     colours = [(200, 30, 30), (30, 140, 50), (30, 70, 210), (150, 40, 190), (230, 140, 20), (20, 20, 20)]
     for i, (label, s) in enumerate(result["summary"].items()):
