@@ -129,12 +129,15 @@ def test_interrupted_pull_leaves_nothing_and_resumes(hub, tmp_path, monkeypatch)
     root = tmp_path / "home" / "models"
     no_folder(root, "longlive")
     # a pull killed with -9 leaves its temporary folder: render never takes it, the next pull removes it
-    (root / ".longlive.partial-99999" / "vae").mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (root / f".longlive.partial-{dead.stdout.strip()}" / "vae").mkdir(parents=True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", real)
     with pytest.raises(ModelError, match="slotgen pull longlive"):
         load_model("longlive")
+    running = root / f".longlive.partial-{os.getppid()}"  # another pull, still running: left alone
+    running.mkdir()
     assert pull("longlive").folder == root / "longlive"
-    assert sorted(p.name for p in root.iterdir()) == ["longlive"]
+    assert sorted(p.name for p in root.iterdir()) == [running.name, "longlive"]
     load_model("longlive")
 
 
@@ -196,6 +199,7 @@ def test_file_not_in_the_offline_cache_is_one_line(hub, tmp_path):
     no_folder(tmp_path / "home" / "models", "memflow")
 
 
+@pytest.mark.slow
 def test_no_network_is_one_line(tmp_path):
     """Online mode with the hub unreachable (a closed local port) and nothing cached: exit 2, one line."""
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0",

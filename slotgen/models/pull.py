@@ -253,8 +253,9 @@ def pull(name: str, directory: str | Path | None = None, *, revision: str | None
     final = root / name
     if final.exists() and not (final / MANIFEST).is_file():
         raise PullError(f"{final} exists and is not a pulled folder (no {MANIFEST}); move it away or pass another --dir")
-    for stale in root.glob(f".{name}.partial-*"):  # a pull killed before it could clean up
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(f".{name}.partial-*"):  # a pull killed before it could clean up (not a running one)
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
 
     log(f"fetching {WAN_REPO}: {', '.join(spec.wan_patterns)}")
     snap, wan_files = _fetch_wan(spec.wan_patterns, revision)
@@ -312,6 +313,19 @@ def pull(name: str, directory: str | Path | None = None, *, revision: str | None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PullResult(name, final, records, checks, sizes_checked)
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process ``pid`` (text) runs on this machine; not a number counts as dead."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _install(tmp: Path, final: Path) -> None:
