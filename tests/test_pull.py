@@ -244,3 +244,29 @@ def test_existing_folder_that_is_not_pulled_is_never_replaced(hub, tmp_path):
 def test_unknown_name_is_one_line(hub):
     with pytest.raises(PullError, match="unknown model 'longlife'; expected one of wan-base, self-forcing"):
         pull("longlife")
+
+
+def test_size_differing_from_the_hub_is_refused(hub, tmp_path, monkeypatch):
+    """Online: the files resolve from the cache (the endpoint is a closed port, so the library falls back to
+    it) and their sizes are compared with the hub's listing; a short file is refused by name."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    cached = {"checkpoints/self_forcing_dmd.pt": blob_of(hub, "gdhe17/Self-Forcing", "checkpoints/self_forcing_dmd.pt")}
+
+    class Info:
+        def __init__(self, path, size):
+            self.path, self.size = path, size
+
+    def paths_info(self, repo, paths, revision=None):
+        assert revision == COMMIT  # the commit the cache resolved, not a moving branch
+        return [Info(p, cached[p].stat().st_size + 1) for p in paths if p in cached]
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", paths_info)
+    with pytest.raises(PullError) as err:
+        pull("self-forcing")
+    line = only_line(err)
+    assert line.startswith("gdhe17/Self-Forcing/checkpoints/self_forcing_dmd.pt: ") and "on the hub (truncated" in line
+    no_folder(tmp_path / "home" / "models", "self-forcing")
