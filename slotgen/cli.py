@@ -1151,7 +1151,7 @@ def pull_cmd(
     for c in result.checks:
         print(f"verified: {c}", file=sys.stderr)
     if not result.sizes_checked:
-        print("sizes were not compared with the hub (offline)", file=sys.stderr)
+        print("sizes were not compared with the hub (offline or unreachable)", file=sys.stderr)
     print(f"pulled {result.name} into {result.folder}")
     print(f"next: {render_hint(result)}")
 

@@ -284,13 +284,14 @@ def pull(name: str, directory: str | Path | None = None, *, revision: str | None
             hubs = {}
             for repo, rs in by_repo.items():
                 try:
-                    hubs[repo] = _hub_sizes(repo, [r["path"] for r in rs], rs[0]["commit"] or revision)
-                except PullError as err:  # the files came from the cache; the hub is not reachable now
-                    log(f"sizes not compared with the hub: {err}")
+                    hubs[repo] = _hub().HfApi().get_paths_info(repo, [r["path"] for r in rs],
+                                                               revision=rs[0]["commit"] or revision)
+                except Exception as err:  # noqa: BLE001 - the files came from the cache; the hub is unreachable now
+                    log(f"sizes not compared with the hub ({type(err).__name__}: {one_line(err, 100)})")
                     sizes_checked = False
                     break
             for repo, rs in by_repo.items():
-                hub = hubs.get(repo, {})
+                hub = {i.path: i.size for i in hubs.get(repo, []) if getattr(i, "size", None) is not None}
                 for r in rs:
                     if r["path"] in hub and hub[r["path"]] != r["size"]:
                         raise PullError(f"{repo}/{r['path']}: {r['size']} bytes in the cache, {hub[r['path']]} on the hub "
