@@ -219,3 +219,14 @@ def test_bench_narrative_on_ray_renders_through_render_many(scorers, tmp_path):
     assert np.array_equal(read_video(tmp_path / "ray" / "videos" / "slot-seed3.mkv"),
                           read_video(tmp_path / "local" / "videos" / "slot-seed3.mkv"))
     assert on_ray["summary"] == local["summary"]
+
+
+def test_missing_scorers_fail_before_any_rendering(tmp_path):
+    from slotgen.bench.narrative import Setting, run_narrative_bench
+    from slotgen.errors import SlotgenError
+
+    story = tmp_path / "story.yaml"
+    story.write_text(SHORT)
+    with pytest.raises(SlotgenError, match=r"--scorer-dir .*: no clip/ folder"):
+        run_narrative_bench(story, [Setting("sink", None)], [0], tmp_path / "out", scorer_dir=tmp_path / "none")
+    assert list((tmp_path / "out" / "videos").iterdir()) == []

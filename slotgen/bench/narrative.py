@@ -179,8 +179,9 @@ def load_scorers(scorer_dir: str | Path | None = None, device: str | torch.devic
         tokenizer = AutoTokenizer.from_pretrained(sources["clip"], **kw)
         dino = ViTModel.from_pretrained(sources["dino"], add_pooling_layer=False, **kw).eval().requires_grad_(False).to(device)
     except OSError as err:
-        raise SlotgenError(f"scorer weights: {one_line(err, 160)} (they come from the Hugging Face hub once, or "
-                           "--scorer-dir)") from None
+        where = f"--scorer-dir {scorer_dir}" if scorer_dir is not None else f"{clip_id} / {dino_id}"
+        raise SlotgenError(f"scorer weights ({where}) cannot be loaded: {one_line(err, 120)}; they come from the "
+                           "Hugging Face hub once (network, HF_HUB_OFFLINE unset) or from --scorer-dir") from None
     names = {k: {"source": sources[k], "commit": _commit(m)} for k, m in (("clip", clip), ("dino", dino))}
     return Scorers(clip, tokenizer, dino, device, names)
 
@@ -286,6 +287,9 @@ def run_narrative_bench(storyboard_path: str | Path, settings: list[Setting], se
                 sb_path = out / "storyboards" / f"{name}.yaml"
                 sb_path.write_text(story.to_yaml())
                 jobs.append((n, setting, seed, sb_path, out / "videos" / f"{name}.mkv", story))
+    if scorers is None:  # before any rendering: a missing scorer fails now, not after hours of video
+        log("loading the scorers (CLIP, DINO)")
+        scorers = load_scorers(scorer_dir, device=device)
     todo = [j for j in jobs if not j[4].is_file()]
     if todo and ray_address is not None:
         from slotgen.farm import FarmJob, render_many
@@ -301,9 +305,6 @@ def run_narrative_bench(storyboard_path: str | Path, settings: list[Setting], se
         for i, j in enumerate(todo, 1):
             log(f"rendering {j[4].name} ({i}/{len(todo)})")
             render(j[5], j[4], device=device, snapshot_every=None)
-    if scorers is None:
-        log("loading the scorers (CLIP, DINO)")
-        scorers = load_scorers(scorer_dir, device=device)
     from slotgen.video.writer import read_video
 
     videos = []
