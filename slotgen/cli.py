@@ -1123,6 +1123,7 @@ def pull_cmd(
     name: Optional[str] = typer.Argument(None, help="self-forcing, longlive, memflow or wan-base."),
     directory: Optional[Path] = typer.Option(None, "--dir", help="Where the model folder goes (default: $SLOTGEN_HOME/models, where --model NAME looks)."),
     list_: bool = typer.Option(False, "--list", help="Show what can be pulled, sizes, and what is already here."),
+    force: bool = typer.Option(False, "--force", help="Download every file again, even when the Hugging Face cache has it (after a corrupt or truncated file)."),
 ) -> None:
     """Download a model folder from the Hugging Face Hub, verify it and install it atomically; then
     `slotgen render STORY.yaml --model NAME` finds it. Honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE; an
@@ -1143,7 +1144,7 @@ def pull_cmd(
     if name is None:
         raise SlotgenError("pull: name a model (slotgen pull --list shows them)")
     try:
-        result = pull(name, directory, log=lambda m: print(m, file=sys.stderr, flush=True))
+        result = pull(name, directory, force=force, log=lambda m: print(m, file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         print("interrupted: nothing was installed; run the same command to resume (finished and partial downloads "
               "stay in the Hugging Face cache)", file=sys.stderr)

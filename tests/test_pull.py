@@ -143,7 +143,7 @@ def test_interrupted_pull_leaves_nothing_and_resumes(hub, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("target,damage,match", [
     ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers:vae/diffusion_pytorch_model.safetensors", "truncate",
-     r"vae/diffusion_pytorch_model.safetensors: not a valid safetensors file"),
+     r"vae/diffusion_pytorch_model.safetensors: not a valid safetensors file .*pull again with --force"),
     ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers:text_encoder/model.safetensors", "corrupt",
      r"text_encoder/model.safetensors: not a valid safetensors file"),
     ("Efficient-Large-Model/LongLive-1.3B:models/longlive_base.pt", "truncate", r"longlive_base.pt: not a readable"),

@@ -17,7 +17,7 @@ name            files
 ==============  ===========================================================================================
 
 A causal checkpoint replaces the transformer's weights, so its folder takes only Wan's
-``transformer/config.json`` (the architecture) and not the 5.7 GB of base weights.
+``transformer/config.json`` (the architecture), not the base transformer weights.
 
 Downloads go through ``huggingface_hub`` (``snapshot_download`` with ``allow_patterns``, ``hf_hub_download``)
 into its cache (``HF_HOME`` / ``HF_HUB_CACHE``; ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are honoured by the
@@ -193,12 +193,13 @@ def _hub_error(err: BaseException, what: str) -> PullError:
                      "(run the same command to resume)")
 
 
-def _fetch_wan(patterns: tuple[str, ...], revision: str | None) -> tuple[Path, list[str]]:
+def _fetch_wan(patterns: tuple[str, ...], revision: str | None, force: bool = False) -> tuple[Path, list[str]]:
     """Wan's snapshot folder in the cache and the files of it matching ``patterns`` (relative paths)."""
     hub = _hub()
     what = f"{WAN_REPO} ({', '.join(patterns)})"
     try:
-        snap = Path(hub.snapshot_download(WAN_REPO, revision=revision, allow_patterns=list(patterns)))
+        snap = Path(hub.snapshot_download(WAN_REPO, revision=revision, allow_patterns=list(patterns),
+                                               force_download=force))
     except KeyboardInterrupt:
         raise
     except Exception as err:  # noqa: BLE001 - huggingface_hub raises many types; each becomes one line
@@ -212,9 +213,9 @@ def _fetch_wan(patterns: tuple[str, ...], revision: str | None) -> tuple[Path, l
     return snap, files
 
 
-def _fetch_file(f: RepoFile, revision: str | None) -> Path:
+def _fetch_file(f: RepoFile, revision: str | None, force: bool = False) -> Path:
     try:
-        return Path(_hub().hf_hub_download(f.repo, f.path, revision=revision))
+        return Path(_hub().hf_hub_download(f.repo, f.path, revision=revision, force_download=force))
     except KeyboardInterrupt:
         raise
     except Exception as err:  # noqa: BLE001
@@ -236,10 +237,11 @@ def _hub_sizes(repo: str, paths: list[str], revision: str | None) -> dict[str, i
     return {i.path: i.size for i in infos if getattr(i, "size", None) is not None}
 
 
-def pull(name: str, directory: str | Path | None = None, *, revision: str | None = None,
+def pull(name: str, directory: str | Path | None = None, *, revision: str | None = None, force: bool = False,
          log: Callable[[str], None] = lambda m: None) -> PullResult:
     """Download, verify and install the model folder ``name`` into ``directory`` (default :func:`models_dir`).
 
+    ``force``: download every file again even when the cache has it (after a corrupt or truncated file).
     Re-pulling a complete folder re-verifies it and replaces it atomically. Raises :class:`PullError`
     (one line) and leaves the previous state (no folder, or the previous complete one)."""
     if name not in PULLABLE:
@@ -258,11 +260,11 @@ def pull(name: str, directory: str | Path | None = None, *, revision: str | None
             shutil.rmtree(stale, ignore_errors=True)
 
     log(f"fetching {WAN_REPO}: {', '.join(spec.wan_patterns)}")
-    snap, wan_files = _fetch_wan(spec.wan_patterns, revision)
+    snap, wan_files = _fetch_wan(spec.wan_patterns, revision, force)
     sources: list[tuple[str, str, Path, str]] = [(WAN_REPO, r, snap / r, r) for r in wan_files]  # repo, path, cached, dest
     for f in spec.files:
         log(f"fetching {f.repo}: {f.path}")
-        sources.append((f.repo, f.path, _fetch_file(f, revision), f.dest))
+        sources.append((f.repo, f.path, _fetch_file(f, revision, force), f.dest))
 
     tmp = root / f".{name}.partial-{os.getpid()}"
     try:
@@ -295,7 +297,7 @@ def pull(name: str, directory: str | Path | None = None, *, revision: str | None
                 for r in rs:
                     if r["path"] in hub and hub[r["path"]] != r["size"]:
                         raise PullError(f"{repo}/{r['path']}: {r['size']} bytes in the cache, {hub[r['path']]} on the hub "
-                                        "(truncated or corrupt download); delete it from the cache and pull again")
+                                        "(truncated or corrupt download); pull again with --force")
         log("verifying")
         checks = verify_folder(tmp, spec)
         manifest = {"name": name, "files": records, "sizes_checked_against_hub": sizes_checked, "checks": checks}
@@ -349,8 +351,8 @@ def _check_safetensors(path: Path, rel: str) -> int:
         with safe_open(str(path), framework="pt") as f:
             return len(list(f.keys()))
     except (SafetensorError, OSError, ValueError) as err:
-        raise PullError(f"{rel}: not a valid safetensors file ({one_line(err, 120)}): truncated or corrupt; delete it "
-                        "from the Hugging Face cache and pull again") from None
+        raise PullError(f"{rel}: not a valid safetensors file ({one_line(err, 120)}): truncated or corrupt; pull again "
+                        "with --force") from None
 
 
 def verify_folder(folder: Path, spec: Pullable) -> list[str]:
@@ -367,7 +369,7 @@ def verify_folder(folder: Path, spec: Pullable) -> list[str]:
     for p in files:
         rel = str(p.relative_to(folder))
         if p.stat().st_size == 0:
-            raise PullError(f"{rel}: empty file (interrupted download?); delete it from the cache and pull again")
+            raise PullError(f"{rel}: empty file (interrupted download?); pull again with --force")
     for part in ("transformer", "vae", "text_encoder", "tokenizer"):
         if not (folder / part).is_dir():
             raise PullError(f"{part}/ is missing from the download; expected Wan's diffusers layout")
