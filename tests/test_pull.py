@@ -241,6 +241,11 @@ def test_existing_folder_that_is_not_pulled_is_never_replaced(hub, tmp_path):
     assert (mine / "notes.txt").read_text() == "mine"
 
 
+def test_force_offline_is_one_line(hub):
+    with pytest.raises(PullError, match="--force downloads every file again, which HF_HUB_OFFLINE=1 forbids"):
+        pull("longlive", force=True)
+
+
 def test_unknown_name_is_one_line(hub):
     with pytest.raises(PullError, match="unknown model 'longlife'; expected one of wan-base, self-forcing"):
         pull("longlife")

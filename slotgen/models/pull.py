@@ -246,6 +246,8 @@ def pull(name: str, directory: str | Path | None = None, *, revision: str | None
     (one line) and leaves the previous state (no folder, or the previous complete one)."""
     if name not in PULLABLE:
         raise PullError(f"unknown model {name!r}; expected one of {', '.join(PULLABLE)} (slotgen pull --list)")
+    if force and _offline():
+        raise PullError("--force downloads every file again, which HF_HUB_OFFLINE=1 forbids; unset it or drop --force")
     spec = PULLABLE[name]
     root = Path(directory).expanduser() if directory is not None else models_dir()
     try:
