@@ -981,7 +981,7 @@ def bench_identity(
 @user_errors
 def bench_narrative(
     prompts: Path = typer.Argument(..., help="A storyboard (.yaml) or a LongLive prompt file (.jsonl, one narrative per line)."),
-    policies: str = typer.Option("sink,slot", "--policies", help="Comma-separated memory specs POLICY[@PRESET][:KEY=VALUE...], e.g. sink@longlive,slot@longlive."),
+    policies: str = typer.Option("sink,slot", "--policies", help="Comma-separated memory specs (policy, optional @preset and :key=value), e.g. sink@longlive,slot@longlive:top_k=4."),
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models, one per --policies entry (or one for all); default: the storyboard's."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds (1-8 or 1,4,9): the same for every setting."),
     ray_address: Optional[str] = typer.Option(None, "--ray", help="Render through render-many on this Ray cluster (head host:6379); default: in this process."),

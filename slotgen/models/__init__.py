@@ -1,4 +1,4 @@
-"""Model loading: the embedded miniature by name, or a local Wan2.1 folder by path. Never a hub.
+"""Model loading: the embedded miniature by name, a pulled folder by name, or a local Wan2.1 folder by path. Never a hub.
 
 ``load_model(spec)`` accepts:
 
