@@ -1153,7 +1153,8 @@ def pull_cmd(
         print(f"verified: {c}", file=sys.stderr)
     if not result.sizes_checked:
         print("sizes were not compared with the hub (offline or unreachable)", file=sys.stderr)
-    print(f"pulled {result.name} into {result.folder}")
+    total = human_size(sum(max(0, f["size"]) for f in result.files))
+    print(f"pulled {result.name} into {result.folder} ({len(result.files)} files, {total} in the Hugging Face cache)")
     print(f"next: {render_hint(result)}")
 
 
