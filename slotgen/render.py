@@ -146,9 +146,9 @@ class Renderer:
         """Generate the rest of the timeline, writing frames to every writer as each chunk is decoded.
 
         ``should_stop`` is polled after every chunk (an interrupt finishes the current chunk first).
+        ``on_chunk`` may replace :attr:`storyboard` by one that extends it (a live session does): the
+        stream follows the current one.
         """
-        total = self.storyboard.total_frames
-        total_chunks = self.total_chunks()
         start = self.frames_emitted
         t0 = time.perf_counter()
         chunk_seconds: list[float] = []
@@ -156,7 +156,7 @@ class Renderer:
         interrupted = False
 
         def emit(frames: np.ndarray) -> None:
-            take = max(0, min(len(frames), total - self.frames_emitted))
+            take = max(0, min(len(frames), self.storyboard.total_frames - self.frames_emitted))
             if take:
                 for w in writers:
                     w.write(frames[:take])
@@ -174,7 +174,7 @@ class Renderer:
         last = t0
         try:
             res: ChunkResult
-            for res in self.engine.run(self.storyboard, decode=worker is None):
+            for res in self.engine.run(lambda: self.storyboard, decode=worker is None):
                 if worker is None:
                     emit(res.frames)
                 else:
@@ -183,11 +183,12 @@ class Renderer:
                 seconds, last = now - last, now  # the stream's period, chunk to chunk
                 chunk_seconds.append(seconds)
                 prompt_chunks.append(res.prompt_index)
+                total, total_chunks = self.storyboard.total_frames, self.total_chunks()
                 done = min(total, self.engine.geometry.first_frame(self.engine.next_chunk))
                 if on_chunk is not None:
                     on_chunk(ChunkEvent(res.chunk, total_chunks, res.prompt_index, res.prompt, done, total,
                                         self.storyboard.fps, seconds, now - t0, res.recached_frames))
-                if should_stop is not None and should_stop() and done < total:
+                if should_stop is not None and should_stop() and done < self.storyboard.total_frames:
                     interrupted = True
                     break
         finally:
@@ -197,7 +198,8 @@ class Renderer:
         return RenderReport(
             frames=self.frames_emitted - start, chunks=self.engine.next_chunk, elapsed=time.perf_counter() - t0,
             chunk_seconds=chunk_seconds, prompt_chunks=prompt_chunks, outputs=[], warnings=[],
-            interrupted=interrupted, memory_stats=self.policy.stats(), first_frame=start, total_frames=total,
+            interrupted=interrupted, memory_stats=self.policy.stats(), first_frame=start,
+            total_frames=self.storyboard.total_frames,
         )
 
     def drain(self) -> None:
