@@ -440,8 +440,11 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
                     should_stop: Callable[[], bool] | None = None, stats: str | Path | None = None,
                     snapshot: str | Path | None = None, snapshot_every=DEFAULT_SNAPSHOT_EVERY,
                     base: str | Path | None = None, lossless_base: str | Path | None = None,
-                    video_first_frame: int | None = None, lossless_first_frame: int | None = None) -> RenderReport:
+                    video_first_frame: int | None = None, lossless_first_frame: int | None = None,
+                    taps: list = ()) -> RenderReport:
     """Stream the rest of ``renderer``'s timeline into ``output`` (+ ``lossless``), then stats and snapshot.
+
+    ``taps``: more writers (``write(frames)``) that see every frame as it is decoded (a live page).
 
     ``base``/``lossless_base``: videos already holding the frames before this run (``resume --append``);
     the outputs become base + the new frames (``output`` may be ``base``). ``video_first_frame`` /
@@ -512,7 +515,7 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
             state.update(t=time.monotonic(), chunks=0, snapshots=state["snapshots"] + 1)
 
     try:
-        report = renderer.stream(outs, on_chunk=_chain(on_chunk, debug_chunk_line, maybe_checkpoint),
+        report = renderer.stream(outs + list(taps), on_chunk=_chain(on_chunk, debug_chunk_line, maybe_checkpoint),
                                  should_stop=should_stop)
         if report.interrupted or snapshot is not None or state["snapshots"]:
             # a crash-safety snapshot is brought up to the end too: the snapshot beside a video matches it
