@@ -1089,6 +1089,7 @@ def live_cmd(
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory policy: window, sink, bank, slot, or a registered plug-in."),
     realtime: bool = typer.Option(True, "--realtime/--no-realtime", help="Never run ahead of the wall clock by more than a chunk."),
     idle_stop: float = typer.Option(10.0, "--idle-stop", help="Stop this many seconds after the last page closes (0: never)."),
+    snapshot_every: str = typer.Option("30", "--snapshot-every", help="Crash safety: every SECONDS (or Nc: every N chunks) seal the videos and write --out/snapshot.pt; 0 turns it off."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     **memory_keys,
@@ -1101,6 +1102,7 @@ def live_cmd(
     """
     from slotgen.live.server import run_live
     from slotgen.preflight import apply_cpu_threads, check_device
+    from slotgen.render import SnapshotEvery
     from slotgen.storyboard import load_storyboard
 
     apply_cpu_threads(check_device(device), threads)
@@ -1111,8 +1113,11 @@ def live_cmd(
 
         mem = memory_overrides(sb or Storyboard(duration=1, prompts=[PromptSpan(start=0, end=1, text="x")]),
                                memory, memory_keys)
-    run_live(sb, out=out, host=host, port=port, token=token, resume=resume, model=model, memory=mem, device=device,
-             realtime=realtime, idle_stop=idle_stop or None, print_line=lambda m: print(m, flush=True))
+    session = run_live(sb, out=out, host=host, port=port, token=token, resume=resume, model=model, memory=mem, device=device,
+             realtime=realtime, idle_stop=idle_stop or None, snapshot_every=SnapshotEvery.parse(snapshot_every),
+             print_line=lambda m: print(m, flush=True))
+    if session.signalled is not None:
+        raise typer.Exit(130)  # stopped by a signal: saved, like an interrupted render
 
 
 def main() -> None:  # pragma: no cover - console entry

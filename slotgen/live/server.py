@@ -61,9 +61,44 @@ def url_of(sock: socket.socket, host: str, token: str | None) -> str:
     return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
 
 
+def _server_class():
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server with Ctrl-C, SIGTERM and SIGHUP (a closed terminal) as a graceful stop that
+        lets the process exit normally afterwards (uvicorn re-raises the signal, killing it before the
+        caller can report); :attr:`signalled` tells which one came."""
+
+        signalled: int | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            self.signalled = self.signalled or sig
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            import threading
+
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
 def serve(session, sock: socket.socket, *, token: str | None = None, idle_stop: float | None = 10.0,
-          log_level: str = "warning") -> None:
-    """Run the page for ``session`` on ``sock`` until the session has finished."""
+          log_level: str = "warning") -> int | None:
+    """Run the page for ``session`` on ``sock`` until the session has finished; returns the signal that
+    stopped it, if one did."""
     import uvicorn
 
     from slotgen.live.app import create_app
@@ -76,24 +111,17 @@ def serve(session, sock: socket.socket, *, token: str | None = None, idle_stop: 
     app = create_app(session, token=token, idle_stop=idle_stop, on_finished=finished)
     config = uvicorn.Config(app, log_level=log_level, ws_max_size=WS_MAX_SIZE, timeout_graceful_shutdown=5,
                             lifespan="on")
-    server = uvicorn.Server(config)
-    holder["server"] = server
-    previous = signal.getsignal(signal.SIGHUP) if hasattr(signal, "SIGHUP") else None
-    if previous is not None:  # a closed terminal stops like Ctrl-C (uvicorn handles SIGINT and SIGTERM)
-        signal.signal(signal.SIGHUP, lambda *_: setattr(server, "should_exit", True))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGHUP, previous)
+    server = holder["server"] = _server_class()(config)
+    server.run(sockets=[sock])
     if not session.wait(0):  # uvicorn did not get to its shutdown (e.g. a second Ctrl-C): finish anyway
         session.stop()
         session.wait()
+    return server.signalled
 
 
 def run_live(storyboard=None, *, out, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
              resume=None, model: str | None = None, memory=None, device: str = "cpu", realtime: bool = True,
-             idle_stop: float | None = 10.0, snapshot_every="4c", print_line=print) -> "object":
+             idle_stop: float | None = 10.0, snapshot_every=30.0, print_line=print) -> "object":
     """What ``slotgen live`` does: check, bind, load, print the URL, serve until the session ends.
     ``storyboard``: a validated Storyboard (``model``/``memory``: overrides); returns the session."""
     from pathlib import Path
@@ -126,7 +154,7 @@ def run_live(storyboard=None, *, out, host: str = "127.0.0.1", port: int = 8000,
         for w in session.warnings:
             print_line(f"warning: {w}")
         print_line(f"slotgen live: {url_of(sock, host, token)}  (output: {out}; Ctrl-C stops and saves)")
-        serve(session, sock, token=token, idle_stop=idle_stop)
+        session.signalled = serve(session, sock, token=token, idle_stop=idle_stop)
     finally:
         sock.close()
     p = session.paths()

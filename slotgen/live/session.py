@@ -105,7 +105,7 @@ class LiveSession:
     the wall clock by more than a chunk (off: as fast as the machine allows)."""
 
     def __init__(self, storyboard: Storyboard | None = None, *, out: str | Path, bundle=None, device: str = "cpu",
-                 resume: str | Path | None = None, realtime: bool = True, snapshot_every="4c",
+                 resume: str | Path | None = None, realtime: bool = True, snapshot_every=30.0,
                  on_event: Callable[[str, dict], None] | None = None):
         from slotgen.live.broadcast import Broadcaster
         from slotgen.render import Renderer
