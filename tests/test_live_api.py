@@ -192,3 +192,55 @@ def test_sigterm_saves_and_kill9_leaves_a_resumable_checkpoint(miniature, tmp_pa
     assert not snap.complete
     rep = resume(snap, tmp_path / "more.mkv", bundle=miniature)
     assert rep.frames == snap.total_frames - snap.frames_emitted > 0
+
+
+def _play(session, typed: dict, chunks: int):
+    """Drive ``session`` from its chunk events: submit ``typed[c]`` after chunk c, stop after ``chunks``."""
+
+    def on_event(kind, data):
+        if kind == "chunk":
+            c = data["chunk"]
+            if c in typed:
+                session.submit(*typed[c])
+            if c + 2 >= session.first_chunk + chunks:
+                session.stop()
+
+    session.on_event = on_event
+    session.start()
+    assert session.wait(120) and session.status == "stopped", session.error
+
+
+@pytest.mark.slow
+def test_live_resume_continues_the_record_exactly(miniature, tmp_path):
+    """A session, then `live --resume` of its snapshot with another typed prompt: the second record is the
+    whole story, and it re-renders to the first session's frames followed by the second's."""
+    from slotgen.render import render
+    from slotgen.video.writer import read_video
+    from tests.live_helpers import YELLOW
+
+    a = LiveSession(story(), out=tmp_path / "a", bundle=miniature, realtime=False, snapshot_every=None)
+    _play(a, {1: (GREEN, 0.25, "linear")}, chunks=5)
+    b = LiveSession(out=tmp_path / "b", bundle=miniature, resume=tmp_path / "a" / "snapshot.pt", realtime=False,
+                    snapshot_every=None)
+    assert b.first_chunk == 5 and b.entries[-1].text == GREEN
+    _play(b, {6: (YELLOW, 0.0, "linear")}, chunks=5)
+    rec = b.record()
+    assert [p.text for p in rec.prompts][1:] == [GREEN, YELLOW] and rec.prompts[1].transition == 0.25
+    assert [round(p.start * 16) for p in rec.prompts] == [0, 9, 24]  # chunks 3 and 8, 3 frames each
+    render(rec, tmp_path / "whole.mkv", bundle=miniature)
+    live = np.concatenate([read_video(tmp_path / "a" / "live.mkv"), read_video(tmp_path / "b" / "live.mkv")])
+    assert len(live) == 30 and np.array_equal(read_video(tmp_path / "whole.mkv"), live)
+
+
+@pytest.mark.slow
+def test_closing_the_last_page_stops_and_saves(miniature, tmp_path):
+    import websockets.sync.client as wsc
+
+    session = LiveSession(story(), out=tmp_path / "out", bundle=miniature, realtime=True, snapshot_every=None)
+    with ServerThread(session, idle_stop=0.5) as srv:
+        with wsc.connect(f"ws://127.0.0.1:{srv.port}/ws", open_timeout=10) as ws:
+            while not isinstance(ws.recv(timeout=30), bytes):  # a frame arrived
+                pass
+        wait_for(lambda: session.wait(0), timeout=60, what="the session to stop after the page closed")
+    assert session.status == "stopped"
+    assert all(p.is_file() for p in session.paths().values())
