@@ -244,3 +244,24 @@ def test_closing_the_last_page_stops_and_saves(miniature, tmp_path):
         wait_for(lambda: session.wait(0), timeout=60, what="the session to stop after the page closed")
     assert session.status == "stopped"
     assert all(p.is_file() for p in session.paths().values())
+
+
+def test_cli_usage_errors_are_one_line_before_anything_loads(tmp_path, monkeypatch):
+    from slotgen.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(STORY)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "story.yaml").write_text("x")
+    cases = [
+        (["live", "s.yaml", "--resume", "snap.pt"], "either a storyboard or --resume"),
+        (["live", "s.yaml", "--out", "taken"], "already holds a live session"),
+        (["live", "s.yaml", "--host", "0.0.0.0"], "needs --token"),
+        (["live", "s.yaml", "--snapshot-every", "soon"], "--snapshot-every"),
+        (["live", "missing.yaml"], "storyboard file not found"),
+    ]
+    for args, needle in cases:
+        res = runner.invoke(app, args)
+        lines = [l for l in res.output.splitlines() if l.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], \
+            (args, res.output)
