@@ -150,6 +150,7 @@ class Renderer:
         stream follows the current one.
         """
         start = self.frames_emitted
+        total, total_chunks = -1, 0
         t0 = time.perf_counter()
         chunk_seconds: list[float] = []
         prompt_chunks: list[int] = []
@@ -183,7 +184,8 @@ class Renderer:
                 seconds, last = now - last, now  # the stream's period, chunk to chunk
                 chunk_seconds.append(seconds)
                 prompt_chunks.append(res.prompt_index)
-                total, total_chunks = self.storyboard.total_frames, self.total_chunks()
+                if self.storyboard.total_frames != total:  # the first chunk, or a live session extended it
+                    total, total_chunks = self.storyboard.total_frames, self.total_chunks()
                 done = min(total, self.engine.geometry.first_frame(self.engine.next_chunk))
                 if on_chunk is not None:
                     on_chunk(ChunkEvent(res.chunk, total_chunks, res.prompt_index, res.prompt, done, total,
