@@ -1158,6 +1158,51 @@ def pull_cmd(
     print(f"next: {render_hint(result)}")
 
 
+@app.command("live")
+@user_errors
+@with_memory_options(hidden=False)
+def live_cmd(
+    storyboard: Optional[Path] = typer.Argument(None, help="Start from this storyboard (its prompts play as scheduled until one is typed)."),
+    out: Path = typer.Option(Path("live"), "--out", help="Folder for live.mp4, live.mkv (lossless), story.yaml and snapshot.pt."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to serve on; anything but this machine needs --token."),
+    port: int = typer.Option(8000, "--port", help="Port to serve on (0: any free port)."),
+    token: Optional[str] = typer.Option(None, "--token", help="Required on every request and socket (?token=T or Authorization: Bearer T)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this snapshot live."),
+    model: Optional[str] = typer.Option(None, "--model", help="Override the model: 'miniature' or a local folder."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory policy: window, sink, bank, slot, or a registered plug-in."),
+    realtime: bool = typer.Option(True, "--realtime/--no-realtime", help="Never run ahead of the wall clock by more than a chunk."),
+    idle_stop: float = typer.Option(10.0, "--idle-stop", help="Stop this many seconds after the last page closes (0: never)."),
+    snapshot_every: str = typer.Option("30", "--snapshot-every", help="Crash safety: every SECONDS (or Nc: every N chunks) seal the videos and write --out/snapshot.pt; 0 turns it off."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    **memory_keys,
+) -> None:
+    """Serve a local page that streams the story as it renders and takes the next prompt while it runs.
+
+    Stop (the button, Ctrl-C, SIGTERM, or closing the page) leaves in --out the MP4, a lossless copy,
+    story.yaml (each prompt where it took effect: `slotgen render` reproduces the frames) and snapshot.pt
+    (`slotgen resume` continues it). See docs/LIVE.md.
+    """
+    from slotgen.live.server import run_live
+    from slotgen.preflight import apply_cpu_threads, check_device
+    from slotgen.render import SnapshotEvery
+    from slotgen.storyboard import load_storyboard
+
+    apply_cpu_threads(check_device(device), threads)
+    sb = load_storyboard(storyboard) if storyboard is not None else None
+    mem = None
+    if memory is not None or any(v is not None for v in memory_keys.values()):
+        from slotgen.storyboard import PromptSpan, Storyboard
+
+        mem = memory_overrides(sb or Storyboard(duration=1, prompts=[PromptSpan(start=0, end=1, text="x")]),
+                               memory, memory_keys)
+    session = run_live(sb, out=out, host=host, port=port, token=token, resume=resume, model=model, memory=mem, device=device,
+             realtime=realtime, idle_stop=idle_stop or None, snapshot_every=SnapshotEvery.parse(snapshot_every),
+             print_line=lambda m: print(m, flush=True))
+    if session.signalled is not None:
+        raise typer.Exit(130)  # stopped by a signal: saved, like an interrupted render
+
+
 def main() -> None:  # pragma: no cover - console entry
     if sys.argv[1:2] != ["pull"] and sys.argv[1:3] != ["bench", "narrative"]:
         # only `pull` (weights) and `bench narrative` (its scorers) may reach the hub; they honour HF_HUB_OFFLINE

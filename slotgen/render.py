@@ -146,17 +146,18 @@ class Renderer:
         """Generate the rest of the timeline, writing frames to every writer as each chunk is decoded.
 
         ``should_stop`` is polled after every chunk (an interrupt finishes the current chunk first).
+        ``on_chunk`` may replace :attr:`storyboard` by one that extends it (a live session does): the
+        stream follows the current one.
         """
-        total = self.storyboard.total_frames
-        total_chunks = self.total_chunks()
         start = self.frames_emitted
+        total, total_chunks = -1, 0
         t0 = time.perf_counter()
         chunk_seconds: list[float] = []
         prompt_chunks: list[int] = []
         interrupted = False
 
         def emit(frames: np.ndarray) -> None:
-            take = max(0, min(len(frames), total - self.frames_emitted))
+            take = max(0, min(len(frames), self.storyboard.total_frames - self.frames_emitted))
             if take:
                 for w in writers:
                     w.write(frames[:take])
@@ -174,7 +175,7 @@ class Renderer:
         last = t0
         try:
             res: ChunkResult
-            for res in self.engine.run(self.storyboard, decode=worker is None):
+            for res in self.engine.run(lambda: self.storyboard, decode=worker is None):
                 if worker is None:
                     emit(res.frames)
                 else:
@@ -183,11 +184,13 @@ class Renderer:
                 seconds, last = now - last, now  # the stream's period, chunk to chunk
                 chunk_seconds.append(seconds)
                 prompt_chunks.append(res.prompt_index)
+                if self.storyboard.total_frames != total:  # the first chunk, or a live session extended it
+                    total, total_chunks = self.storyboard.total_frames, self.total_chunks()
                 done = min(total, self.engine.geometry.first_frame(self.engine.next_chunk))
                 if on_chunk is not None:
                     on_chunk(ChunkEvent(res.chunk, total_chunks, res.prompt_index, res.prompt, done, total,
                                         self.storyboard.fps, seconds, now - t0, res.recached_frames))
-                if should_stop is not None and should_stop() and done < total:
+                if should_stop is not None and should_stop() and done < self.storyboard.total_frames:
                     interrupted = True
                     break
         finally:
@@ -197,7 +200,8 @@ class Renderer:
         return RenderReport(
             frames=self.frames_emitted - start, chunks=self.engine.next_chunk, elapsed=time.perf_counter() - t0,
             chunk_seconds=chunk_seconds, prompt_chunks=prompt_chunks, outputs=[], warnings=[],
-            interrupted=interrupted, memory_stats=self.policy.stats(), first_frame=start, total_frames=total,
+            interrupted=interrupted, memory_stats=self.policy.stats(), first_frame=start,
+            total_frames=self.storyboard.total_frames,
         )
 
     def drain(self) -> None:
@@ -438,8 +442,11 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
                     should_stop: Callable[[], bool] | None = None, stats: str | Path | None = None,
                     snapshot: str | Path | None = None, snapshot_every=DEFAULT_SNAPSHOT_EVERY,
                     base: str | Path | None = None, lossless_base: str | Path | None = None,
-                    video_first_frame: int | None = None, lossless_first_frame: int | None = None) -> RenderReport:
+                    video_first_frame: int | None = None, lossless_first_frame: int | None = None,
+                    taps: list = ()) -> RenderReport:
     """Stream the rest of ``renderer``'s timeline into ``output`` (+ ``lossless``), then stats and snapshot.
+
+    ``taps``: more writers (``write(frames)``) that see every frame as it is decoded (a live page).
 
     ``base``/``lossless_base``: videos already holding the frames before this run (``resume --append``);
     the outputs become base + the new frames (``output`` may be ``base``). ``video_first_frame`` /
@@ -510,7 +517,7 @@ def stream_to_files(renderer: Renderer, output: str | Path, *, lossless: str | P
             state.update(t=time.monotonic(), chunks=0, snapshots=state["snapshots"] + 1)
 
     try:
-        report = renderer.stream(outs, on_chunk=_chain(on_chunk, debug_chunk_line, maybe_checkpoint),
+        report = renderer.stream(outs + list(taps), on_chunk=_chain(on_chunk, debug_chunk_line, maybe_checkpoint),
                                  should_stop=should_stop)
         if report.interrupted or snapshot is not None or state["snapshots"]:
             # a crash-safety snapshot is brought up to the end too: the snapshot beside a video matches it

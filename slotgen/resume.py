@@ -52,19 +52,19 @@ def extend_storyboard(base, more=None, *, prompt: str | None = None, duration: f
                 shown = _show(key, mine)
                 raise more.error_at(f"{_show(key, theirs)} differs from the snapshot's {shown}; a continuation keeps "
                                     f"the snapshot's {key} (remove the key or set it to {shown})", key)
-        spans = [(p.start, p.end, p.text) for p in more.prompts]
+        spans = [(p.start, p.end, p.text, p.transition, p.blend) for p in more.prompts]
         extra = more.duration
     else:
         if duration is None or not duration > 0:
             raise SlotgenError("--duration must be longer than 0s")
-        spans = [(0.0, duration, prompt)]
+        spans = [(0.0, duration, prompt, 0.0, "linear")]
         extra = duration
     offset = base.duration
-    shifted = [PromptSpan(start=offset + a, end=offset + b, text=t) for a, b, t in spans]
+    shifted = [PromptSpan(start=offset + a, end=offset + b, text=t, transition=tr, blend=bl) for a, b, t, tr, bl in spans]
     prompts = list(base.prompts)
     if prompts[-1].text == shifted[0].text:
         last = prompts.pop()
-        shifted[0] = PromptSpan(start=last.start, end=shifted[0].end, text=last.text)
+        shifted[0] = last.model_copy(update={"end": shifted[0].end})
     return base.with_overrides(duration=offset + extra, prompts=prompts + shifted)
 
 

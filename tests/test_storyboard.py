@@ -443,7 +443,7 @@ def test_unknown_nested_keys():
     assert_error(
         "duration: 4\nprompts:\n  - prompt: a\n    untill: 4\n",
         4,
-        "prompts[0]: unknown key 'untill'; expected one of: prompt, at, until, duration (did you mean 'until'?)",
+        "prompts[0]: unknown key 'untill'; expected one of: prompt, at, until, duration, transition, blend (did you mean 'until'?)",
     )
     assert_error(
         "duration: 4\nmemory:\n  policy: sink\n  windw: 3\nprompts: [{prompt: a}]\n",

@@ -3,8 +3,9 @@
 One :class:`StreamingEngine` owns a model bundle, a memory policy and a streaming VAE decoder, and
 produces the video chunk by chunk along a *timeline* (a validated storyboard). For chunk ``c``:
 
-1. pick the prompt in force at the time of the chunk's first video frame; if it differs from the
-   previous chunk's, do a KV re-cache as the attention preset says (``engine/presets.py``): the policy
+1. pick the prompt in force at the time of the chunk's first video frame (while the prompt's
+   ``transition`` runs, its text conditioning is blended from the previous prompt's with the weight
+   at that time, ``engine/blend.py``); if it differs from the previous chunk's, do a KV re-cache as the attention preset says (``engine/presets.py``): the policy
    drops what must be recomputed and the engine re-runs those clean latent frames with the new prompt
    at timestep 0 — chunk by chunk (``chunked``) or in one unmasked pass (``one_pass``, LongLive) — or
    keeps the cache (``none``, Self-Forcing);
@@ -28,6 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from slotgen.engine.blend import blend_embeddings
 from slotgen.engine.attention import RopeTable, StreamState, apply_rope, install_streaming_processors
 from slotgen.engine.presets import get_preset
 from slotgen.engine.sampler import FlowSchedule, chunk_noise, sample_chunk, x0_predictor
@@ -233,14 +235,23 @@ class StreamingEngine:
         self.state.recache = False
         self.policy.end_chunk()
 
-    def _recache(self, chunk: int, prompt_index: int, prompt: str) -> int:
-        """KV re-cache: re-run the policy's dropped frames with the new prompt at timestep 0 (module docstring)."""
+    def conditioning(self, prompt: str, blend: tuple[str, float, str] | None = None) -> torch.Tensor:
+        """The chunk's text conditioning (1, L, d): ``prompt``'s embeddings, or with ``blend`` =
+        (previous prompt, weight, "linear"|"slerp") the previous prompt's blended into them."""
+        embeds = self.text.embeds(prompt)
+        if blend is None:
+            return embeds
+        previous, weight, mode = blend
+        return blend_embeddings(self.text.embeds(previous), embeds, float(weight), mode)
+
+    def _recache(self, chunk: int, prompt_index: int, prompt: str, embeds: torch.Tensor) -> int:
+        """KV re-cache: re-run the policy's dropped frames at timestep 0 under the switch chunk's
+        conditioning ``embeds`` (the new prompt's, or its transition's first blend; module docstring)."""
         ctx = self._context(chunk, self.geometry.chunk_frames * chunk, 0, prompt_index, prompt, True)
         frames = self.policy.on_prompt_switch(ctx)
         missing = [f for f in frames if f not in self.history]
         if missing:
             raise RuntimeError(f"re-cache needs latent frames {missing} that the engine no longer holds")
-        embeds = self.text.embeds(prompt)
         F = self.geometry.chunk_frames
         if frames and self.preset.recache == "one_pass":  # LongLive: one pass, no mask, contiguous frames
             if frames != list(range(frames[0], frames[0] + len(frames))):
@@ -259,8 +270,11 @@ class StreamingEngine:
     # -- the loop -------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_chunk(self, prompt_index: int, prompt: str, latents: torch.Tensor | None = None,
-                       decode: bool = True) -> ChunkResult:
+                       decode: bool = True, blend: tuple[str, float, str] | None = None) -> ChunkResult:
         """Generate, commit and decode the next chunk under ``prompt``.
+
+        ``blend`` = (previous prompt, weight, "linear"|"slerp"): a prompt transition in progress; the
+        chunk is conditioned on :meth:`conditioning` (memory relevance still uses ``prompt``'s text).
 
         ``decode=False`` leaves ``frames`` None: the caller decodes ``latents`` with ``self.decoder``
         itself, in chunk order (``Renderer.stream`` does it on a worker thread, overlapped).
@@ -273,9 +287,9 @@ class StreamingEngine:
         F = self.geometry.chunk_frames
         frame_start = c * F
         recached = 0
+        embeds = self.conditioning(prompt, blend)
         if self.prompt is not None and prompt != self.prompt:
-            recached = self._recache(c, prompt_index, prompt)
-        embeds = self.text.embeds(prompt)
+            recached = self._recache(c, prompt_index, prompt, embeds)
 
         ctx = self._context(c, frame_start, F, prompt_index, prompt, False)
         self.policy.begin_chunk(ctx)
@@ -307,12 +321,17 @@ class StreamingEngine:
                            time.perf_counter() - t0, recached)
 
     def run(self, timeline, decode: bool = True) -> Iterator[ChunkResult]:
-        """Generate every remaining chunk of ``timeline`` (a Storyboard: prompts, fps, total frames)."""
-        total = timeline.total_frames
-        while self.geometry.first_frame(self.next_chunk) < total:
-            t = self.geometry.first_frame(self.next_chunk) / timeline.fps
-            idx = timeline.prompt_index_at(t)
-            yield self.generate_chunk(idx, timeline.prompts[idx].text, decode=decode)
+        """Generate every remaining chunk of ``timeline`` (a Storyboard: prompts, fps, total frames).
+
+        ``timeline`` may also be a callable returning the current Storyboard, asked again before each
+        chunk: a live session (``slotgen.live``) extends its timeline while the stream runs."""
+        current = timeline if callable(timeline) else (lambda: timeline)
+        while True:
+            tl = current()
+            if self.geometry.first_frame(self.next_chunk) >= tl.total_frames:
+                return
+            idx, blend = tl.conditioning_at(self.geometry.first_frame(self.next_chunk) / tl.fps)
+            yield self.generate_chunk(idx, tl.prompts[idx].text, decode=decode, blend=blend)
 
     # -- persistence (snapshots) -----------------------------------------------------------------------
     def state_dict(self) -> dict:

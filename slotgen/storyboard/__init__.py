@@ -17,6 +17,8 @@ Format (every key except ``prompts`` is optional)::
         duration: 2.5s      # or `until: 5.5s`; neither = until the next prompt's `at`
       - at: 5.5s
         prompt: a yellow star moves up on a white background      # runs to `duration`
+        transition: 1s      # optional: blend in from the previous prompt over 1 s
+        blend: slerp        # linear (default) or slerp; see Storyboard.conditioning_at
 
 Times are seconds or strings like ``"12.5s"``, ``"1m30s"``, ``"2m"``, ``"1:30"`` and ``"0:01:30.5"``
 (see :mod:`slotgen.timeparse`). The prompts must cover the whole video exactly once: the first one

@@ -13,7 +13,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import (
@@ -112,6 +112,9 @@ _Resolution = Annotated[Optional[tuple[int, int]], BeforeValidator(_resolution)]
 _Text = Annotated[str, AfterValidator(_stripped_text)]
 _Steps = Annotated[int, BeforeValidator(_no_bool("an integer")), Field(ge=1, le=50)]
 _Shift = Annotated[float, BeforeValidator(_no_bool("a number")), Field(gt=0)]
+Blend = Literal["linear", "slerp"]
+"""How a prompt transition mixes the previous prompt's text conditioning into the new one's
+(:func:`slotgen.engine.blend.blend_embeddings`)."""
 
 
 _Memory = Annotated[SerializeAsAny[PolicyConfig], BeforeValidator(parse_memory_config)]
@@ -143,6 +146,15 @@ class PromptSpan(BaseModel):
     start: float = Field(ge=0)
     end: float
     text: _Text
+    transition: float = Field(default=0.0, ge=0, le=MAX_DURATION)  # seconds of blending in from the previous prompt
+    blend: Blend = "linear"
+
+    def transition_weight(self, t: float) -> float | None:
+        """The new prompt's weight at time ``t`` (seconds) while its transition runs: ``(t - start) /
+        transition`` in [0, 1); None once it is over (or when there is none): pure conditioning."""
+        if self.transition <= 0 or t >= self.start + self.transition:
+            return None
+        return max(0.0, (t - self.start) / self.transition)
 
     @model_validator(mode="after")
     def _positive_length(self) -> PromptSpan:
@@ -194,6 +206,8 @@ class Storyboard(BaseModel):
                 f"the last prompt ends at {format_time(self.prompts[-1].end)}, but the storyboard "
                 f"lasts {format_time(self.duration)}"
             )
+        if self.prompts[0].transition > 0:
+            raise ValueError("the first prompt cannot have a transition: there is no previous prompt to blend from")
         return self
 
     def __eq__(self, other: object) -> bool:
@@ -242,6 +256,17 @@ class Storyboard(BaseModel):
         starts = [prompt.start for prompt in self.prompts]
         return max(0, bisect_right(starts, t + SWITCH_TOLERANCE) - 1)
 
+    def conditioning_at(self, t: float) -> tuple[int, tuple[str, float, str] | None]:
+        """The prompt in force at ``t`` (:meth:`prompt_index_at`) and, while its ``transition`` runs,
+        ``(previous prompt's text, the new prompt's weight, blend)``; else None (pure conditioning).
+
+        The engine asks this at each chunk's first frame, so the weight is fixed per chunk."""
+        index = self.prompt_index_at(t)
+        weight = self.prompts[index].transition_weight(t) if index else None
+        if weight is None:
+            return index, None
+        return index, (self.prompts[index - 1].text, weight, self.prompts[index].blend)
+
     # -- checks needing the model -----------------------------------------------------------------
 
     def check_resolution(self, stride: int, default: tuple[int, int]) -> tuple[int, int]:
@@ -282,7 +307,7 @@ class Storyboard(BaseModel):
         if self.memory.model_fields_set:  # only the keys given: the rest comes from the preset (engine/presets.py)
             data["memory"] = {"policy": self.memory.policy,
                               **self.memory.model_dump(include=set(self.memory.model_fields_set) - {"policy"})}
-        data["prompts"] = [{"at": prompt.start, "prompt": prompt.text} for prompt in self.prompts]
+        data["prompts"] = [_prompt_data(prompt) for prompt in self.prompts]
         return data
 
     def to_yaml(self) -> str:
@@ -333,15 +358,23 @@ class _StoryboardDumper(yaml.SafeDumper):
 _StoryboardDumper.add_representer(str, _StoryboardDumper.represent_str)
 
 
+def _prompt_data(prompt: PromptSpan, until: bool = False) -> dict[str, Any]:
+    """One prompt as YAML-shaped data; ``transition``/``blend`` only when they differ from the defaults."""
+    data: dict[str, Any] = {"at": prompt.start}
+    if until:
+        data["until"] = prompt.end
+    data["prompt"] = prompt.text
+    if prompt.transition > 0:
+        data["transition"] = prompt.transition
+        if prompt.blend != "linear":
+            data["blend"] = prompt.blend
+    return data
+
+
 def _override_as_data(key: str, value: Any) -> Any:
     """Turn an override value into the YAML-shaped data the schema expects."""
     if key == "prompts" and isinstance(value, (list, tuple)):
-        return [
-            {"at": item.start, "until": item.end, "prompt": item.text}
-            if isinstance(item, PromptSpan)
-            else item
-            for item in value
-        ]
+        return [_prompt_data(item, until=True) if isinstance(item, PromptSpan) else item for item in value]
     if isinstance(value, BaseModel):
         return value.model_dump(exclude_none=True)
     return value
@@ -357,6 +390,8 @@ class _RawPrompt(BaseModel):
     at: _OptionalTime = None
     until: _OptionalTime = None
     duration: _OptionalTime = None
+    transition: _OptionalTime = None
+    blend: Optional[Blend] = None
 
 
 class _RawStoryboard(BaseModel):
@@ -448,7 +483,21 @@ def _build(data: dict[str, Any], lines: dict[FieldPath, int], source: str) -> St
         raise fail(("duration",), f"{format_time(duration)} at {raw.fps} fps is {duration * raw.fps:.2f} frames, which "
                                   f"rounds to 0 (a video has round(duration × fps) frames); make it longer than "
                                   f"{format_time(0.5 / raw.fps)}")
-    prompts = [PromptSpan(start=start, end=end, text=text) for start, end, text in spans]
+    for index, item in enumerate(raw.prompts):
+        where = ("prompts", index)
+        if item.transition is not None and item.transition < 0:
+            raise fail(where + ("transition",), f"must be 0s or longer, got {format_time(item.transition)}")
+        if item.transition is not None and item.transition > MAX_DURATION:
+            raise fail(where + ("transition",), f"must be at most {format_time(MAX_DURATION)}, got "
+                                                f"{format_time(item.transition)}")
+        if index == 0 and item.transition:
+            raise fail(where + ("transition",), "the first prompt cannot have a transition: there is no previous "
+                                                "prompt to blend from")
+        if item.blend is not None and not item.transition:
+            raise fail(where + ("blend",), "'blend' needs a 'transition' longer than 0s on the same prompt")
+    prompts = [PromptSpan(start=start, end=end, text=text, transition=item.transition or 0.0,
+                          blend=item.blend or "linear")
+               for (start, end, text), item in zip(spans, raw.prompts)]
     try:
         storyboard = Storyboard(
             title=raw.title,
@@ -518,5 +567,5 @@ def load_storyboard(path: str | os.PathLike[str]) -> Storyboard:
     return parse_storyboard(text, source)
 
 
-__all__ = ["MAX_SEED", "SWITCH_TOLERANCE", "PromptSpan", "SamplerConfig", "Storyboard", "load_storyboard",
+__all__ = ["Blend", "MAX_SEED", "SWITCH_TOLERANCE", "PromptSpan", "SamplerConfig", "Storyboard", "load_storyboard",
            "parse_storyboard"]
