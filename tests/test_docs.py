@@ -335,6 +335,21 @@ def test_documented_commands_parse(block):
     assert not problems, f"{block.where}: " + f"\n{block.where}: ".join(problems)
 
 
+def test_every_command_group_help_names_all_its_subcommands():
+    """A group's help (``slotgen bench --help``) is documentation too: it names every subcommand."""
+    groups, missing = [("slotgen", _slotgen_command())], []
+    while groups:
+        path, group = groups.pop()
+        for name, sub in group.commands.items():
+            if sub.hidden:
+                continue
+            if path != "slotgen" and not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", group.help or ""):
+                missing.append(f"`{path} --help` does not name {name!r}")
+            if hasattr(sub, "commands"):
+                groups.append((f"{path} {name}", sub))
+    assert not missing, "\n".join(missing)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Execution
 
