@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 INFO_STRINGS = {"bash", "bash norun", "python", "python norun", "yaml", "json", "text"}
 SCRATCH_LINKS = ("storyboards", "scripts", "docs")
-BLOCK_TIMEOUT_S = 240  # a runnable block should take well under 30 s; this only stops a hang
+BLOCK_TIMEOUT_S = 600  # a runnable block takes well under 30 s on an idle machine; this only stops a hang
 # Programs a `bash norun` block may name that exist only on the machines it is meant for.
 GPU_MACHINE_PROGRAMS = {"nvidia-smi"}
 SHELL_BUILTINS = {"cd", "export", "set", "unset", "source", ".", "echo", "true", "false", "exit", "test", "["}
