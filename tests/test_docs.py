@@ -14,7 +14,8 @@ Parse-level truth, also for every inline code span that is a command (``slotgen 
 scripts/...``, usage notation such as ``[--seed N]`` allowed): the program exists; a ``slotgen``
 subcommand and each ``--flag`` exist as visible options of typer's click command objects; a script's
 arguments are parsed by the script's own argparse parser (unknown or missing required flags fail);
-``python -m M`` finds ``M``; ``pip install`` extras exist in pyproject.toml.
+``python -m M`` finds ``M``; ``pip install`` extras exist in pyproject.toml. Every repository path a doc
+names (a relative link, or inline code such as ``scripts/x.py`` or ``tests/test_x.py::test_name``) exists.
 
 Execution is ``slow`` (each block starts torch in a subprocess); every parse-level check is in the quick
 loop. Each test id is ``FILE:LINE`` of the block or span it checks.
@@ -347,6 +348,47 @@ def test_every_command_group_help_names_all_its_subcommands():
                 missing.append(f"`{path} --help` does not name {name!r}")
             if hasattr(sub, "commands"):
                 groups.append((f"{path} {name}", sub))
+    assert not missing, "\n".join(missing)
+
+
+def referenced_paths(path: Path) -> list[tuple[int, str]]:
+    """Repository paths the doc names: relative link targets and inline code such as ``scripts/x.py`` or
+    ``tests/test_x.py::test_name``, with the line they are on."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found = []
+    for tok in _parser().parse("\n".join(lines)):
+        if tok.type != "inline" or tok.map is None:
+            continue
+        for child in tok.children or []:
+            if child.type == "link_open":
+                ref = str(child.attrs.get("href", ""))
+                if not re.match(r"^[a-z]+:|^#", ref):
+                    target = (path.parent / ref.split("#")[0]).resolve()
+                    ref = str(target.relative_to(REPO)) if target.is_relative_to(REPO) else ref
+                else:
+                    continue
+            elif child.type == "code_inline" and re.fullmatch(r"(slotgen|scripts|tests|docs|storyboards)/[\w./-]+(::\w+)?",
+                                                              child.content):
+                ref = child.content
+            else:
+                continue
+            line = next((i + 1 for i in range(tok.map[0], tok.map[1]) if ref.split("::")[0].split("/")[-1] in lines[i]),
+                        tok.map[0] + 1)
+            found.append((line, ref))
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(p.relative_to(REPO)) for p in DOCS])
+def test_paths_the_docs_name_exist(doc):
+    missing = []
+    for line, ref in referenced_paths(doc):
+        file, _, name = ref.partition("::")
+        target = REPO / file
+        if not target.exists():
+            missing.append(f"{doc.relative_to(REPO)}:{line}: no {file}")
+        elif name and name not in {n.name for n in ast.walk(ast.parse(target.read_text(encoding="utf-8")))
+                                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}:
+            missing.append(f"{doc.relative_to(REPO)}:{line}: {file} defines no {name}")
     assert not missing, "\n".join(missing)
 
 
