@@ -105,8 +105,10 @@ def inline_commands(path: Path) -> list[Block]:
             continue
         for child in tok.children or []:
             if child.type == "code_inline" and _is_command(child.content):
-                first = child.content.split()[0]
-                line = next((i + 1 for i in range(tok.map[0], tok.map[1]) if first in lines[i]), tok.map[0] + 1)
+                words = child.content.split()
+                # the line holding the span's start (a span may wrap; its words are what the line shows)
+                line = next((i + 1 for n in (3, 2, 1) for i in range(tok.map[0], tok.map[1])
+                             if " ".join(words[:n]) in lines[i]), tok.map[0] + 1)
                 found.append(Block(path, line, "inline", child.content))
     return found
 
@@ -145,8 +147,6 @@ def check_slotgen(args: list[str]) -> list[str]:
         if sub is None or getattr(sub, "hidden", False):
             return [f"`{' '.join(path)}` has no subcommand {name!r}"]
         cmd, path = sub, [*path, name]
-    if hasattr(cmd, "commands") and not args:
-        return [f"`{' '.join(path)}` needs a subcommand"]
     flags = {"--help"}
     for p in cmd.params:
         if p.param_type_name == "option" and not p.hidden:
