@@ -1,6 +1,6 @@
 """A frame strip of one world episode: ground truth (top row) over the model's free-running render.
 
-    python scripts/frame_strip.py --model DIR --out strip.png [--world reduced] [--episode-seed 900003]
+    python scripts/frame_strip.py --model DIR [--out frame_strip.png] [--world reduced] [--episode-seed 900003]
                                   [--gap 24] [--entities 1] [--policy slot] [--seed 7] [--every 6] [--scale 2]
 
 The episode is ``exit_return_episode(--episode-seed, --gap, --entities, world=--world)`` (default world:
@@ -21,7 +21,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="a miniature folder (default: the shipped one)")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("frame_strip.png"), help="the PNG to write (default: %(default)s)")
     ap.add_argument("--world", default=None)
     ap.add_argument("--episode-seed", type=int, default=900_003)
     ap.add_argument("--gap", type=int, default=24)

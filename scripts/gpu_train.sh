@@ -1,28 +1,28 @@
 #!/usr/bin/env bash
-# Train the miniature on one CUDA GPU, then score it: the prepared device run for issue 5.
+# Train the miniature on one CUDA GPU, then score it.
 #
 #   scripts/gpu_train.sh [OUT_DIR] [MINUTES]     (defaults: $OUT/mini or out/mini, 5 minutes)
 #
-# Why a GPU: the 2 CPU cores of a dev machine give the recipe ~3,000 steps of batch 8 in its 55-minute
-# budget (docs/MINIATURE.md), about 100 clips per training episode, and it draws none of them; the same
-# recipe draws episodes it has seen ~10,000 times in 37-90 % of frames (scripts/memorise_check.py). One
-# GPU gives it far more samples in the same wall clock. Batches and every random draw stay on the CPU (seeded), so the data a run sees is the CPU
-# run's; only the arithmetic moves (--device cuda, TF32).
+# Why a GPU: 2 CPU cores give the recipe ~3,000 steps of batch 8 in a 55-minute run (docs/MINIATURE.md),
+# about 100 clips per training episode, and it draws none of them; the same recipe draws episodes it has
+# seen ~10,000 times in 37-90 % of frames (scripts/memorise_check.py). One GPU gives it far more samples
+# in the same wall clock. Batches and every random draw stay on the CPU (seeded), so the data a run sees
+# is the CPU run's; only the arithmetic moves (--device cuda, TF32).
 #
-# Steps: (1) a 5-step smoke run, so a device bug costs seconds, not the budget; (2) the run itself,
-# larger batches, more episodes; (3) `slotgen bench identity` on the result (2 episodes per gap, CPU
-# renders), scripts/memorise_check.py on 2 of its own training episodes (the recipe's positive control,
-# docs/MINIATURE.md "What it can and cannot do"), and a strip of frames of one unseen episode, ground truth over the
-# model's (no MP4: the device image lacks imageio-ffmpeg, whose 68 MB wheel cannot travel), as a first
-# look. Everything lands in OUT_DIR (6 files; no checkpoint: a device machine does not outlive the run)
-# plus OUT_DIR/../identity.json, OUT_DIR/../held_out.json and OUT_DIR/../frames.png (9 files: what a
-# device call can bring back).
+# Steps: (1) a 5-step smoke run, so a device bug costs seconds, not the run; (2) the run itself, larger
+# batches, more episodes; (3) `slotgen bench identity` on the result (2 episodes per gap, CPU renders),
+# scripts/memorise_check.py on 2 of its own training episodes (the recipe's positive control,
+# docs/MINIATURE.md), and a strip of frames of one unseen episode, ground truth over the model's, as a
+# first look (a PNG: nothing here writes an MP4, so imageio-ffmpeg is not needed). Everything lands in
+# OUT_DIR (6 files; no checkpoint) plus OUT_DIR/../identity.json, OUT_DIR/../held_out.json and
+# OUT_DIR/../frames.png: 9 files in all.
 #
-# The device image has torch but not diffusers: put its wheel in .whl/ first (on the dev machine,
-# network allowed):
+# Packages the GPU machine lacks (e.g. diffusers) can come as wheels in .whl/, installed into /tmp/site
+# without network; download them where the network is allowed:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
-# and carry .whl. Env: PYTHON (default python3), GPU_TRAIN_BATCH (64),
-# GPU_TRAIN_EPISODES (256), GPU_TRAIN_WORLD (standard; "reduced": docs/WORLD.md), GPU_TRAIN_THREADS (8, CPU threads for data and batches), GPU_TRAIN_DEVICE (cuda; "cpu" only to check this script's plumbing).
+# Env: PYTHON (default python3), GPU_TRAIN_BATCH (64), GPU_TRAIN_EPISODES (256), GPU_TRAIN_WORLD
+# (standard; "reduced": docs/WORLD.md), GPU_TRAIN_THREADS (8, CPU threads for data and batches),
+# GPU_TRAIN_DEVICE (cuda; "cpu" only to check this script's plumbing).
 set -euo pipefail
 
 out="${1:-${OUT:+$OUT/mini}}"

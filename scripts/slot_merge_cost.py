@@ -1,6 +1,6 @@
 """Same-run cost of slot merging at full Wan shapes: sink vs slot (merge 0.9) vs slot (merge off), random K/V.
 
-Run: OMP_NUM_THREADS=1 python scripts/slot_merge_cost.py (docs/BENCHMARKS.md, 2026-12-02).
+Run: OMP_NUM_THREADS=1 python scripts/slot_merge_cost.py (results: docs/BENCHMARKS.md).
 """
 import time, statistics, torch
 torch.set_num_threads(1)

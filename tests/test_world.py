@@ -295,7 +295,7 @@ def test_analyser_tolerates_the_errors_of_a_rank_limited_generator(episodes):
     (768 values) through a linear head from its 128-wide stream, so even a perfect one outputs a
     rank-128 projection of the truth: blended edges, rims around markings. Here the truth itself is
     projected onto the best rank-128 basis (PCA over other episodes' patches). It still looks right,
-    and the analyser must still score it (the fill-ratio detector of sessions 1–6 scored 0.04–0.41
+    and the analyser must still score it (a detector thresholding each shape's fill ratio scores 0.04–0.41
     presence on such frames), while a trait swap under the same projection must still be caught."""
     fit = np.concatenate([_patches(render_episode(exit_return_episode(100 + s, 24, 1 + s % 3)).frames)
                           for s in range(30)])  # (N, 768)
@@ -450,3 +450,15 @@ def test_bootstrap_on_known_cases():
         paired_bootstrap([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="finite"):
         bootstrap_ci([1.0, float("nan")])
+
+
+@pytest.mark.slow
+def test_shipped_miniature_lacks_the_reduced_world_words_and_warns_about_them():
+    """docs/WORLD.md: VOCABULARY has the lane and trait words, the shipped tokenizer does not."""
+    from slotgen.render import Renderer
+
+    reduced_only = {"lane", "large", "small", "dot", "stripe", "cyan", "pink"}
+    assert reduced_only <= set(VOCABULARY)
+    prompt = "a large red circle with a cyan dot enters from the left in the top lane on a black background"
+    (warning,) = Renderer(parse_storyboard(f"duration: 1s\nprompts:\n  - prompt: {prompt}\n")).warnings()
+    assert "does not know the words 'cyan', 'dot', 'lane', 'large'" in warning

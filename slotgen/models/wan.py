@@ -376,7 +376,7 @@ def load_wan(
         extra={"transformer_config": {k: v for k, v in transformer.config.items() if not k.startswith("_")},
                "lora_alpha": lora_alpha,
                # the same file holds two generators; the entry loaded is part of the identity (recorded only
-               # when it is not the historical default, so earlier digests stay valid)
+               # when it is not the default `generator_ema`, so naming the default changes no digest)
                **({"entry": entry} if checkpoint is not None and entry != "generator_ema" else {})},
     )
     return ModelBundle(name=name, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,

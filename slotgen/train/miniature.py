@@ -76,7 +76,7 @@ class TrainConfig:
     relocate_prob: float = 0.5  # otherwise: chance of a random earlier chunk as relocated context
     token_drop: float = 0.8  # max fraction of relocated tokens masked out (sparse retrieval)
     sigma_one_prob: float = 0.25  # σ = 1 exactly: what the sampler's first step sees (only the caption and the
-    # context tell what to draw there; a pilot without it never learned to read the background colour)
+    # context tell what to draw there; a run without it does not learn to read the background colour)
     sigma_shift: float = 3.0  # otherwise σ = shift·u / (1 + (shift − 1)·u), u ~ U(0, 1): median 0.75
     min_sigma_weight: float = 0.4  # loss weight 1 / max(σ, this)²: at most 6.25
     context_noise: float = 0.1  # half the samples get N(0, s²) noise with s ~ U(0, this) on the clean context
