@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 bench_app = typer.Typer(help="Benchmarks (commands, not tests; results in docs/BENCHMARKS.md): speed, syncs, flops, "
-                             "policy-cost, snapshot-sizes and identity.", no_args_is_help=True)
+                             "policy-cost, snapshot-sizes, identity and narrative.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 err_console = Console(stderr=True, highlight=False)
