@@ -983,6 +983,7 @@ def render_many_cmd(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Sweep seeds: 1-8, 1,4,9 (default: each storyboard's seed)."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Sweep memory policies: window,slot (default: each storyboard's memory)."),
     ray_address: Optional[str] = typer.Option(None, "--ray", help="Join this Ray cluster (head host:6379, or ray://host:10001). Default: a local Ray instance on this machine."),
+    ray_token_file: Optional[Path] = typer.Option(None, "--ray-token-file", help="The cluster's authentication token (a file; Ray 2.60 heads started with `ray start --head` use token authentication). Default: Ray's own RAY_AUTH_MODE/RAY_AUTH_TOKEN/RAY_AUTH_TOKEN_PATH."),
     cpus_per_job: float = typer.Option(1.0, "--cpus-per-job", help="Ray CPUs per job (also the torch threads of a worker)."),
     gpus_per_job: float = typer.Option(0.0, "--gpus-per-job", help="Ray GPUs per job (renders on cuda when > 0)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker actors (default: as many as the cluster's resources fit)."),
@@ -995,8 +996,9 @@ def render_many_cmd(
 ) -> None:
     """Render many storyboards (× --seeds × --memory) on a Ray cluster: one video per job, a manifest.json,
     jobs that resume from their snapshots when a worker dies. Ctrl-C stops cleanly (each job snapshots);
-    rerunning the same command skips finished jobs and resumes the others. Exit 1 if a job failed."""
-    from slotgen.farm import parse_seeds, plan_jobs, render_many
+    rerunning the same command skips finished jobs and resumes the others. Exit 1 if a job failed.
+    SIGTERM and SIGHUP (a closed terminal) stop like Ctrl-C."""
+    from slotgen.farm import check_creatable, parse_seeds, plan_jobs, render_many, use_ray_token_file
     from slotgen.render import InterruptGuard, SnapshotEvery
 
     SnapshotEvery.parse(snapshot_every)
@@ -1004,14 +1006,12 @@ def render_many_cmd(
         raise SlotgenError("--cpus-per-job must be > 0 and --gpus-per-job >= 0")
     policies = [p.strip() for p in memory.split(",") if p.strip()] if memory else None
     jobs = plan_jobs(sources, out_dir, seeds=parse_seeds(seeds) if seeds else None, policies=policies, fmt=fmt)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SlotgenError(f"--output-dir {str(out_dir)!r}: {e.strerror}") from None
-    from slotgen.atomic import check_output_path
-
+    check_creatable(out_dir)  # created once the cluster is joined: a failed --ray leaves nothing behind
+    if ray_token_file is not None:
+        use_ray_token_file(ray_token_file)
     for j in jobs:
-        check_output_path(j.output)
+        if Path(j.output).is_dir():
+            raise SlotgenError(f"output path {j.output!r} is a directory")
     progress, on_update = _farm_progress(quiet, len(jobs))
 
     def on_job(row: dict) -> None:
