@@ -181,7 +181,9 @@ def memory_overrides(storyboard, memory: str | None, opts: dict) -> object:
 
 def _progress_callbacks(quiet: bool, total_chunks: int, total_frames: int):
     """A rich progress bar on a terminal; nothing otherwise (keeps logs and pipes clean)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from slotgen.pace import SteadyPace, clock
 
     if quiet or not err_console.is_terminal:
         return None, None
@@ -192,16 +194,19 @@ def _progress_callbacks(quiet: bool, total_chunks: int, total_frames: int):
         MofNCompleteColumn(),
         TextColumn("{task.fields[video]:.1f}s video"),
         TextColumn("{task.fields[gfps]:.1f} frames/s"),
-        TimeRemainingColumn(),
+        TextColumn("ETA {task.fields[eta]}"),  # from steady chunks only: never the compile or warm-up
         console=err_console,
         transient=False,
     )
-    task = progress.add_task("render", total=total_chunks, prompt="", video=0.0, gfps=0.0)
+    task = progress.add_task("render", total=total_chunks, prompt="", video=0.0, gfps=0.0, eta="-")
+    pace = SteadyPace()
 
     def on_chunk(ev) -> None:
         width = max(12, err_console.width - 70)  # leave room for the numeric columns
         text = ev.prompt if len(ev.prompt) <= width else ev.prompt[: width - 1] + "…"
-        progress.update(task, completed=ev.chunk + 1, prompt=text, video=ev.video_seconds_done, gfps=ev.generation_fps)
+        pace.add(ev.chunk_seconds)
+        progress.update(task, completed=ev.chunk + 1, prompt=text, video=ev.video_seconds_done, gfps=ev.generation_fps,
+                        eta=clock(pace.remaining(ev.total_chunks - ev.chunk - 1)))
 
     return progress, on_chunk
 
@@ -405,16 +410,19 @@ def _run_streaming(quiet: bool, renderer, run):
 
     from slotgen.preflight import time_warning
 
+    from slotgen.pace import SteadyPace
+
     progress, bar = _progress_callbacks(quiet, renderer.total_chunks(), renderer.storyboard.total_frames)
-    first = {"done": False}
+    pace, warned = SteadyPace(), {"done": False}
 
     def on_chunk(ev) -> None:
         if bar is not None:
             bar(ev)
-        if not first["done"]:  # the time estimate is measured: the first chunk's pace
-            first["done"] = True
+        pace.add(ev.chunk_seconds)
+        if not warned["done"] and pace.per_item is not None:  # measured at the steady pace, not the first chunk's
+            warned["done"] = True
             w, h = renderer.size
-            msg = time_warning(ev.chunk_seconds, ev.total_chunks - ev.chunk, w, h)
+            msg = time_warning(pace.per_item, ev.total_chunks - ev.chunk - 1, w, h)
             if msg:
                 print(f"warning: {msg}", file=sys.stderr, flush=True)
 
@@ -887,24 +895,72 @@ def train_miniature_cmd(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between resumable checkpoints (default 250; 0: none)."),
     snapshot_every: Optional[int] = typer.Option(None, "--snapshot-every", help="Steps between loadable folders OUT/snapshots/step-N (default 0: none)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint, step for step (its own settings)."),
+    slot_steps: Optional[int] = typer.Option(None, "--slot-steps", min=1, help="Steps of the last stage, SlotMemory's φ (default 400; scaled down with a --minutes budget under 55)."),
+    slot_episodes: Optional[int] = typer.Option(None, "--slot-episodes", min=2, help="Ground-truth episodes of the φ stage (default 48; scaled down like --slot-steps)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train the miniature's transformer on the shape world (causal chunks, x0-prediction, memory
     handed back as relocated context); the VAE is the exact pixel code and the text encoder frozen."""
     from slotgen.preflight import check_device
-    from slotgen.train.miniature import TrainConfig, train_miniature
+    from slotgen.stops import stoppable
+    from slotgen.train.miniature import TrainConfig, fit_to_budget, train_miniature
 
     check_device(device)
     cfg = TrainConfig(minutes=minutes, seed=seed, steps=steps, threads=threads, device=device, world=world)
+    given = set()
     for name, v in (("episodes", episodes), ("batch", batch), ("clip_chunks", clip_chunks),
                     ("checkpoint_every", checkpoint_every), ("snapshot_every", snapshot_every)):
         if v is not None:
             setattr(cfg, name, v)
+            given.add(name)
+    for name, v in (("steps", slot_steps), ("episodes", slot_episodes)):
+        if v is not None:
+            setattr(cfg.slots, name, v)
+            given.add(f"slots.{name}")
     if not resume:
         cfg.validate()
+        fit_to_budget(cfg, given)  # --minutes 1 ends near 1 minute: data and the slot stage scale with it
     _check_folder_writable(out, "--out")  # before minutes of data rendering, not after
-    train_miniature(cfg, out, log=_progress_log(quiet), command=_command_line(), resume=resume)
+    again = f"slotgen train-miniature --out {_quote(out)} --resume"
+    progress, on_step = _train_progress(quiet)
+    with stoppable(lambda sig: f"{sig}: finishing the current step, then writing the checkpoint (send it again to "
+                               f"abort; the last periodic checkpoint stays)",
+                   f"interrupted: aborted; the last periodic checkpoint in {out} stays (none before --checkpoint-every "
+                   f"steps): {again}") as should_stop, progress:
+        res = train_miniature(cfg, out, log=_progress_log(quiet), command=_command_line(), resume=resume,
+                              should_stop=should_stop, on_step=on_step)
+    if res.interrupted:
+        print(f"interrupted: checkpoint after step {res.steps} in {out}; resume with: {again}", file=sys.stderr)
+        raise typer.Exit(130)
     print(f"wrote {out}")
+
+
+def _quote(p) -> str:
+    import shlex
+
+    return shlex.quote(str(p))
+
+
+def _train_progress(quiet: bool):
+    """A rich bar for a training run on a terminal (steps, or the share of a time budget; loss; ETA from
+    the steps' own pace, made once the bar starts at the first step, after data and model set-up)."""
+    import contextlib
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if quiet or not err_console.is_terminal:
+        return contextlib.nullcontext(), None
+    progress = Progress(TextColumn("[bold]training[/]"), BarColumn(bar_width=24), TextColumn("step {task.fields[step]}"),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=err_console, transient=False)
+    task: dict = {}
+
+    def on_step(step: int, budget, loss: float) -> None:
+        if "id" not in task:
+            task["id"] = progress.add_task("train", total=1.0, step=step, loss=loss)
+        progress.update(task["id"], completed=min(1.0, budget.progress()), step=step, loss=loss)
+
+    return progress, on_step
 
 
 @app.command("train-slots")
@@ -930,8 +986,12 @@ def train_slots_cmd(
         raise SlotgenError(f"--model {model}: not a miniature folder (needs config.json and weights.safetensors)")
     import torch
 
+    from slotgen.stops import stoppable
+
     torch.set_num_threads(threads)
-    add_slot_phi(model, cfg, log=_progress_log(quiet), command=_command_line())
+    with stoppable(lambda sig: sig, f"interrupted: stopped before φ was written; {model} is unchanged; rerun the same "
+                                    f"command to train it", at_once=True):
+        add_slot_phi(model, cfg, log=_progress_log(quiet), command=_command_line())
     print(f"wrote {model}")
 
 

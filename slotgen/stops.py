@@ -33,14 +33,24 @@ def say(message: str) -> None:
         pass
 
 
+class _AtOnce(InterruptGuard):
+    """The first signal aborts: for a command with no safe point to stop at (nothing written until its end)."""
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum  # the next call of the base handler raises KeyboardInterrupt
+        super()._handle(signum, frame)
+
+
 @contextmanager
-def stoppable(notice: Callable[[str], str], aborted: str) -> Iterator[InterruptGuard]:
+def stoppable(notice: Callable[[str], str], aborted: str, *, at_once: bool = False) -> Iterator[InterruptGuard]:
     """``with stoppable(lambda sig: "...", "...") as should_stop:`` the block runs with SIGINT/SIGTERM/SIGHUP
     caught: the first prints ``notice(SIGNAME)`` and makes ``should_stop()`` true; a second aborts the
-    block, prints ``aborted`` and exits 130 (``SystemExit``)."""
-    with InterruptGuard(lambda signum: say(notice(signal_name(signum)))) as guard:
+    block, prints ``aborted`` and exits 130 (``SystemExit``). ``at_once``: the first signal aborts (a
+    command that writes its result only at its end, atomically, and has no checkpoint to write)."""
+    with (_AtOnce if at_once else InterruptGuard)(lambda signum: say(notice(signal_name(signum)))) as guard:
         try:
             yield guard
         except KeyboardInterrupt:
+            guard._previous = {s: signal.SIG_IGN for s in guard._previous}  # exiting: a late signal changes nothing
             say(aborted)
             raise SystemExit(EXIT_INTERRUPTED) from None
