@@ -603,6 +603,34 @@ def resolution_option(text: str, option: str = "--resolution") -> tuple[int, int
     return width, height
 
 
+def _bench_progress(what: str, total: Optional[int]):
+    """A bench command's progress on stderr, as each item (a run, a policy, a chunk) starts: a rich bar on a
+    terminal (the item, how many, elapsed time), one line per item otherwise. Returns (context, on_item)."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    if not err_console.is_terminal:
+        count = {"n": 0}
+
+        def line(label: str) -> None:
+            count["n"] += 1
+            of = f"/{total}" if total else ""
+            print(f"{what} {count['n']}{of}: {label}", file=sys.stderr, flush=True)
+
+        return contextlib.nullcontext(), line
+    progress = Progress(SpinnerColumn(), TextColumn(f"[bold]{what}[/]"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                        TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True)
+    task = progress.add_task("", total=total)
+    started = {"n": 0}
+
+    def on_item(label: str) -> None:
+        progress.update(task, completed=started["n"], description=label)
+        started["n"] += 1
+
+    return progress, on_item
+
+
 def _bench_output(table, json_out: Optional[Path], data) -> None:
     """A bench command's ending: the rows as JSON when asked, then the table."""
     import json as _json
@@ -638,8 +666,10 @@ def bench_speed(
     durations = positive_numbers(duration, "--duration", "seconds like 60 or 60,600")
     if resolution is not None:
         resolution_option(resolution)
-    rows = run_speed_bench(names, durations, model=model, device=device, resolution=resolution, fps=fps,
-                           chunks=chunks, steps=steps, repeat=repeat)
+    shown, on_item = _bench_progress("bench speed", len(names) * len(durations) * repeat)
+    with shown:
+        rows = run_speed_bench(names, durations, model=model, device=device, resolution=resolution, fps=fps,
+                               chunks=chunks, steps=steps, repeat=repeat, on_item=on_item)
     base = {r["video_s"]: r for r in rows if r["policy"] == names[0]}
     table = Table(title=f"slotgen bench speed — {rows[0]['model']} on {device} at {rows[0]['resolution']}")
     for col in ("policy", "video s", "wall s", "×realtime", "gen fps", "chunk ms p50", "p95", "vs " + names[0],
@@ -685,9 +715,15 @@ def bench_syncs(
     for col in ("policy", "syncs median", "syncs max", "at the switch", "ops median", "sources (chunk 1)"):
         table.add_column(col, justify="right")
     out = {}
+    shown, on_item = _bench_progress("bench syncs", len(names))
+    with shown:
+        runs = {}
+        for name in names:
+            on_item(name)
+            runs[name] = count_per_chunk(bundle, memory_spec(name), chunks, switch_at=chunks - 2,
+                                         width=size[0] if size else None, height=size[1] if size else None, steps=steps)
     for name in names:
-        rows = count_per_chunk(bundle, memory_spec(name), chunks, switch_at=chunks - 2,
-                               width=size[0] if size else None, height=size[1] if size else None, steps=steps)
+        rows = runs[name]
         out[name] = [{k: v for k, v in r.items() if k != "stats"} for r in rows]
         later = rows[1:]
         table.add_row(name, f"{statistics.median(r['syncs'] for r in later):g}", str(max(r["syncs"] for r in later)),
@@ -719,7 +755,9 @@ def bench_flops(
     width, height = resolution_option(resolution)
     rates = positive_numbers(tflops, "--tflops", "numbers like 100,400")
     specs = [parse_memory_spec(m) for m in (memory or ["window", "sink", "bank", "slot"])]
-    rows = count_flops(model, width, height, specs, steps=steps)
+    shown, on_item = _bench_progress("bench flops", len(specs))
+    with shown:
+        rows = count_flops(model, width, height, specs, steps=steps, on_item=on_item)
     table = Table(title=f"slotgen bench flops — {model} at {width}x{height}, TFLOP per chunk")
     for col in ("memory", "memory tokens", "transformer / forward", "transformer / chunk", "VAE / chunk", "total",
                 *(f"FPS at {r:g} TFLOP/s" for r in rates)):
@@ -752,7 +790,10 @@ def bench_policy_cost(
     w, h = resolution_option(resolution)
     if chunks < 1 or layers < 1:
         raise SlotgenError("--chunks and --layers must be at least 1")
-    for row in run((w, h), chunks, names, not miniature_slot_defaults, layers=layers):
+    shown, on_item = _bench_progress("bench policy-cost", chunks)
+    with shown:
+        rows = run((w, h), chunks, names, not miniature_slot_defaults, layers=layers, on_item=on_item)
+    for row in rows:
         print(_json.dumps(row))
 
 
@@ -778,7 +819,12 @@ def bench_snapshot_sizes(
     if resolution is not None:
         resolution_option(resolution)
     names = policy_list(policies) if policies is not None else None
-    rows = snapshot_sizes(seconds, names, model=model, device=device, resolution=resolution, steps=steps)
+    from slotgen.memory.registry import policy_names
+
+    shown, on_item = _bench_progress("bench snapshot-sizes", len(names or policy_names()) * len(seconds))
+    with shown:
+        rows = snapshot_sizes(seconds, names, model=model, device=device, resolution=resolution, steps=steps,
+                              on_item=on_item)
     if json_out is not None:
         atomic_write_bytes(json_out, (_json.dumps(rows, indent=2) + "\n").encode())
 
@@ -1024,8 +1070,10 @@ def bench_identity(
         raise SlotgenError(f"--gaps: expected non-negative frame counts, got {gaps!r}")
     if episodes < 1:
         raise SlotgenError(f"--episodes must be at least 1, got {episodes}")
-    result = run_identity_bench(names, gap_list, episodes, model=model, seed=seed, similar=similar, purity=purity,
-                                past=past, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    shown, on_item = _bench_progress("bench identity", None)
+    with shown:
+        result = run_identity_bench(names, gap_list, episodes, model=model, seed=seed, similar=similar, purity=purity,
+                                    past=past, progress=on_item)
     print_report(result)
     if json_out is not None:
         import json as _json
