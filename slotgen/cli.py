@@ -1149,8 +1149,9 @@ def render_many_cmd(
                                      on_job=on_job, should_stop=guard)
     except KeyboardInterrupt:
         print(f"interrupted: aborted; {out_dir / 'manifest.json'} and the periodic snapshots stay; rerun the same "
-              f"command to resume", file=sys.stderr)
-        raise typer.Exit(130)
+              f"command to resume", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # Ray's exit hooks, after a wait cut short, would end the process with status 1
     counts = report.counts()
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     skipped = f" ({len(report.skipped)} already done, skipped)" if report.skipped else ""

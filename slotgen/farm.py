@@ -674,6 +674,12 @@ def render_many(jobs: list[FarmJob], out_dir: str | Path, *, address: str | None
         manifest.write()
         if actors:
             infos = [i for i in _gather([a.info.remote() for a in actors]) if i is not None]
+    except KeyboardInterrupt:  # a second Ctrl-C: abort; the rows say what a rerun resumes
+        for job in todo:
+            if manifest.rows[job.name]["status"] == "running":
+                manifest.update(job, status="interrupted")
+        manifest.write()
+        raise
     finally:
         for a in actors:
             ray.kill(a)

@@ -41,7 +41,7 @@ TOTAL = 64
 STOPS = ["SIGINT", "SIGINT-twice", "SIGTERM", "SIGHUP", "SIGKILL"]
 COMMANDS = ["render", "resume", "render-many", "train-miniature", "train-slots"]
 CAUGHT = 130
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SLOTGEN_DEBUG_CHUNKS="1")
+DEBUG = dict(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SLOTGEN_DEBUG_CHUNKS="1")
 TRAIN = ["--steps", "5", "--episodes", "2", "--batch", "2", "--clip-chunks", "2", "--checkpoint-every", "1",
          "--threads", "1", "--slot-steps", "2", "--slot-episodes", "2", "--quiet"]
 
@@ -181,7 +181,8 @@ def finish(proc: subprocess.Popen, how: str, before: list[str]) -> str:
 
 
 def popen(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "slotgen", *args], cwd=cwd, env=env or ENV, text=True,
+    env = dict(os.environ, **(DEBUG if env is None else env))  # now: the cluster fixture sets RAY_AUTH_MODE
+    return subprocess.Popen([sys.executable, "-m", "slotgen", *args], cwd=cwd, env=env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)  # its own process group, as a terminal's foreground job
 
@@ -226,7 +227,7 @@ def row_render(how, tmp_path, request):
     reference = request.getfixturevalue("reference")
     (tmp_path / "story.yaml").write_text(STORY)
     args = ["render", "story.yaml", "-o", "out.mp4", "--lossless", "out.mkv", "--snapshot-every", "1c", "--quiet"]
-    proc = popen(args, tmp_path, dict(ENV, SLOTGEN_DEBUG_HOLD_AFTER_CHUNK="1"))
+    proc = popen(args, tmp_path, dict(DEBUG, SLOTGEN_DEBUG_HOLD_AFTER_CHUNK="1"))
     before = wait_for(proc, proc.stderr, r"^slotgen-chunk 1 ")  # chunk 0 checkpointed; held before chunk 1's
     stop(proc, how)
     release(proc)
@@ -247,7 +248,7 @@ def row_resume(how, tmp_path, request):
     reference = request.getfixturevalue("reference")
     root, first, chunk = request.getfixturevalue("half")
     args = ["resume", str(root / "a.pt"), "-o", "cont.mkv", "--snapshot-every", "1c", "--quiet"]
-    proc = popen(args, tmp_path, dict(ENV, SLOTGEN_DEBUG_HOLD_AFTER_CHUNK=str(chunk + 1)))
+    proc = popen(args, tmp_path, dict(DEBUG, SLOTGEN_DEBUG_HOLD_AFTER_CHUNK=str(chunk + 1)))
     before = wait_for(proc, proc.stderr, rf"^slotgen-chunk {chunk + 1} ")
     stop(proc, how)
     release(proc)
@@ -273,7 +274,7 @@ def row_render_many(how, tmp_path, request):
     (tmp_path / "s.yaml").write_text(STORY)
     args = ["render-many", "s.yaml", "-o", "out", "--ray", address, "--workers", "1", "--snapshot-every", "1c",
             "--quiet"]
-    env = {k: v for k, v in ENV.items() if k != "SLOTGEN_DEBUG_CHUNKS"}
+    env = {k: v for k, v in DEBUG.items() if k != "SLOTGEN_DEBUG_CHUNKS"}
     proc = popen(args, tmp_path, env)
     out = tmp_path / "out"
     deadline = time.monotonic() + 240
@@ -307,7 +308,7 @@ def row_render_many(how, tmp_path, request):
 def row_train_miniature(how, tmp_path, request):
     weights = request.getfixturevalue("trained")
     args = ["train-miniature", "--out", "run", *TRAIN]
-    proc = popen(args, tmp_path, dict(ENV, SLOTGEN_DEBUG_HOLD_AFTER_STEP="2"))
+    proc = popen(args, tmp_path, dict(DEBUG, SLOTGEN_DEBUG_HOLD_AFTER_STEP="2"))
     before = wait_for(proc, proc.stderr, r"^slotgen-step 2$")  # step 2 checkpointed, held there
     stop(proc, how)
     release(proc)
