@@ -182,7 +182,9 @@ def memory_overrides(storyboard, memory: str | None, opts: dict) -> object:
 
 def _progress_callbacks(quiet: bool, total_chunks: int, total_frames: int):
     """A rich progress bar on a terminal; nothing otherwise (keeps logs and pipes clean)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from slotgen.pace import SteadyPace, clock
 
     if quiet or not err_console.is_terminal:
         return None, None
@@ -193,16 +195,19 @@ def _progress_callbacks(quiet: bool, total_chunks: int, total_frames: int):
         MofNCompleteColumn(),
         TextColumn("{task.fields[video]:.1f}s video"),
         TextColumn("{task.fields[gfps]:.1f} frames/s"),
-        TimeRemainingColumn(),
+        TextColumn("ETA {task.fields[eta]}"),  # from steady chunks only: never the compile or warm-up
         console=err_console,
         transient=False,
     )
-    task = progress.add_task("render", total=total_chunks, prompt="", video=0.0, gfps=0.0)
+    task = progress.add_task("render", total=total_chunks, prompt="", video=0.0, gfps=0.0, eta="-")
+    pace = SteadyPace()
 
     def on_chunk(ev) -> None:
         width = max(12, err_console.width - 70)  # leave room for the numeric columns
         text = ev.prompt if len(ev.prompt) <= width else ev.prompt[: width - 1] + "…"
-        progress.update(task, completed=ev.chunk + 1, prompt=text, video=ev.video_seconds_done, gfps=ev.generation_fps)
+        pace.add(ev.chunk_seconds)
+        progress.update(task, completed=ev.chunk + 1, prompt=text, video=ev.video_seconds_done, gfps=ev.generation_fps,
+                        eta=clock(pace.remaining(ev.total_chunks - ev.chunk - 1)))
 
     return progress, on_chunk
 
@@ -408,16 +413,19 @@ def _run_streaming(quiet: bool, renderer, run):
 
     from slotgen.preflight import time_warning
 
+    from slotgen.pace import SteadyPace
+
     progress, bar = _progress_callbacks(quiet, renderer.total_chunks(), renderer.storyboard.total_frames)
-    first = {"done": False}
+    pace, warned = SteadyPace(), {"done": False}
 
     def on_chunk(ev) -> None:
         if bar is not None:
             bar(ev)
-        if not first["done"]:  # the time estimate is measured: the first chunk's pace
-            first["done"] = True
+        pace.add(ev.chunk_seconds)
+        if not warned["done"] and pace.per_item is not None:  # measured at the steady pace, not the first chunk's
+            warned["done"] = True
             w, h = renderer.size
-            msg = time_warning(ev.chunk_seconds, ev.total_chunks - ev.chunk, w, h)
+            msg = time_warning(pace.per_item, ev.total_chunks - ev.chunk - 1, w, h)
             if msg:
                 print(f"warning: {msg}", file=sys.stderr, flush=True)
 
@@ -598,6 +606,34 @@ def resolution_option(text: str, option: str = "--resolution") -> tuple[int, int
     return width, height
 
 
+def _bench_progress(what: str, total: Optional[int]):
+    """A bench command's progress on stderr, as each item (a run, a policy, a chunk) starts: a rich bar on a
+    terminal (the item, how many, elapsed time), one line per item otherwise. Returns (context, on_item)."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    if not err_console.is_terminal:
+        count = {"n": 0}
+
+        def line(label: str) -> None:
+            count["n"] += 1
+            of = f"/{total}" if total else ""
+            print(f"{what} {count['n']}{of}: {label}", file=sys.stderr, flush=True)
+
+        return contextlib.nullcontext(), line
+    progress = Progress(SpinnerColumn(), TextColumn(f"[bold]{what}[/]"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                        TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True)
+    task = progress.add_task("", total=total)
+    started = {"n": 0}
+
+    def on_item(label: str) -> None:
+        progress.update(task, completed=started["n"], description=label)
+        started["n"] += 1
+
+    return progress, on_item
+
+
 def _bench_output(table, json_out: Optional[Path], data) -> None:
     """A bench command's ending: the rows as JSON when asked, then the table."""
     import json as _json
@@ -633,8 +669,10 @@ def bench_speed(
     durations = positive_numbers(duration, "--duration", "seconds like 60 or 60,600")
     if resolution is not None:
         resolution_option(resolution)
-    rows = run_speed_bench(names, durations, model=model, device=device, resolution=resolution, fps=fps,
-                           chunks=chunks, steps=steps, repeat=repeat)
+    shown, on_item = _bench_progress("bench speed", len(names) * len(durations) * repeat)
+    with shown:
+        rows = run_speed_bench(names, durations, model=model, device=device, resolution=resolution, fps=fps,
+                               chunks=chunks, steps=steps, repeat=repeat, on_item=on_item)
     base = {r["video_s"]: r for r in rows if r["policy"] == names[0]}
     table = Table(title=f"slotgen bench speed — {rows[0]['model']} on {device} at {rows[0]['resolution']}")
     for col in ("policy", "video s", "wall s", "×realtime", "gen fps", "chunk ms p50", "p95", "vs " + names[0],
@@ -680,9 +718,15 @@ def bench_syncs(
     for col in ("policy", "syncs median", "syncs max", "at the switch", "ops median", "sources (chunk 1)"):
         table.add_column(col, justify="right")
     out = {}
+    shown, on_item = _bench_progress("bench syncs", len(names))
+    with shown:
+        runs = {}
+        for name in names:
+            on_item(name)
+            runs[name] = count_per_chunk(bundle, memory_spec(name), chunks, switch_at=chunks - 2,
+                                         width=size[0] if size else None, height=size[1] if size else None, steps=steps)
     for name in names:
-        rows = count_per_chunk(bundle, memory_spec(name), chunks, switch_at=chunks - 2,
-                               width=size[0] if size else None, height=size[1] if size else None, steps=steps)
+        rows = runs[name]
         out[name] = [{k: v for k, v in r.items() if k != "stats"} for r in rows]
         later = rows[1:]
         table.add_row(name, f"{statistics.median(r['syncs'] for r in later):g}", str(max(r["syncs"] for r in later)),
@@ -714,7 +758,9 @@ def bench_flops(
     width, height = resolution_option(resolution)
     rates = positive_numbers(tflops, "--tflops", "numbers like 100,400")
     specs = [parse_memory_spec(m) for m in (memory or ["window", "sink", "bank", "slot"])]
-    rows = count_flops(model, width, height, specs, steps=steps)
+    shown, on_item = _bench_progress("bench flops", len(specs))
+    with shown:
+        rows = count_flops(model, width, height, specs, steps=steps, on_item=on_item)
     table = Table(title=f"slotgen bench flops — {model} at {width}x{height}, TFLOP per chunk")
     for col in ("memory", "memory tokens", "transformer / forward", "transformer / chunk", "VAE / chunk", "total",
                 *(f"FPS at {r:g} TFLOP/s" for r in rates)):
@@ -747,7 +793,10 @@ def bench_policy_cost(
     w, h = resolution_option(resolution)
     if chunks < 1 or layers < 1:
         raise SlotgenError("--chunks and --layers must be at least 1")
-    for row in run((w, h), chunks, names, not miniature_slot_defaults, layers=layers):
+    shown, on_item = _bench_progress("bench policy-cost", chunks)
+    with shown:
+        rows = run((w, h), chunks, names, not miniature_slot_defaults, layers=layers, on_item=on_item)
+    for row in rows:
         print(_json.dumps(row))
 
 
@@ -773,7 +822,12 @@ def bench_snapshot_sizes(
     if resolution is not None:
         resolution_option(resolution)
     names = policy_list(policies) if policies is not None else None
-    rows = snapshot_sizes(seconds, names, model=model, device=device, resolution=resolution, steps=steps)
+    from slotgen.memory.registry import policy_names
+
+    shown, on_item = _bench_progress("bench snapshot-sizes", len(names or policy_names()) * len(seconds))
+    with shown:
+        rows = snapshot_sizes(seconds, names, model=model, device=device, resolution=resolution, steps=steps,
+                              on_item=on_item)
     if json_out is not None:
         atomic_write_bytes(json_out, (_json.dumps(rows, indent=2) + "\n").encode())
 
@@ -890,24 +944,72 @@ def train_miniature_cmd(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between resumable checkpoints (default 250; 0: none)."),
     snapshot_every: Optional[int] = typer.Option(None, "--snapshot-every", help="Steps between loadable folders OUT/snapshots/step-N (default 0: none)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint, step for step (its own settings)."),
+    slot_steps: Optional[int] = typer.Option(None, "--slot-steps", min=1, help="Steps of the last stage, SlotMemory's φ (default 400; scaled down with a --minutes budget under 55)."),
+    slot_episodes: Optional[int] = typer.Option(None, "--slot-episodes", min=2, help="Ground-truth episodes of the φ stage (default 48; scaled down like --slot-steps)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train the miniature's transformer on the shape world (causal chunks, x0-prediction, memory
     handed back as relocated context); the VAE is the exact pixel code and the text encoder frozen."""
     from slotgen.preflight import check_device
-    from slotgen.train.miniature import TrainConfig, train_miniature
+    from slotgen.stops import stoppable
+    from slotgen.train.miniature import TrainConfig, fit_to_budget, train_miniature
 
     check_device(device)
     cfg = TrainConfig(minutes=minutes, seed=seed, steps=steps, threads=threads, device=device, world=world)
+    given = set()
     for name, v in (("episodes", episodes), ("batch", batch), ("clip_chunks", clip_chunks),
                     ("checkpoint_every", checkpoint_every), ("snapshot_every", snapshot_every)):
         if v is not None:
             setattr(cfg, name, v)
+            given.add(name)
+    for name, v in (("steps", slot_steps), ("episodes", slot_episodes)):
+        if v is not None:
+            setattr(cfg.slots, name, v)
+            given.add(f"slots.{name}")
     if not resume:
         cfg.validate()
+        fit_to_budget(cfg, given)  # --minutes 1 ends near 1 minute: data and the slot stage scale with it
     _check_folder_writable(out, "--out")  # before minutes of data rendering, not after
-    train_miniature(cfg, out, log=_progress_log(quiet), command=_command_line(), resume=resume)
+    again = f"slotgen train-miniature --out {_quote(out)} --resume"
+    progress, on_step = _train_progress(quiet)
+    with stoppable(lambda sig: f"{sig}: finishing the current step, then writing the checkpoint (send it again to "
+                               f"abort; the last periodic checkpoint stays)",
+                   f"interrupted: aborted; the last periodic checkpoint in {out} stays (none before --checkpoint-every "
+                   f"steps): {again}") as should_stop, progress:
+        res = train_miniature(cfg, out, log=_progress_log(quiet), command=_command_line(), resume=resume,
+                              should_stop=should_stop, on_step=on_step)
+    if res.interrupted:
+        print(f"interrupted: checkpoint after step {res.steps} in {out}; resume with: {again}", file=sys.stderr)
+        raise typer.Exit(130)
     print(f"wrote {out}")
+
+
+def _quote(p) -> str:
+    import shlex
+
+    return shlex.quote(str(p))
+
+
+def _train_progress(quiet: bool):
+    """A rich bar for a training run on a terminal (steps, or the share of a time budget; loss; ETA from
+    the steps' own pace, made once the bar starts at the first step, after data and model set-up)."""
+    import contextlib
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if quiet or not err_console.is_terminal:
+        return contextlib.nullcontext(), None
+    progress = Progress(TextColumn("[bold]training[/]"), BarColumn(bar_width=24), TextColumn("step {task.fields[step]}"),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=err_console, transient=False)
+    task: dict = {}
+
+    def on_step(step: int, budget, loss: float) -> None:
+        if "id" not in task:
+            task["id"] = progress.add_task("train", total=1.0, step=step, loss=loss)
+        progress.update(task["id"], completed=min(1.0, budget.progress()), step=step, loss=loss)
+
+    return progress, on_step
 
 
 @app.command("train-slots")
@@ -933,8 +1035,12 @@ def train_slots_cmd(
         raise SlotgenError(f"--model {model}: not a miniature folder (needs config.json and weights.safetensors)")
     import torch
 
+    from slotgen.stops import stoppable
+
     torch.set_num_threads(threads)
-    add_slot_phi(model, cfg, log=_progress_log(quiet), command=_command_line())
+    with stoppable(lambda sig: sig, f"interrupted: stopped before φ was written; {model} is unchanged; rerun the same "
+                                    f"command to train it", at_once=True):
+        add_slot_phi(model, cfg, log=_progress_log(quiet), command=_command_line())
     print(f"wrote {model}")
 
 
@@ -967,8 +1073,10 @@ def bench_identity(
         raise SlotgenError(f"--gaps: expected non-negative frame counts, got {gaps!r}")
     if episodes < 1:
         raise SlotgenError(f"--episodes must be at least 1, got {episodes}")
-    result = run_identity_bench(names, gap_list, episodes, model=model, seed=seed, similar=similar, purity=purity,
-                                past=past, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    shown, on_item = _bench_progress("bench identity", None)
+    with shown:
+        result = run_identity_bench(names, gap_list, episodes, model=model, seed=seed, similar=similar, purity=purity,
+                                    past=past, progress=on_item)
     print_report(result)
     if json_out is not None:
         import json as _json
@@ -1026,6 +1134,7 @@ def render_many_cmd(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Sweep seeds: 1-8, 1,4,9 (default: each storyboard's seed)."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Sweep memory policies: window,slot (default: each storyboard's memory)."),
     ray_address: Optional[str] = typer.Option(None, "--ray", help="Join this Ray cluster (head host:6379, or ray://host:10001). Default: a local Ray instance on this machine."),
+    ray_token_file: Optional[Path] = typer.Option(None, "--ray-token-file", help="The cluster's authentication token (a file; Ray 2.60 heads started with `ray start --head` use token authentication). Default: Ray's own RAY_AUTH_MODE/RAY_AUTH_TOKEN/RAY_AUTH_TOKEN_PATH."),
     cpus_per_job: float = typer.Option(1.0, "--cpus-per-job", help="Ray CPUs per job (also the torch threads of a worker)."),
     gpus_per_job: float = typer.Option(0.0, "--gpus-per-job", help="Ray GPUs per job (renders on cuda when > 0)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker actors (default: as many as the cluster's resources fit)."),
@@ -1038,8 +1147,9 @@ def render_many_cmd(
 ) -> None:
     """Render many storyboards (× --seeds × --memory) on a Ray cluster: one video per job, a manifest.json,
     jobs that resume from their snapshots when a worker dies. Ctrl-C stops cleanly (each job snapshots);
-    rerunning the same command skips finished jobs and resumes the others. Exit 1 if a job failed."""
-    from slotgen.farm import parse_seeds, plan_jobs, render_many
+    rerunning the same command skips finished jobs and resumes the others. Exit 1 if a job failed.
+    SIGTERM and SIGHUP (a closed terminal) stop like Ctrl-C."""
+    from slotgen.farm import check_creatable, parse_seeds, plan_jobs, render_many, use_ray_token_file
     from slotgen.render import InterruptGuard, SnapshotEvery
 
     SnapshotEvery.parse(snapshot_every)
@@ -1047,14 +1157,12 @@ def render_many_cmd(
         raise SlotgenError("--cpus-per-job must be > 0 and --gpus-per-job >= 0")
     policies = [p.strip() for p in memory.split(",") if p.strip()] if memory else None
     jobs = plan_jobs(sources, out_dir, seeds=parse_seeds(seeds) if seeds else None, policies=policies, fmt=fmt)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SlotgenError(f"--output-dir {str(out_dir)!r}: {e.strerror}") from None
-    from slotgen.atomic import check_output_path
-
+    check_creatable(out_dir)  # created once the cluster is joined: a failed --ray leaves nothing behind
+    if ray_token_file is not None:
+        use_ray_token_file(ray_token_file)
     for j in jobs:
-        check_output_path(j.output)
+        if Path(j.output).is_dir():
+            raise SlotgenError(f"output path {j.output!r} is a directory")
     progress, on_update = _farm_progress(quiet, len(jobs))
 
     def on_job(row: dict) -> None:
@@ -1084,8 +1192,9 @@ def render_many_cmd(
                                      on_job=on_job, should_stop=guard)
     except KeyboardInterrupt:
         print(f"interrupted: aborted; {out_dir / 'manifest.json'} and the periodic snapshots stay; rerun the same "
-              f"command to resume", file=sys.stderr)
-        raise typer.Exit(130)
+              f"command to resume", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # Ray's exit hooks, after a wait cut short, would end the process with status 1
     counts = report.counts()
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     skipped = f" ({len(report.skipped)} already done, skipped)" if report.skipped else ""

@@ -25,6 +25,8 @@ from __future__ import annotations
 import glob as _glob
 import json
 import os
+import re
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -336,10 +338,173 @@ class FarmReport:
         return asdict(self)
 
 
+def ray_endpoint(address: str) -> tuple[str, int]:
+    """``host:6379`` / ``ray://host:10001`` / ``host`` → (host, port): where a Ray address is reached (the
+    GCS port, 6379 when none is given; the Ray Client port, 10001, for ``ray://``)."""
+    from urllib.parse import urlsplit
+
+    text = address.strip()
+    client = text.startswith("ray://")
+    try:
+        parts = urlsplit(text if "://" in text else f"gcs://{text}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host:
+        raise SlotgenError(f"--ray {address!r}: expected HOST:PORT (the head's GCS port, e.g. head-node:6379) or "
+                           f"ray://HOST:10001")
+    return host, port or (10001 if client else 6379)
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail within ``timeout`` seconds, with one line naming ``address`` as given, when nothing accepts a
+    connection there (Ray itself retries an absent head for minutes, ignoring Ctrl-C)."""
+    import socket
+
+    host, port = ray_endpoint(address)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except socket.gaierror:
+        raise SlotgenError(f"--ray {address}: unknown host {host!r}") from None
+    except (TimeoutError, socket.timeout):
+        raise SlotgenError(f"--ray {address}: no answer from {host}:{port} within {timeout:g} s; is the head "
+                           f"running (`ray start --head`) and the port open?") from None
+    except OSError as e:
+        why = (e.strerror or str(e)).lower()
+        raise SlotgenError(f"--ray {address}: cannot connect to {host}:{port} ({why}); is the head running "
+                           f"(`ray start --head`)?") from None
+
+
+class _signal_handlers_kept:
+    """``ray.init`` replaces the process's SIGTERM handler (with one that exits, or that kills the local
+    instance and exits): the caller's SIGINT/SIGTERM/SIGHUP handlers are put back afterwards, so a
+    SIGTERM stops the run like Ctrl-C instead of tearing Ray down under it."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+    def __enter__(self):
+        self.saved = ({s: signal.getsignal(s) for s in self.SIGNALS}
+                      if threading.current_thread() is threading.main_thread() else {})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.saved.items():
+            if handler is not None:
+                signal.signal(s, handler)
+
+
+class _signals_end_the_connection:
+    """While ``ray.init`` connects (its C++ core holds the main thread, so Python's handlers cannot run for
+    as long as it retries), SIGINT/SIGTERM/SIGHUP are blocked in this thread and the threads Ray starts, and
+    taken by a watchdog thread instead: a signal then ends the process at once, exit 130, with one line
+    naming ``address`` (nothing has been written yet). Afterwards the signals go to their handlers again."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.signals = {s for s in _signal_handlers_kept.SIGNALS}
+        self.done = threading.Event()
+
+    def _watch(self) -> None:
+        while not self.done.is_set():
+            info = signal.sigtimedwait(self.signals, 0.1)
+            if info is not None and not self.done.is_set():
+                try:
+                    os.write(self.stderr, f"interrupted ({signal.Signals(info.si_signo).name}) while joining the Ray "
+                                          f"cluster at {self.address}: nothing was written\n".encode())
+                except OSError:
+                    pass
+                os._exit(130)
+
+    def __enter__(self):
+        self.on = (hasattr(signal, "pthread_sigmask") and hasattr(signal, "sigtimedwait")
+                   and threading.current_thread() is threading.main_thread())
+        if self.on:
+            self.stderr = os.dup(2)  # the terminal, even while fd 2 is captured
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+            self.thread = threading.Thread(target=self._watch, name="slotgen-ray-connect", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            self.done.set()
+            self.thread.join()
+            os.close(self.stderr)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)  # a signal pending now reaches its handler
+
+
+class _stderr_captured:
+    """fd 2 to a temporary file (Ray's C++ core prints its connection retries there, line after line);
+    :attr:`text` holds what was written; lines that are not Ray's own log go back to stderr."""
+
+    RAY_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [A-Z] \d+ \d+\] ")
+
+    def __enter__(self):
+        import sys
+        import tempfile
+
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile(prefix="slotgen-ray-")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        self.text = ""
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read().decode(errors="replace")
+        self.file.close()
+        for line in self.text.splitlines():
+            if line.strip() and not self.RAY_LOG.match(line) and "SIGTERM handler is not set" not in line:
+                print(line, file=sys.stderr)
+
+
+AUTH_HELP = ("pass the head's token (on the head: ~/.ray/auth_token, or `ray get-auth-token`) with --ray-token-file "
+             "FILE, or set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (see docs/SCALE_OUT.md)")
+
+
+def check_creatable(folder: str | Path, option: str = "--output-dir") -> None:
+    """One line now, before any work, when ``folder`` cannot be created or written; creates nothing."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise SlotgenError(f"{option} {str(folder)!r}: is a file, expected a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SlotgenError(f"{option} {str(folder)!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SlotgenError(f"{option} {str(folder)!r}: {str(existing)!r} is not writable (permission denied or "
+                           f"read-only)")
+
+
+def use_ray_token_file(path: str | Path) -> None:
+    """Make this process (and the Ray workers it starts) present the token in ``path`` to a Ray cluster
+    with token authentication (Ray 2.60 reads ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``)."""
+    p = Path(path).expanduser()
+    try:
+        token = p.read_text().strip()
+    except OSError as e:
+        raise SlotgenError(f"--ray-token-file {str(path)!r}: {(e.strerror or str(e)).lower()}") from None
+    if not token:
+        raise SlotgenError(f"--ray-token-file {str(path)!r}: the file is empty (expected the cluster's token)")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(p.resolve())
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # Ray prefers RAY_AUTH_TOKEN over the path: the file given wins
+
+
 def ray_init(address: str | None = None, *, num_cpus: int | None = None, object_store_mb: int = 128) -> bool:
     """Connect to ``address`` (a running cluster: ``host:6379`` or ``ray://host:10001``), or start a small
     local instance: no dashboard, a ``object_store_mb`` object store (jobs exchange only small dicts).
-    Returns True when this call started the connection (the caller shuts it down)."""
+    Returns True when this call started the connection (the caller shuts it down).
+
+    An address where nothing listens fails at once (:func:`check_reachable`), a refused token or another
+    failed connection in one line naming ``address``; the caller's signal handlers stay installed."""
     import logging
 
     import ray
@@ -347,8 +512,21 @@ def ray_init(address: str | None = None, *, num_cpus: int | None = None, object_
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    else:
+        check_reachable(address)
+        with _signal_handlers_kept(), _signals_end_the_connection(address), _stderr_captured() as log:
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                return True
+            except Exception as e:  # noqa: BLE001 - Ray's many ways of failing to connect: one line each
+                failure = e
+        if "InvalidAuthToken" in log.text or "Unauthenticated" in log.text or \
+                type(failure).__name__ == "AuthenticationError":
+            raise SlotgenError(f"--ray {address}: the cluster refused this process's authentication token; "
+                               f"{AUTH_HELP}") from None
+        from slotgen.errors import one_line
+
+        raise SlotgenError(f"--ray {address}: cannot join the Ray cluster ({one_line(failure, 160)})") from None
+    with _signal_handlers_kept():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                  object_store_memory=object_store_mb * 2**20, log_to_driver=False)
     return True
@@ -367,7 +545,6 @@ def render_many(jobs: list[FarmJob], out_dir: str | Path, *, address: str | None
     from ray.exceptions import RayActorError, RayTaskError
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out)
     t0 = time.perf_counter()
     skipped: list[str] = []
@@ -392,9 +569,15 @@ def render_many(jobs: list[FarmJob], out_dir: str | Path, *, address: str | None
         totals[job.name] = sb.total_frames
         manifest.update(job, seed=sb.seed, policy=sb.memory.policy, status="pending", error=None)
         todo.append(job)
-    manifest.write()
-
+    # connect first: an unreachable cluster or a refused token leaves nothing behind (no folder, no manifest)
     started = ray_init(address, num_cpus=local_cpus) if todo else False
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest.write()
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
     actors: list = []
     idle: list = []
     inflight: dict = {}  # ObjectRef → (actor, job)
@@ -491,6 +674,12 @@ def render_many(jobs: list[FarmJob], out_dir: str | Path, *, address: str | None
         manifest.write()
         if actors:
             infos = [i for i in _gather([a.info.remote() for a in actors]) if i is not None]
+    except KeyboardInterrupt:  # a second Ctrl-C: abort; the rows say what a rerun resumes
+        for job in todo:
+            if manifest.rows[job.name]["status"] == "running":
+                manifest.update(job, status="interrupted")
+        manifest.write()
+        raise
     finally:
         for a in actors:
             ray.kill(a)

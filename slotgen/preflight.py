@@ -26,7 +26,7 @@ from slotgen.errors import SlotgenError
 ACTIVATION_FACTOR = 32
 REFUSE_RATIO = 2.0  # estimate > 2 × available: refused
 WARN_RATIO = 0.5  # estimate > available / 2: a warning
-LONG_RENDER_SECONDS = 600.0  # projected render time above which the first chunk prints a warning
+LONG_RENDER_SECONDS = 600.0  # projected render time (at the steady pace) above which a warning is printed
 
 
 # torch's own default intra-op thread count (its physical cores), read before anything changes it
@@ -152,10 +152,11 @@ def check_memory(bundle, width: int, height: int) -> str | None:
     return None
 
 
-def time_warning(first_chunk_seconds: float, chunks: int, width: int, height: int) -> str | None:
-    """After the first chunk: a warning when the projected render time is long, else None."""
-    projected = first_chunk_seconds * chunks
+def time_warning(chunk_seconds: float, chunks: int, width: int, height: int) -> str | None:
+    """Once the pace is steady (:class:`slotgen.pace.SteadyPace`: never the first chunk's compile or warm-up):
+    a warning when the ``chunks`` still to render will take long at ``chunk_seconds`` each, else None."""
+    projected = chunk_seconds * chunks
     if projected <= LONG_RENDER_SECONDS:
         return None
-    return (f"{width}x{height}: the first chunk took {first_chunk_seconds:.1f}s; the {chunks} chunks will take about "
+    return (f"{width}x{height}: a chunk takes {chunk_seconds:.1f}s; the {chunks} chunks left will take about "
             f"{projected / 60:.0f} min (Ctrl-C stops with a snapshot; --snapshot-every keeps it crash-safe)")

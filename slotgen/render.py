@@ -9,7 +9,7 @@ kept as ``pending`` (a continuation emits them first, so render(A then B) == ren
 JSON and a snapshot (:meth:`Renderer.snapshot_payload`, written in the :mod:`slotgen.snapshot` format).
 Both take ``should_stop`` (polled after every chunk): a stop finishes the current chunk, closes playable
 videos with every frame so far and writes a snapshot (``<output>.snapshot.pt`` unless one was asked for).
-:class:`InterruptGuard` turns SIGINT/SIGTERM into such a stop for the duration of a render.
+:class:`InterruptGuard` turns SIGINT/SIGTERM/SIGHUP into such a stop for the duration of a render.
 """
 
 from __future__ import annotations
@@ -329,8 +329,22 @@ def write_stats(path: str | Path, renderer: Renderer, report: RenderReport,
         raise WriteError(f"cannot write --stats {str(path)!r}: {write_cause(e, '', str(Path(path).parent))}") from None
 
 
+def _detach_from_closed_terminal() -> None:
+    """After SIGHUP (the terminal closed) stdout/stderr that were that terminal point at /dev/null, so the
+    messages printed while saving cannot fail with EIO and cut the save short."""
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
+        except OSError:
+            pass
+
+
 class InterruptGuard:
-    """SIGINT/SIGTERM → "stop after the current chunk", installed only inside a ``with`` block.
+    """SIGINT/SIGTERM/SIGHUP (a closed terminal) → "stop after the current chunk", installed only inside a
+    ``with`` block.
 
     Use the guard itself as ``should_stop``. The first signal sets :attr:`signum` (and calls
     ``on_signal``); a second one raises :class:`KeyboardInterrupt` (abort without saving). The previous
@@ -338,7 +352,7 @@ class InterruptGuard:
     there) and never stops.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
     def __init__(self, on_signal: Callable[[int], None] | None = None):
         self.on_signal = on_signal
@@ -346,11 +360,16 @@ class InterruptGuard:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            _detach_from_closed_terminal()
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
         if self.on_signal is not None:
-            self.on_signal(signum)
+            try:
+                self.on_signal(signum)
+            except OSError:  # the terminal is gone: the stop goes on without its notice
+                pass
 
     def __enter__(self) -> "InterruptGuard":
         import threading

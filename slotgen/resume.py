@@ -36,7 +36,12 @@ def extend_storyboard(base, more=None, *, prompt: str | None = None, duration: f
     one-prompt ``more``. If the first new prompt has the same text as ``base``'s last one, the two
     spans merge (the prompt simply continues). ``more`` may repeat the keys in
     :data:`RESUME_FIXED_KEYS` with the same values; a different value is a StoryboardError on its line.
+    ``more`` is a parsed storyboard or the path of one (str or Path).
     """
+    if isinstance(more, (str, os.PathLike)):
+        from slotgen.storyboard import load_storyboard
+
+        more = load_storyboard(more)
     if more is None and prompt is None:
         return base
     if more is not None:
@@ -220,6 +225,8 @@ def resume(snapshot: Snapshot | str | Path, output: str | Path, *, storyboard=No
            stats: str | Path | None = None, snapshot_out: str | Path | None = None,
            snapshot_every=DEFAULT_SNAPSHOT_EVERY) -> RenderReport:
     """Continue ``snapshot`` into ``output``: :func:`prepare_resume` then :meth:`Resumption.stream`.
+
+    ``storyboard``: more prompts, a parsed storyboard or the path of a YAML file (str or Path).
 
     ``output`` gets the continuation's frames only, or, with ``append``/``append_to``, a copy of the
     original video (``append_to``, else the video recorded in the snapshot) followed by the continuation

@@ -328,3 +328,96 @@ def test_worker_dead_past_its_retries_fails_the_job_alone_and_a_rerun_resumes_it
     row = manifest_rows(tmp_path / "out")["a"]
     assert row["status"] == "done" and row["resumed_from"] > 0  # from the snapshot the killed worker left
     assert np.array_equal(read_video(jobs[0].output), reference(jobs[0]))
+
+
+# -- joining a cluster: unreachable, silent or refusing addresses (only 127.0.0.1 is contacted) ---------
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: a connection is refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _render_many(tmp_path, *args, **popen):
+    (tmp_path / "s.yaml").write_text(story(duration=2))
+    return subprocess.Popen([sys.executable, "-m", "slotgen", "render-many", "s.yaml", "-o", "out/jobs", *args],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), **popen)
+
+
+@pytest.mark.slow
+def test_unreachable_ray_address_is_one_line_naming_it_exit_2_writing_nothing(tmp_path):
+    address = f"127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    proc = _render_many(tmp_path, "--ray", address)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 <= 15
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(f"error: --ray {address}: "), err
+    assert "connection refused" in err
+    assert not (tmp_path / "out").exists()  # no folder, no manifest of pending rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_while_a_silent_address_is_joined_stops_within_5_s(tmp_path, sig):
+    """A port that accepts and never answers: Ray's own connect retries for minutes, deaf to signals."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    proc = _render_many(tmp_path, "--ray", address)
+    try:
+        deadline = time.monotonic() + 60
+        server.settimeout(max(0.1, deadline - time.monotonic()))
+        conn, _ = server.accept()  # the reachability probe: the driver now goes on into ray.init
+        conn.close()
+        time.sleep(3.0)  # well inside Ray's connection attempt
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 <= 5, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.close()
+    assert proc.returncode == 130, err
+    assert f"while joining the Ray cluster at {address}: nothing was written" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_refused_token_is_one_line(cluster, tmp_path):
+    """The module's local instance uses token authentication (Ray 2.60's default); a wrong token is refused."""
+    (tmp_path / "wrong-token").write_text("0" * 32 + "\n")
+    proc = _render_many(tmp_path, "--ray", cluster, "--ray-token-file", "wrong-token")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --ray {cluster}: the cluster refused"), err
+    assert "--ray-token-file" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_right_token_file_joins(cluster, tmp_path):
+    from pathlib import Path as _P
+
+    token = _P.home() / ".ray" / "auth_token"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        (tmp_path / "token").write_text(os.environ["RAY_AUTH_TOKEN"])
+    else:
+        (tmp_path / "token").write_text(token.read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # only the flag gives the token
+    (tmp_path / "s.yaml").write_text(story(duration=1))
+    res = subprocess.run([sys.executable, "-m", "slotgen", "render-many", "s.yaml", "-o", "out", "--ray", cluster,
+                          "--ray-token-file", "token", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                         env=dict(env, OMP_NUM_THREADS="1"), timeout=240)
+    assert res.returncode == 0, res.stderr
+    assert manifest_rows(tmp_path / "out")["s"]["status"] == "done"

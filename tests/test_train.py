@@ -296,3 +296,30 @@ def test_resume_without_a_checkpoint_and_an_unknown_world_are_one_line_errors(tm
     (tmp_path / "bad" / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
     r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "bad"), "--resume"])
     assert r.exit_code == 2 and "cannot read" in _out(r) and "Traceback" not in _out(r)
+
+
+def test_a_short_time_budget_scales_the_data_and_the_slot_stage():
+    """`--minutes 1` must end near a minute: the data and the φ stage (sized for 55 minutes) scale down."""
+    from slotgen.train.miniature import fit_to_budget
+
+    short = fit_to_budget(TrainConfig(minutes=1))
+    assert short.episodes == 8 and short.slots.episodes == 4 and short.slots.steps == 10
+    half = fit_to_budget(TrainConfig(minutes=27.5))
+    assert half.episodes == 128 and half.slots.episodes == 24 and half.slots.steps == 200
+    kept = TrainConfig(minutes=1, episodes=64)
+    kept.slots.steps = 50
+    fit_to_budget(kept, given={"episodes", "slots.steps"})
+    assert kept.episodes == 64 and kept.slots.steps == 50 and kept.slots.episodes == 4  # what the user set stays
+    for cfg in (TrainConfig(minutes=55), TrainConfig(minutes=120), TrainConfig(minutes=1, steps=30)):
+        before = cfg.to_dict()
+        assert fit_to_budget(cfg).to_dict() == before  # a full budget or an exact step count: unchanged
+
+
+def test_train_miniature_cli_scales_a_short_budget(tmp_path, monkeypatch):
+    import slotgen.train.miniature as mini
+
+    seen = {}
+    monkeypatch.setattr(mini, "train_miniature", lambda cfg, out, **kw: seen.update(cfg=cfg) or mini.TrainResult(out=out))
+    r = CliRunner().invoke(app, ["train-miniature", "--out", str(tmp_path / "x"), "--minutes", "1", "--slot-steps", "7"])
+    assert r.exit_code == 0, r.output
+    assert seen["cfg"].episodes == 8 and seen["cfg"].slots.steps == 7 and seen["cfg"].slots.episodes == 4

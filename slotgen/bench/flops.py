@@ -134,8 +134,10 @@ def model_on_meta(model: str):
     raise ValueError(f"bench flops models: wan-1.3b-random, miniature; got {model!r}")
 
 
-def count_flops(model: str, width: int, height: int, memories: list[dict], steps: int | None = None) -> list[FlopRow]:
-    """One :class:`FlopRow` per memory config (mappings as in a storyboard's ``memory:``)."""
+def count_flops(model: str, width: int, height: int, memories: list[dict], steps: int | None = None,
+                on_item=None) -> list[FlopRow]:
+    """One :class:`FlopRow` per memory config (mappings as in a storyboard's ``memory:``); ``on_item(label)``
+    is called as each config starts (a progress display)."""
     from slotgen.engine.attention import StreamState, install_streaming_processors
     from slotgen.memory import parse_memory_config
     from slotgen.video.decoder import StreamingDecoder
@@ -174,6 +176,8 @@ def count_flops(model: str, width: int, height: int, memories: list[dict], steps
 
     rows = []
     for memory in memories:
+        if on_item is not None:
+            on_item(str(memory.get("policy", memory)))
         config = parse_memory_config(memory)
         m = memory_tokens(config, T)
         frames = config.window + getattr(config, "sink", 0) + getattr(config, "bank_frames", 0) + getattr(config, "top_k", 0)

@@ -28,7 +28,7 @@ FULL = dict(layers=30, heads=12, head_dim=128, text_tokens=64)
 
 
 def run(resolution: tuple[int, int], chunks: int, policies: list[str], full_size_slot: bool, layers: int = 4,
-        seed: int = 0) -> list[dict]:
+        seed: int = 0, on_item=None) -> list[dict]:
     w, h = resolution
     th, tw = h // 16, w // 16  # token grid (VAE 8× · patch 2)
     F = 3
@@ -45,6 +45,8 @@ def run(resolution: tuple[int, int], chunks: int, policies: list[str], full_size
     times: dict[str, list[float]] = {p: [] for p in policies}
     rows: dict[str, int] = {}
     for c in range(chunks):
+        if on_item is not None:
+            on_item(f"chunk {c + 1} of {chunks}")
         n = F * th * tw
         frames = torch.arange(c * F, (c + 1) * F).repeat_interleave(th * tw)  # (N,)
         hw = torch.stack([torch.arange(th).repeat_interleave(tw).repeat(F), torch.arange(tw).repeat(th * F)], 1)

@@ -17,11 +17,13 @@ from slotgen.storyboard import parse_storyboard
 
 
 def snapshot_sizes(durations=(60.0, 600.0), policies=None, *, model: str = "miniature", device: str = "cpu",
-                   resolution: str | None = None, steps: int | None = None, bundle=None, out=None) -> list[dict]:
+                   resolution: str | None = None, steps: int | None = None, bundle=None, out=None,
+                   on_item=None) -> list[dict]:
     """Render each policy for each duration (no video written) and report the snapshot's size.
 
     The storyboard switches prompt halfway; each policy runs with its default configuration.
-    ``resolution`` (``"WxH"``) and ``steps`` default to the model's.
+    ``resolution`` (``"WxH"``) and ``steps`` default to the model's. ``on_item(label)`` is called as each
+    render starts (a progress display).
     """
     out = out if out is not None else sys.stdout
     policies = list(policies or policy_names())
@@ -32,6 +34,8 @@ def snapshot_sizes(durations=(60.0, 600.0), policies=None, *, model: str = "mini
           f"{'history':>8} {'pending':>8}", file=out, flush=True)
     for policy in policies:
         for seconds in durations:
+            if on_item is not None:
+                on_item(f"{policy}, {seconds:g} s")
             text = (f"duration: {seconds}\nseed: 0\nmodel: {model}\n{extra}memory: {{policy: {policy}}}\nprompts:\n"
                     f"  - prompt: a red circle moves right on a blue background\n"
                     f"  - at: {seconds / 2}\n    prompt: a green square enters from the left on a white background\n")

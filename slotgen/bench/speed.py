@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 PROMPTS = [
     "a red circle moves right on a blue background",
@@ -161,12 +162,14 @@ _WORKER = ("import json, sys; from slotgen.bench.speed import run_worker; "
 
 def run_speed_bench(policies: list[str], durations: list[float], model: str = "miniature", device: str = "cpu",
                     resolution: str | None = None, fps: int | None = None, chunks: int | None = None,
-                    steps: int | None = None, isolate: bool = True, repeat: int = 1) -> list[dict]:
+                    steps: int | None = None, isolate: bool = True, repeat: int = 1,
+                    on_item: Callable[[str], None] | None = None) -> list[dict]:
     """Run every (policy, duration) — each in a fresh subprocess when ``isolate`` — and return rows.
 
     ``repeat`` > 1 runs the whole list that many times, interleaved (A B C A B C ...), so that load from
     other processes on a shared machine hits every policy alike; a row then reports the median over the
-    repeats of each number (``chunk_ms_median``: median of the runs' medians) and ``repeats``."""
+    repeats of each number (``chunk_ms_median``: median of the runs' medians) and ``repeats``.
+    ``on_item(label)`` is called as each run starts (a progress display)."""
     rows = []
     for duration in durations:
         runs: dict[str, list[dict]] = {p: [] for p in policies}
@@ -174,6 +177,8 @@ def run_speed_bench(policies: list[str], durations: list[float], model: str = "m
             for policy in policies:
                 args = dict(policy=policy, duration=duration, model=model, device=device, resolution=resolution,
                             fps=fps, chunks=chunks, steps=steps)
+                if on_item is not None:
+                    on_item(f"{policy}, {duration:g} s")
                 if not isolate:
                     runs[policy].append(run_worker(**args))
                     continue

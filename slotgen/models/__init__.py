@@ -37,8 +37,13 @@ def load_model(
     """Load a model bundle from a built-in name or a local path (see module docstring).
 
     ``preset``: the attention preset to run a Wan2.1 folder with instead of its ``slotgen.json`` one (it
-    decides which checkpoint entry is loaded); None keeps the folder's. Other models ignore it."""
-    device = torch.device(device)
+    decides which checkpoint entry is loaded); None keeps the folder's. Other models ignore it.
+
+    A ``device`` this machine lacks (``cuda`` on a CPU build, a missing index) is a one-line
+    :class:`~slotgen.errors.SlotgenError` before anything loads."""
+    from slotgen.preflight import check_device
+
+    device = check_device(device)
     if spec == "miniature":
         from slotgen.models.miniature import load_miniature
 

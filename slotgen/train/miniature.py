@@ -135,6 +135,7 @@ class TrainResult:
     latents_std: list[float] = field(default_factory=list)
     vae_max_error: float = float("nan")  # max |decode(encode(x)) − x| on 8 clips' first 16 frames ([-1, 1])
     eval_loss: tuple[float, float] = (float("nan"), float("nan"))  # on a fixed batch, before / after
+    interrupted: bool = False  # should_stop ended the run: its checkpoint resumes it (`--resume`)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,6 +477,18 @@ class _Budget:
         return self.done == 0 or self.progress() < 1.0
 
 
+def debug_step_line(step: int) -> None:
+    """With ``SLOTGEN_DEBUG_CHUNKS=1``: one line per finished step on stderr (after that step's checkpoint);
+    with ``SLOTGEN_DEBUG_HOLD_AFTER_STEP=K`` the run then waits for a line on stdin after step ``K`` (tests
+    that stop a run at a known step, as :func:`slotgen.render.debug_chunk_line` does for renders)."""
+    import os
+
+    if os.environ.get("SLOTGEN_DEBUG_CHUNKS") == "1":
+        print(f"slotgen-step {step}", file=sys.stderr, flush=True)
+        if os.environ.get("SLOTGEN_DEBUG_HOLD_AFTER_STEP") == str(step):
+            sys.stdin.readline()
+
+
 def _lr(base: float, step: int, progress: float, warmup: int = 50) -> float:
     warm = min(1.0, (step + 1) / warmup)
     return base * warm * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
@@ -521,16 +534,40 @@ def load_checkpoint(out: Path) -> dict:
     return state
 
 
+DEFAULT_MINUTES = 55.0
+"""The budget the default data size (TrainConfig.episodes) and slot stage (SlotTrainConfig) are sized for."""
+
+
+def fit_to_budget(cfg: TrainConfig, given: set[str] = frozenset()) -> TrainConfig:
+    """A time-budgeted run (no ``steps``) shorter than :data:`DEFAULT_MINUTES` scales what is not counted
+    in steps with its budget, so it ends near its budget: the episodes rendered as data and the slot
+    stage's episodes and steps (the defaults are sized for 55 minutes: 162 s of data, ~230 s of slot
+    stage on 2 cores). Fields named in ``given`` (set by the user: ``episodes``, ``slots.episodes``,
+    ``slots.steps``) are kept."""
+    scale = cfg.minutes / DEFAULT_MINUTES
+    if cfg.steps is not None or scale >= 1.0:
+        return cfg
+    if "episodes" not in given:
+        cfg.episodes = max(8, round(cfg.episodes * scale))
+    if "slots.episodes" not in given:
+        cfg.slots.episodes = max(4, round(cfg.slots.episodes * scale))
+    if "slots.steps" not in given:
+        cfg.slots.steps = max(10, round(cfg.slots.steps * scale))
+    return cfg
+
+
 def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None] = print,
                     command: Optional[str] = None, *, resume: bool = False,
-                    stop_after: Optional[int] = None) -> TrainResult:
+                    stop_after: Optional[int] = None, should_stop: Optional[Callable[[], bool]] = None,
+                    on_step: Optional[Callable[[int, "_Budget", float], None]] = None) -> TrainResult:
     """Train the transformer and write a miniature folder (config, tokenizer, weights, MODEL_CARD.md, loss.png).
 
     Every ``cfg.checkpoint_every`` steps the run's state goes to ``out/checkpoint/state.pt``. With
     ``resume`` the run in ``out`` continues from there with the config it was started with (``cfg`` is
     ignored) and repeats, step for step, what an uninterrupted run does. ``stop_after``: checkpoint and
-    return after that many steps without writing the model (one sitting of a longer run). A run that
-    completes removes its checkpoint."""
+    return after that many steps without writing the model (one sitting of a longer run). ``should_stop``
+    (polled before every step, e.g. a signal guard) does the same and sets ``interrupted``; ``on_step(step,
+    budget, loss)`` follows the steps (a progress bar). A run that completes removes its checkpoint."""
     from diffusers import AutoencoderKLWan
 
     from slotgen.models.miniature import (TEXT_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, VOCABULARY, build_modules,
@@ -582,7 +619,8 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     state = install_training_processors(transformer)
     transformer.train().requires_grad_(True)
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    budget = _Budget(cfg.steps, cfg.minutes * 60.0 - res.data_seconds - 20.0 - SLOT_STAGE_SECONDS)
+    scale = min(1.0, cfg.minutes / DEFAULT_MINUTES)  # a short budget keeps back a share for the rest, not 320 s
+    budget = _Budget(cfg.steps, cfg.minutes * 60.0 - res.data_seconds - (20.0 + SLOT_STAGE_SECONDS) * scale)
     warm = 50 if cfg.steps is None else max(1, min(50, cfg.steps // 5))
     n = cfg.clip_chunks
     fixed = sample_batch(clips, np.random.default_rng(cfg.seed + 3), torch.Generator().manual_seed(cfg.seed + 4), cfg).to(dev)
@@ -610,6 +648,11 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
         res.eval_loss = (evaluate(), float("nan"))
     t0 = budget.t0
     while budget.more():
+        if should_stop is not None and should_stop():  # before a step: the checkpoint holds every step done
+            save_checkpoint(out, cfg, res, budget, transformer, opt, rng, gen, command)
+            res.steps, res.seconds, res.interrupted = budget.done, budget.elapsed(), True
+            log(f"stopped after step {budget.done}; continue with --resume {out}")
+            return res
         for g in opt.param_groups:
             g["lr"] = _lr(cfg.lr, budget.done, budget.progress(), warm)
         batch = sample_batch(clips, rng, gen, cfg).to(dev)
@@ -627,6 +670,9 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
             snapshot()
         if stopping or (cfg.checkpoint_every and budget.done % cfg.checkpoint_every == 0):
             save_checkpoint(out, cfg, res, budget, transformer, opt, rng, gen, command)
+        if on_step is not None:
+            on_step(budget.done, budget, res.losses[-1])
+        debug_step_line(budget.done)
         if stopping:
             res.steps, res.seconds = budget.done, budget.elapsed()
             log(f"stopped after step {budget.done}; continue with --resume {out}")
