@@ -223,6 +223,7 @@ def render(
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the storyboard's seed."),
     model: Optional[str] = typer.Option(None, "--model", help="Override the model: 'miniature' or a local folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Causal generator weights for a Wan2.1 folder (Self-Forcing .pt, LongLive base+LoRA folder, diffusers transformer); see docs/REAL_MODEL.md."),
+    slot_phi: Optional[str] = typer.Option(None, "--slot-phi", help="Slot projection φ for the slot memory: a slot_phi.safetensors trained for this model (`slotgen train-slots`), or 'training-free'. Default: the model folder's own."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory policy: window, sink, bank, slot, or a "
                                          "registered plug-in (see `slotgen.memory.registry`)."),
@@ -261,9 +262,11 @@ def render(
     with _interruptible(), _model_line(sb, from_storyboard=model is None):
         bundle = (load_model(sb.model, device=dev, checkpoint=checkpoint, preset=sb.memory.preset)
                   if checkpoint is not None else None)
-        renderer = Renderer(sb, bundle=bundle, device=dev, compile=compile)
+        renderer = Renderer(sb, bundle=bundle, device=dev, compile=compile, slot_phi=slot_phi)
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
+        if renderer.memory_line() and not quiet:
+            print(renderer.memory_line(), file=sys.stderr)
         report = _run_streaming(quiet, renderer, lambda on_chunk, stop: stream_to_files(
             renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot=snapshot,
             snapshot_every=every))
@@ -473,6 +476,7 @@ def resume(
     stats: Optional[Path] = typer.Option(None, "--stats", help="Write memory statistics and timings as JSON."),
     model: Optional[str] = typer.Option(None, "--model", help="Where the snapshot's model is now (its weights digest must match)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The causal checkpoint the render used (Wan2.1 folders)."),
+    slot_phi: Optional[str] = typer.Option(None, "--slot-phi", help="Where the render's slot φ file is now (default: the path the snapshot recorded; its digest must match)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     snapshot_every: str = typer.Option("300", "--snapshot-every", help="Crash safety: every SECONDS of render time (or Nc: every N chunks) seal the videos so far and write the snapshot (--snapshot, else <output>.snapshot.pt), so a kill -9 or power cut loses at most that much; 0 turns it off. Renders shorter than this never pay for it. See docs/SNAPSHOTS.md."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -526,7 +530,7 @@ def resume(
 
     with _interruptible():
         job = prepare_resume(snapshot, output, storyboard=more, prompt=prompt, duration=dur, append=append,
-                             append_to=append_to, device=dev, model=model, checkpoint=checkpoint)
+                             append_to=append_to, device=dev, model=model, checkpoint=checkpoint, slot_phi=slot_phi)
         renderer, original = job.renderer, job.original
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
@@ -910,29 +914,65 @@ def train_miniature_cmd(
 @app.command("train-slots")
 @user_errors
 def train_slots_cmd(
-    model: Path = typer.Option(..., "--model", help="A miniature folder (config.json, weights.safetensors); φ is written into it."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the episodes, the init and the batches."),
-    episodes: int = typer.Option(48, "--episodes", min=1, help="Ground-truth world episodes to commit through the model."),
+    model: str = typer.Option(..., "--model", help="The model: a folder (φ goes into it as slot_phi.safetensors) or a built-in name (then --out)."),
+    storyboards: Optional[Path] = typer.Option(None, "--storyboards", help="Learn from the model's own renders of these storyboards (*.yaml)."),
+    videos: Optional[Path] = typer.Option(None, "--videos", help="Learn from these clips (*.mp4, *.mkv, *.webm, *.mov), encoded with the model's VAE; a CLIP.txt beside a clip is its caption."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The φ file to write (default: MODEL/slot_phi.safetensors)."),
+    supervised: bool = typer.Option(False, "--supervised", help="Miniature only: train with the shape world's ground-truth masks (the benchmark's supervised φ) instead of without labels."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the cells kept, the init and the batches (and the episodes when supervised)."),
     steps: int = typer.Option(400, "--steps", min=1, help="Optimiser steps."),
-    threads: int = typer.Option(2, "--threads", help="CPU threads."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Chunks per step (default 32; 64 supervised)."),
+    temporal_weight: float = typer.Option(1.0, "--temporal-weight", help="Weight of the temporal similarity term (0: reconstruction only)."),
+    cells: int = typer.Option(256, "--cells", help="Grid cells kept per latent frame."),
+    max_chunks: int = typer.Option(2000, "--max-chunks", help="Chunks collected at most."),
+    width: Optional[int] = typer.Option(None, "--width", help="Clip width the model sees (default: the model's)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Clip height the model sees (default: the model's)."),
+    prompt: str = typer.Option("", "--prompt", help="Caption for clips without a CLIP.txt."),
+    episodes: int = typer.Option(48, "--episodes", min=1, help="--supervised: ground-truth world episodes to commit."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint beside --out (same settings and sources)."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads (a run repeats exactly with the same seed and thread count)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Train SlotMemory's slot projection φ on ground-truth world episodes passed through a miniature
-    (supervised contrastive + reconstruction + co-assignment through the slot attention) and ship it
-    in the folder's weights."""
-    from slotgen.train.slots import SlotTrainConfig, add_slot_phi
-
+    """Train SlotMemory's slot projection φ for a model, without labels, on its own keys (slot attention,
+    key reconstruction and a temporal similarity term), and write slot_phi.safetensors. Ctrl-C, SIGTERM
+    or a closed terminal write a checkpoint (exit 130/143); --resume continues it."""
     if threads < 1:
         raise SlotgenError(f"--threads must be at least 1, got {threads}")
-    cfg = SlotTrainConfig(seed=seed, episodes=episodes, steps=steps)
-    cfg.validate()
-    if not (model / "weights.safetensors").is_file() or not (model / "config.json").is_file():
-        raise SlotgenError(f"--model {model}: not a miniature folder (needs config.json and weights.safetensors)")
+    if (width is None) != (height is None):
+        raise SlotgenError("--width and --height go together")
     import torch
 
+    from slotgen.preflight import check_device
+
     torch.set_num_threads(threads)
-    add_slot_phi(model, cfg, log=_progress_log(quiet), command=_command_line())
-    print(f"wrote {model}")
+    if supervised:
+        from slotgen.train.slots import SlotTrainConfig, add_slot_phi
+
+        cfg = SlotTrainConfig(seed=seed, episodes=episodes, steps=steps, batch=batch or 64)
+        cfg.validate()
+        folder = Path(model)
+        if not (folder / "weights.safetensors").is_file() or not (folder / "config.json").is_file():
+            raise SlotgenError(f"--supervised: --model {model} is not a miniature folder (needs config.json and "
+                               f"weights.safetensors); only the shape world has masks")
+        add_slot_phi(folder, cfg, log=_progress_log(quiet), command=_command_line(), out=out)
+        print(f"wrote {out or folder / 'slot_phi.safetensors'}")
+        return
+    from slotgen.train.slots_unsup import StopGuard, Stopped, UnsupConfig, train_slots
+
+    cfg = UnsupConfig(seed=seed, steps=steps, batch=batch or 32, temporal_weight=temporal_weight, cells=cells,
+                      max_chunks=max_chunks)
+    cfg.validate()
+    with StopGuard() as guard:
+        try:
+            path = train_slots(model, out, cfg, storyboards=storyboards, videos=videos, resume=resume, prompt=prompt,
+                               device=check_device(device), size=(width, height) if width else None,
+                               log=_progress_log(quiet), should_stop=lambda: guard.signum, command=_command_line())
+        except Stopped as stop:
+            print(f"interrupted: checkpoint {stop.checkpoint}; continue with the same command and --resume",
+                  file=sys.stderr, flush=True)
+            raise typer.Exit(stop.exit_code)
+    print(f"wrote {path}")
 
 
 @bench_app.command("identity")

@@ -49,13 +49,15 @@ def load_model(
         return build_random_wan(device=device, dtype=dtype)
     path = Path(spec).expanduser()
     if path.exists():
+        from slotgen.memory.phi_file import attach_phi  # a folder's slot_phi.safetensors is its slot projection
+
         if (path / "weights.safetensors").is_file() and (path / "config.json").is_file():
             from slotgen.models.miniature import load_miniature
 
-            return load_miniature(path, device=device)
+            return attach_phi(load_miniature(path, device=device), folder=path)
         from slotgen.models.wan import load_wan
 
-        return load_wan(path, device=device, dtype=dtype, checkpoint=checkpoint, preset=preset)
+        return attach_phi(load_wan(path, device=device, dtype=dtype, checkpoint=checkpoint, preset=preset), folder=path)
     hint = " (slotgen never downloads: pass a local folder)" if "/" in spec or spec.startswith("Wan") else ""
     raise ModelError(f"model {spec!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor an existing path{hint}")
 
