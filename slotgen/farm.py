@@ -257,7 +257,7 @@ class RenderWorker:
                 snap = load_snapshot(job.snapshot)
                 # snapshots hold the storyboard as rendered, its memory resolved under the model's preset
                 if snap.storyboard_yaml != resolved_storyboard(sb, bundle.settings.preset,
-                                                                             tokens_per_frame(sb, bundle)).to_yaml():
+                                                                             tokens_per_frame(bundle)).to_yaml():
                     snap = None  # the storyboard (or seed/policy) changed since: start over
             start = snap.frames_emitted if snap is not None else 0
             self._progress.update(frames=start, resumed_from=start)

@@ -80,9 +80,11 @@ class RenderReport:
         return asdict(self)
 
 
-def tokens_per_frame(storyboard, bundle) -> int:
-    """Transformer tokens per latent frame of ``storyboard`` rendered with ``bundle`` (its resolution)."""
-    width, height = storyboard.check_resolution(bundle.stride, bundle.settings.resolution)
+def tokens_per_frame(bundle) -> int:
+    """The model's transformer tokens per latent frame at its own resolution (``ModelSettings.resolution``):
+    16 for the miniature, 1560 for Wan2.1 at 832×480. Slot sizes are relative to it, whatever resolution
+    a storyboard asks for, so a model's memory behaves the same at every size it renders."""
+    width, height = bundle.settings.resolution
     return (width // bundle.stride) * (height // bundle.stride)
 
 
@@ -127,8 +129,7 @@ class Renderer:
             shift=(sampler.shift if sampler and sampler.shift else s.shift),
             compile=compile,
         )
-        storyboard = self.storyboard = resolved_storyboard(storyboard, s.preset,
-                                                           (width // self.bundle.stride) * (height // self.bundle.stride))
+        storyboard = self.storyboard = resolved_storyboard(storyboard, s.preset, tokens_per_frame(self.bundle))
         memory = storyboard.memory
         self.options.preset = memory.preset
         self.policy = build_policy(memory, len(self.bundle.transformer.blocks), phi=self.bundle.slot_phi)
@@ -164,9 +165,9 @@ class Renderer:
             return None
         from slotgen.memory.phi_file import describe, phi_record
 
-        tpf = (self.options.width // self.bundle.stride) * (self.options.height // self.bundle.stride)
+        tpf = tokens_per_frame(self.bundle)
         return (f"slot memory: {m.num_slots} slots, top_r {m.top_r} tokens per item, top_k {m.top_k} items read, "
-                f"budget {m.budget} tokens per layer ({m.budget / tpf:.3g} frames of {tpf} tokens); "
+                f"budget {m.budget} tokens per layer ({m.budget / tpf:.3g} frames of the model's {tpf} tokens); "
                 f"φ {describe(phi_record(self.bundle))}")
 
     def total_chunks(self) -> int:

@@ -107,16 +107,19 @@ def test_a_render_on_a_wan_with_many_tokens_per_frame_resolves_and_shows_its_slo
     from slotgen.render import Renderer
     from tests.test_wan_loading import tiny_random
 
-    bundle = tiny_random()  # stride 16: 256×128 → 16×8 = 128 tokens per latent frame
-    sb = parse_storyboard(SB % "0.5s" + "resolution: 256x128\n", "<t>")
+    import dataclasses
+
+    bundle = tiny_random()  # stride 16: a model made for 256×128 has 16×8 = 128 tokens per latent frame
+    bundle = dataclasses.replace(bundle, settings=dataclasses.replace(bundle.settings, resolution=(256, 128)))
+    sb = parse_storyboard(SB % "0.5s" + "resolution: 64x64\n", "<t>")  # relative to the model, not the render
     r = Renderer(sb, bundle=bundle)
     m = r.storyboard.memory
     assert (m.top_r, m.budget, m.top_k) == (32, 768, 8) and r.policy.config.top_r == 32
     line = r.memory_line()
-    assert "top_r 32" in line and "budget 768" in line and "of 128 tokens" in line and "training-free" in line
+    assert "top_r 32" in line and "budget 768" in line and "model's 128 tokens" in line and "training-free" in line
     from slotgen.render import resolved_storyboard
 
-    plain = parse_storyboard(SB % "0.5s", "<t>")
+    plain = parse_storyboard(SB % "0.5s" + "resolution: 32x32\n", "<t>")
     mini = Renderer(plain, bundle=load_model("miniature"))  # what it runs and snapshots: exactly as before
     assert mini.storyboard.to_yaml() == resolved_storyboard(plain, "slotgen").to_yaml()
     assert (mini.storyboard.memory.top_r, mini.storyboard.memory.budget) == (4, 96)
