@@ -245,3 +245,37 @@ def test_train_slots_without_labels_stops_on_a_signal_and_resumes_to_the_same_ph
     a, b = read_phi(tmp_path / "a.safetensors"), read_phi(tmp_path / "b.safetensors")
     assert a.digest == b.digest and a.config["mode"] == "unsupervised"  # interrupted or not: the same φ
     assert a.model_digest == load_model("miniature").digest
+
+
+@pytest.mark.slow
+def test_wan_1_3b_random_clips_to_phi_to_a_render_its_snapshot_and_resume(tmp_path):
+    """The whole path at real shapes (30 layers, 12 heads × 128), small resolution: clips → φ file →
+    a render that uses it → a snapshot that records it → resume (and a resume with another φ refused)."""
+    from slotgen.errors import SnapshotError
+    from slotgen.memory.phi_file import attach_phi
+    from slotgen.render import render
+    from slotgen.resume import resume
+    from slotgen.snapshot import load_snapshot
+    from slotgen.train.slots_unsup import UnsupConfig, train_slots
+
+    bundle = load_model("wan-1.3b-random")
+    clips = _clips(tmp_path / "clips", 1, frames=15, size=(96, 64), fps=24)  # resized and resampled to 16 fps
+    logs: list[str] = []
+    out = train_slots("wan-1.3b-random", tmp_path / "phi.safetensors", UnsupConfig(steps=2, batch=2, cells=8),
+                      videos=clips, size=(64, 64), bundle=bundle, log=logs.append)
+    assert any("24 fps resampled to the model's 16 fps" in m for m in logs), logs
+    assert any("96x64 resized to the model's 64x64" in m for m in logs), logs
+    pf = read_phi(out)
+    assert len(pf.phi.weights) == 30 and pf.phi.weights[0].shape == (32, 1536) and pf.model_digest == bundle.digest
+
+    sb = parse_storyboard(SB % "0.5s" + "resolution: 64x64\nsampler: {steps: 1}\n", "<wan>")  # 2 forwards a chunk
+    with_phi = attach_phi(bundle, out)
+    rep = render(sb, tmp_path / "a.mp4", bundle=with_phi, snapshot=tmp_path / "a.pt")
+    assert rep.memory_stats["slot_phi"] == {"digest": pf.digest, "source": str(out.resolve())}
+    assert rep.memory_stats["settings"]["top_r"] == 390  # a quarter of the model's 1560 tokens per frame
+    snap = load_snapshot(tmp_path / "a.pt")
+    assert snap.model["slot_phi"]["digest"] == pf.digest
+    with pytest.raises(SnapshotError, match="was rendered with slot φ"):
+        resume(snap, tmp_path / "x.mp4", prompt="a red circle stays", duration=0.5, bundle=bundle, slot_phi="training-free")
+    more = resume(snap, tmp_path / "b.mp4", prompt="a red circle stays", duration=0.5, bundle=bundle)  # φ found again
+    assert more.frames > 0 and more.memory_stats["slot_phi"]["digest"] == pf.digest
