@@ -29,6 +29,10 @@ def main() -> None:
     ap.add_argument("--recall-episodes", type=int, default=2, help="per gap, single and similar (0: skip)")
     ap.add_argument("--gaps", default="12,36")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--variant", action="append", default=None, metavar="NAME:TEMPORAL_WEIGHT:STEPS:DIM",
+                    help="an unsupervised variant to train (default: reconstruction only and + temporal, 1.0)")
+    ap.add_argument("--purity-seed", type=int, default=1000, help="first held-out episode seed (selection: 2000)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the training-free and supervised rows")
     ap.add_argument("--keys", type=Path, help="cache of the collected keys (written once, then read)")
     ap.add_argument("--save-phi", type=Path, help="folder for the unsupervised φ files")
     args = ap.parse_args()
@@ -66,11 +70,16 @@ def main() -> None:
     print(f"{len(chunks)} chunks from {len(sources)} sources in {time.perf_counter() - t0:.0f} s", flush=True)
 
     gaps = [int(g) for g in args.gaps.split(",")]
-    held_out = [d["episode"] for d in bench_episodes(gaps, args.purity_episodes, 1000, True)]
-    variants = {"training-free": dataclasses.replace(bundle, slot_phi=None), "supervised (shipped)": bundle}
-    for name, tw in (("unsupervised: reconstruction only", 0.0), ("unsupervised: reconstruction + temporal", 1.0)):
-        cfg = dataclasses.replace(base, temporal_weight=tw)
-        out = (args.save_phi or Path("/tmp")) / f"phi_{'recon' if tw == 0 else 'temporal'}.safetensors"
+    held_out = [d["episode"] for d in bench_episodes(gaps, args.purity_episodes, args.purity_seed, True)]
+    variants = {} if args.no_baselines else {"training-free": dataclasses.replace(bundle, slot_phi=None),
+                                             "supervised (shipped)": bundle}
+    specs = [v.split(":") for v in args.variant] if args.variant else \
+        [["unsupervised: reconstruction only", "0", str(args.steps), "32"],
+         ["unsupervised: reconstruction + temporal", "1", str(args.steps), "32"]]
+    for name, tw, steps, dim in specs:
+        tw = float(tw)
+        cfg = dataclasses.replace(base, temporal_weight=tw, steps=int(steps), dim=int(dim))
+        out = (args.save_phi or Path("/tmp")) / f"phi_{len(variants)}.safetensors"
         res = train_unsupervised(bundle, sources, out, cfg, kind="videos" if args.videos else "storyboards",
                                  chunks=chunks, log=lambda m: None)
         if args.save_phi is not None:
@@ -82,7 +91,7 @@ def main() -> None:
     for name, b in variants.items():
         pur = slot_purity(b, held_out)
         row = {"purity_mean": pur["mean_ari"], "purity_layers": [x["ari"] for x in pur["layers"]]}
-        if args.recall_episodes > 0 and name != "unsupervised: reconstruction only":
+        if args.recall_episodes > 0 and "reconstruction only" not in name:
             r = run_identity_bench(["slot"], gaps, args.recall_episodes, seed=1000, similar=True, purity=False, bundle=b,
                                    past="truth")
             row["identity_recall"] = r["summary"]["slot"]["all"]["identity_recall"]

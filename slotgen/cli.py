@@ -982,6 +982,7 @@ def bench_identity(
     gaps: str = typer.Option("12,36,72", "--gaps", help="Absence gaps in video frames (multiples of 12)."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated memory policies (default: every registered one)."),
     model: str = typer.Option("miniature", "--model", help="'miniature' or a miniature-format folder."),
+    slot_phi: Optional[str] = typer.Option(None, "--slot-phi", help="The slot policy's φ: a slot_phi.safetensors for this model, or 'training-free' (default: the model's own)."),
     seed: int = typer.Option(1000, "--seed", help="First episode seed (default 1000: the default training run uses episode seeds 0..255); the storyboard seed is the same for every policy."),
     similar: bool = typer.Option(True, "--similar/--no-similar", help="Also run two-entity similar episodes (leakage)."),
     purity: bool = typer.Option(True, "--purity/--no-purity", help="Slot purity (ARI) on ground-truth clips."),
@@ -1004,7 +1005,11 @@ def bench_identity(
         raise SlotgenError(f"--gaps: expected non-negative frame counts, got {gaps!r}")
     if episodes < 1:
         raise SlotgenError(f"--episodes must be at least 1, got {episodes}")
-    result = run_identity_bench(names, gap_list, episodes, model=model, seed=seed, similar=similar, purity=purity,
+    from slotgen.memory.phi_file import attach_phi
+    from slotgen.models import load_model
+
+    bundle = attach_phi(load_model(model), slot_phi)
+    result = run_identity_bench(names, gap_list, episodes, model=model, seed=seed, similar=similar, purity=purity, bundle=bundle,
                                 past=past, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print_report(result)
     if json_out is not None:

@@ -59,8 +59,9 @@ class SlotConfig(SinkWindowConfig):
 
     Each chunk's keys are grouped into slots (slot attention, initialised from the previous chunk's
     slots); each slot stores its ``top_r`` most typical tokens' original K/V as an item. Each chunk
-    attends to the ``top_k`` items that best match the prompt and the current scene. Defaults suit the
-    miniature (16 tokens per latent frame); docs/MEMORY.md lists full-size (1560 tokens per frame) values.
+    attends to the ``top_k`` items that best match the prompt and the current scene. ``top_r`` and ``budget``
+    left unset follow the model's tokens per latent frame (:meth:`for_frame`: 4 and 96 on the miniature's 16,
+    390 and 9360 on Wan2.1's 1560); docs/MEMORY.md lists the rest at full size.
     """
 
     cli_names = {"num_slots": "slots"}
