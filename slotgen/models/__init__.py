@@ -54,7 +54,7 @@ def load_model(
         if (path / "weights.safetensors").is_file() and (path / "config.json").is_file():
             from slotgen.models.miniature import load_miniature
 
-            return attach_phi(load_miniature(path, device=device), folder=path)
+            return load_miniature(path, device=device)  # it picks up the folder's φ itself
         from slotgen.models.wan import load_wan
 
         return attach_phi(load_wan(path, device=device, dtype=dtype, checkpoint=checkpoint, preset=preset), folder=path)

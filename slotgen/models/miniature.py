@@ -226,6 +226,10 @@ def load_miniature(directory: str | Path | None = None, device: str | torch.devi
         vocabulary=vocab,
         slot_phi=slot_phi,
     )
+    if directory is not None:  # a folder's own slot_phi.safetensors (slotgen train-slots) is its slot projection
+        from slotgen.memory.phi_file import attach_phi
+
+        bundle = attach_phi(bundle, folder=root)
     return bundle
 
 
