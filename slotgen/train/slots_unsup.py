@@ -390,6 +390,9 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
                                f"to start over")
         log(f"slots: resuming at source {state.done}/{len(sources)}, step {state.step}/{cfg.steps}")
     else:
+        if ckpt.is_file() and chunks is None:  # an interrupted run's work is never overwritten silently
+            raise SlotgenError(f"checkpoint {ckpt} exists from an interrupted run: add --resume to continue it, "
+                               f"or delete it to start over")
         state = UnsupState(cfg.to_dict(), bundle.digest, [str(p) for p in sources])
         if chunks is not None:
             state.chunks, state.done = list(chunks), len(sources)
