@@ -42,8 +42,8 @@ def main() -> None:
     from slotgen.bench.identity import bench_episodes, run_identity_bench, slot_purity
     from slotgen.memory.phi_file import save_phi
     from slotgen.models import load_model
-    from slotgen.train.slots_unsup import (UnsupConfig, list_sources, storyboard_chunks, train_unsupervised,
-                                           video_chunks)
+    from slotgen.train.slots_unsup import (UnsupConfig, checkpoint_path, list_sources, storyboard_chunks,
+                                           train_unsupervised, video_chunks)
 
     bundle = load_model("miniature")
     if args.save_phi is not None:
@@ -82,8 +82,8 @@ def main() -> None:
         out = (args.save_phi or Path("/tmp")) / f"phi_{len(variants)}.safetensors"
         res = train_unsupervised(bundle, sources, out, cfg, kind="videos" if args.videos else "storyboards",
                                  chunks=chunks, log=lambda m: None)
+        checkpoint_path(out).unlink(missing_ok=True)  # the keys are cached elsewhere (--keys)
         if args.save_phi is not None:
-            args.save_phi.mkdir(parents=True, exist_ok=True)
             save_phi(out, res.phi, model_digest=bundle.digest, model_name=bundle.name, config={"mode": "unsupervised", **cfg.to_dict()})
         print(f"{name}: trained in {res.seconds:.0f} s, loss {res.losses[0]:.3f} -> {np.mean(res.losses[-20:]):.3f}", flush=True)
         variants[name] = dataclasses.replace(bundle, slot_phi=res.phi)
