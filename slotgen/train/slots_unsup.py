@@ -163,9 +163,10 @@ def spy_commits(policy, tokens_per_frame: int, cells: int, rng: np.random.Genera
     policy.write, policy.end_chunk = spy_write, spy_end
 
 
-def storyboard_chunks(bundle, path: Path, cfg: UnsupConfig, rng: np.random.Generator) -> list[KeyChunk]:
+def storyboard_chunks(bundle, path: Path, cfg: UnsupConfig, rng: np.random.Generator,
+                      limit: Optional[int] = None) -> list[KeyChunk]:
     """Render ``path`` with ``bundle`` (its own memory section, seed and prompts; frames are not decoded) and
-    return every committed chunk's keys."""
+    return every committed chunk's keys (the first ``limit`` chunks only, when given)."""
     from slotgen.render import Renderer
     from slotgen.storyboard import load_storyboard
 
@@ -175,7 +176,8 @@ def storyboard_chunks(bundle, path: Path, cfg: UnsupConfig, rng: np.random.Gener
     th, tw = renderer.engine.token_hw
     spy_commits(renderer.policy, th * tw, cfg.cells, rng, out)
     for _ in renderer.engine.run(renderer.storyboard, decode=False):
-        pass
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 
@@ -208,9 +210,10 @@ def read_clip(path: Path, size: tuple[int, int], fps: int, note: Callable[[str],
 
 @torch.no_grad()
 def video_chunks(bundle, path: Path, cfg: UnsupConfig, rng: np.random.Generator, prompt: str, size: tuple[int, int],
-                 note: Callable[[str], None]) -> list[KeyChunk]:
+                 note: Callable[[str], None], limit: Optional[int] = None) -> list[KeyChunk]:
     """Encode a clip with the model's VAE and commit it chunk by chunk through the engine (the render's
-    commit pass, with ``prompt``); return every chunk's keys. A clip too short for one chunk gives none."""
+    commit pass, with ``prompt``); return every chunk's keys (the first ``limit`` only, when given). A
+    clip too short for one chunk gives none."""
     from slotgen.bench.identity import ground_truth_latents
     from slotgen.engine.generator import EngineOptions, StreamingEngine
     from slotgen.memory import build_policy
@@ -220,6 +223,8 @@ def video_chunks(bundle, path: Path, cfg: UnsupConfig, rng: np.random.Generator,
     frames = read_clip(path, size, s.fps, note)
     st = s.vae_stride_t
     usable = 1 + ((len(frames) - 1) // st) * st if st > 1 else len(frames)  # whole latent frames only
+    if limit is not None:  # encode no more than the chunks wanted: latent frames 0 .. limit·F − 1
+        usable = min(usable, 1 + (limit * bundle.settings.chunk_frames - 1) * st)
     lat = ground_truth_latents(bundle, frames[:usable])  # (1, C, L, h, w) normalised
     memory = resolve_memory(default_memory(), s.preset)
     policy = build_policy(memory, len(bundle.transformer.blocks))
@@ -230,6 +235,8 @@ def video_chunks(bundle, path: Path, cfg: UnsupConfig, rng: np.random.Generator,
     spy_commits(policy, th * tw, cfg.cells, rng, out)
     Fc = engine.geometry.chunk_frames
     for c in range(lat.shape[2] // Fc):
+        if limit is not None and len(out) >= limit:
+            break
         engine.generate_chunk(0, prompt, latents=lat[:, :, c * Fc:(c + 1) * Fc], decode=False)
     if not out:
         note(f"{path.name}: {len(frames)} frames make no whole chunk of {Fc} latent frames; skipped")
@@ -416,10 +423,11 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
     while state.done < len(sources) and len(state.chunks) < cfg.max_chunks:
         path = sources[state.done]
         if kind == "storyboards":
-            got = storyboard_chunks(bundle, path, cfg, rng)
+            got = storyboard_chunks(bundle, path, cfg, rng, limit=cfg.max_chunks - len(state.chunks))
         else:
             try:
-                got = video_chunks(bundle, path, cfg, rng, _caption(path, prompt), size, note)
+                got = video_chunks(bundle, path, cfg, rng, _caption(path, prompt), size, note,
+                                   limit=cfg.max_chunks - len(state.chunks))
             except SlotgenError as err:
                 note(f"skipped: {err}")
                 got = []
