@@ -279,3 +279,17 @@ def test_wan_1_3b_random_clips_to_phi_to_a_render_its_snapshot_and_resume(tmp_pa
         resume(snap, tmp_path / "x.mp4", prompt="a red circle stays", duration=0.5, bundle=bundle, slot_phi="training-free")
     more = resume(snap, tmp_path / "b.mp4", prompt="a red circle stays", duration=0.5, bundle=bundle)  # φ found again
     assert more.frames > 0 and more.memory_stats["slot_phi"]["digest"] == pf.digest
+
+
+def test_a_wan_folder_uses_its_own_phi_file(tmp_path_factory):
+    from tests.test_wan_loading import tiny_folder as _fixture  # noqa: F401 - the folder builder below
+
+    folder = _fixture.__wrapped__(tmp_path_factory)
+    bundle = load_model(str(folder))
+    assert bundle.slot_phi is None
+    cfg = bundle.transformer.config
+    phi = _phi(len(bundle.transformer.blocks), cfg.num_attention_heads * cfg.attention_head_dim)
+    save_phi(folder / PHI_FILE, phi, model_digest=bundle.digest, model_name=bundle.name, config={})
+    again = load_model(str(folder))
+    assert phi_digest(again.slot_phi) == phi_digest(phi) and again.slot_phi_source == str((folder / PHI_FILE).resolve())
+    assert again.digest == bundle.digest
