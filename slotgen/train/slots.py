@@ -245,12 +245,13 @@ def add_slot_phi(folder, cfg: SlotTrainConfig, log: Callable[[str], None] = prin
 
 def slot_card(cfg: SlotTrainConfig, res: SlotTrainResult, command: Optional[str]) -> str:
     first, last = res.losses[0], float(np.mean(res.losses[-20:]))
-    cmd = command or f"slotgen train-slots --model DIR --seed {cfg.seed}"
+    cmd = command or f"slotgen train-slots --supervised --model DIR --seed {cfg.seed}"
     return f"""{CARD_HEADING}
 
-Produced by `{cmd}` (also the last stage of `slotgen train-miniature`).
-φ_l(k) = normalise(W_l · flatten(k)), D' = {cfg.dim}, one W_l per layer, used by the `slot` memory policy
-in place of the training-free head-mean (`slotgen.train.slots` documents the losses).
+Produced by `{cmd}` (also the last stage of `slotgen train-miniature`), supervised by the world's masks,
+written as `slot_phi.safetensors` beside the weights. φ_l(k) = normalise(W_l · flatten(k)), D' = {cfg.dim}, one
+W_l per layer, used by the `slot` memory policy in place of the training-free head-mean
+(`slotgen.train.slots` documents the losses).
 
 - Data: {cfg.episodes} ground-truth world episodes (seeds {EPISODE_SEED0 + cfg.seed * 10_000}…, disjoint from the
   transformer's training episodes and from `bench identity`), committed chunk by chunk through this model:
