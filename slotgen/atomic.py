@@ -73,6 +73,35 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), since setting it
+    to read it back races with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _give_mode(tmp: Path, final: Path) -> None:
+    """Give the temporary file the permissions the final file would have had without it: the replaced
+    file's own, else what a plain ``open`` creates (0o666 less the umask). Writers that create their file
+    privately (``safetensors`` and ``tempfile`` create 0o600) would otherwise leave a file nobody else may
+    read, where the file it replaces was readable."""
+    try:
+        mode = os.stat(final).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    try:
+        os.chmod(tmp, mode)
+    except OSError:  # a filesystem without modes (some mounts): keep what it has
+        pass
+
+
 class PartialFile:
     """A temporary file that becomes ``final`` on :meth:`commit` or disappears on :meth:`discard`.
 
@@ -92,6 +121,7 @@ class PartialFile:
         if not self.tmp.exists():
             raise FileNotFoundError(f"nothing was written to {self.tmp} (for {self.final})")
         _fsync_path(self.tmp)
+        _give_mode(self.tmp, self.final)
         os.replace(self.tmp, self.final)
         self.done = True
         _fsync_dir(self.final.parent)

@@ -229,6 +229,7 @@ def render(
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the storyboard's seed."),
     model: Optional[str] = typer.Option(None, "--model", help="Override the model: 'miniature', a pulled name (slotgen pull) or a local folder."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Causal generator weights for a Wan2.1 folder (Self-Forcing .pt, LongLive base+LoRA folder, diffusers transformer); see docs/REAL_MODEL.md."),
+    slot_phi: Optional[str] = typer.Option(None, "--slot-phi", help="Slot projection φ for the slot memory: a slot_phi.safetensors trained for this model (`slotgen train-slots`), or 'training-free'. Default: the model folder's own."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory policy: window, sink, bank, slot, or a "
                                          "registered plug-in (see `slotgen.memory.registry`)."),
@@ -267,9 +268,11 @@ def render(
     with _interruptible(), _model_line(sb, from_storyboard=model is None):
         bundle = (load_model(sb.model, device=dev, checkpoint=checkpoint, preset=sb.memory.preset)
                   if checkpoint is not None else None)
-        renderer = Renderer(sb, bundle=bundle, device=dev, compile=compile)
+        renderer = Renderer(sb, bundle=bundle, device=dev, compile=compile, slot_phi=slot_phi)
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
+        if renderer.memory_line() and not quiet:
+            print(renderer.memory_line(), file=sys.stderr)
         report = _run_streaming(quiet, renderer, lambda on_chunk, stop: stream_to_files(
             renderer, output, lossless=lossless, on_chunk=on_chunk, should_stop=stop, stats=stats, snapshot=snapshot,
             snapshot_every=every))
@@ -484,6 +487,7 @@ def resume(
     stats: Optional[Path] = typer.Option(None, "--stats", help="Write memory statistics and timings as JSON."),
     model: Optional[str] = typer.Option(None, "--model", help="Where the snapshot's model is now (its weights digest must match)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The causal checkpoint the render used (Wan2.1 folders)."),
+    slot_phi: Optional[str] = typer.Option(None, "--slot-phi", help="Where the render's slot φ file is now (default: the path the snapshot recorded; its digest must match)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     snapshot_every: str = typer.Option("300", "--snapshot-every", help="Crash safety: every SECONDS of render time (or Nc: every N chunks) seal the videos so far and write the snapshot (--snapshot, else <output>.snapshot.pt), so a kill -9 or power cut loses at most that much; 0 turns it off. Renders shorter than this never pay for it. See docs/SNAPSHOTS.md."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -537,7 +541,7 @@ def resume(
 
     with _interruptible():
         job = prepare_resume(snapshot, output, storyboard=more, prompt=prompt, duration=dur, append=append,
-                             append_to=append_to, device=dev, model=model, checkpoint=checkpoint)
+                             append_to=append_to, device=dev, model=model, checkpoint=checkpoint, slot_phi=slot_phi)
         renderer, original = job.renderer, job.original
         for w in renderer.warnings():
             print(f"warning: {w}", file=sys.stderr)
@@ -1015,33 +1019,69 @@ def _train_progress(quiet: bool):
 @app.command("train-slots")
 @user_errors
 def train_slots_cmd(
-    model: Path = typer.Option(..., "--model", help="A miniature folder (config.json, weights.safetensors); φ is written into it."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the episodes, the init and the batches."),
-    episodes: int = typer.Option(48, "--episodes", min=1, help="Ground-truth world episodes to commit through the model."),
+    model: str = typer.Option(..., "--model", help="The model: a folder (φ goes into it as slot_phi.safetensors) or a built-in name (then --out)."),
+    storyboards: Optional[Path] = typer.Option(None, "--storyboards", help="Learn from the model's own renders of these storyboards (*.yaml)."),
+    videos: Optional[Path] = typer.Option(None, "--videos", help="Learn from these clips (*.mp4, *.mkv, *.webm, *.mov), encoded with the model's VAE; a CLIP.txt beside a clip is its caption."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The φ file to write (default: MODEL/slot_phi.safetensors)."),
+    supervised: bool = typer.Option(False, "--supervised", help="Miniature only: train with the shape world's ground-truth masks (the benchmark's supervised φ) instead of without labels."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the cells kept, the init and the batches (and the episodes when supervised)."),
     steps: int = typer.Option(400, "--steps", min=1, help="Optimiser steps."),
-    threads: int = typer.Option(2, "--threads", help="CPU threads."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Chunks per step (default 32; 64 supervised)."),
+    temporal_weight: float = typer.Option(1.0, "--temporal-weight", help="Weight of the temporal similarity term (0: reconstruction only)."),
+    cells: int = typer.Option(256, "--cells", help="Grid cells kept per latent frame."),
+    max_chunks: int = typer.Option(2000, "--max-chunks", help="Chunks collected at most."),
+    width: Optional[int] = typer.Option(None, "--width", help="Clip width the model sees (default: the model's)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Clip height the model sees (default: the model's)."),
+    prompt: str = typer.Option("", "--prompt", help="Caption for clips without a CLIP.txt."),
+    episodes: int = typer.Option(48, "--episodes", min=1, help="--supervised: ground-truth world episodes to commit."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint beside --out (same settings and sources)."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads (a run repeats exactly with the same seed and thread count)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Train SlotMemory's slot projection φ on ground-truth world episodes passed through a miniature
-    (supervised contrastive + reconstruction + co-assignment through the slot attention) and ship it
-    in the folder's weights."""
-    from slotgen.train.slots import SlotTrainConfig, add_slot_phi
-
+    """Train SlotMemory's slot projection φ for a model, without labels, on its own keys (slot attention,
+    key reconstruction and a temporal similarity term), and write slot_phi.safetensors. Ctrl-C, SIGTERM
+    or a closed terminal write a checkpoint (exit 130/143); --resume continues it."""
     if threads < 1:
         raise SlotgenError(f"--threads must be at least 1, got {threads}")
-    cfg = SlotTrainConfig(seed=seed, episodes=episodes, steps=steps)
-    cfg.validate()
-    if not (model / "weights.safetensors").is_file() or not (model / "config.json").is_file():
-        raise SlotgenError(f"--model {model}: not a miniature folder (needs config.json and weights.safetensors)")
+    if (width is None) != (height is None):
+        raise SlotgenError("--width and --height go together")
     import torch
 
-    from slotgen.stops import stoppable
+    from slotgen.preflight import check_device
 
     torch.set_num_threads(threads)
-    with stoppable(lambda sig: sig, f"interrupted: stopped before φ was written; {model} is unchanged; rerun the same "
-                                    f"command to train it", at_once=True):
-        add_slot_phi(model, cfg, log=_progress_log(quiet), command=_command_line())
-    print(f"wrote {model}")
+    if supervised:
+        from slotgen.train.slots import SlotTrainConfig, add_slot_phi
+
+        cfg = SlotTrainConfig(seed=seed, episodes=episodes, steps=steps, batch=batch or 64)
+        cfg.validate()
+        folder = Path(model)
+        if not (folder / "weights.safetensors").is_file() or not (folder / "config.json").is_file():
+            raise SlotgenError(f"--supervised: --model {model} is not a miniature folder (needs config.json and "
+                               f"weights.safetensors); only the shape world has masks")
+        from slotgen.stops import stoppable
+
+        with stoppable(lambda sig: sig, f"interrupted: stopped before φ was written; {folder} is unchanged; rerun "
+                                        f"the same command to train it", at_once=True):
+            add_slot_phi(folder, cfg, log=_progress_log(quiet), command=_command_line(), out=out)
+        print(f"wrote {out or folder / 'slot_phi.safetensors'}")
+        return
+    from slotgen.train.slots_unsup import StopGuard, Stopped, UnsupConfig, train_slots
+
+    cfg = UnsupConfig(seed=seed, steps=steps, batch=batch or 32, temporal_weight=temporal_weight, cells=cells,
+                      max_chunks=max_chunks)
+    cfg.validate()
+    with StopGuard() as guard:
+        try:
+            path = train_slots(model, out, cfg, storyboards=storyboards, videos=videos, resume=resume, prompt=prompt,
+                               device=check_device(device), size=(width, height) if width else None,
+                               log=_progress_log(quiet), should_stop=lambda: guard.signum, command=_command_line())
+        except Stopped as stop:
+            print(f"interrupted: checkpoint {stop.checkpoint}; continue with the same command and --resume",
+                  file=sys.stderr, flush=True)
+            raise typer.Exit(stop.exit_code)
+    print(f"wrote {path}")
 
 
 @bench_app.command("identity")
@@ -1051,6 +1091,7 @@ def bench_identity(
     gaps: str = typer.Option("12,36,72", "--gaps", help="Absence gaps in video frames (multiples of 12)."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated memory policies (default: every registered one)."),
     model: str = typer.Option("miniature", "--model", help="'miniature' or a miniature-format folder."),
+    slot_phi: Optional[str] = typer.Option(None, "--slot-phi", help="The slot policy's φ: a slot_phi.safetensors for this model, or 'training-free' (default: the model's own)."),
     seed: int = typer.Option(1000, "--seed", help="First episode seed (default 1000: the default training run uses episode seeds 0..255); the storyboard seed is the same for every policy."),
     similar: bool = typer.Option(True, "--similar/--no-similar", help="Also run two-entity similar episodes (leakage)."),
     purity: bool = typer.Option(True, "--purity/--no-purity", help="Slot purity (ARI) on ground-truth clips."),
@@ -1073,10 +1114,14 @@ def bench_identity(
         raise SlotgenError(f"--gaps: expected non-negative frame counts, got {gaps!r}")
     if episodes < 1:
         raise SlotgenError(f"--episodes must be at least 1, got {episodes}")
+    from slotgen.memory.phi_file import attach_phi
+    from slotgen.models import load_model
+
+    bundle = attach_phi(load_model(model), slot_phi)
     shown, on_item = _bench_progress("bench identity", None)
     with shown:
         result = run_identity_bench(names, gap_list, episodes, model=model, seed=seed, similar=similar, purity=purity,
-                                    past=past, progress=on_item)
+                                    bundle=bundle, past=past, progress=on_item)
     print_report(result)
     if json_out is not None:
         import json as _json

@@ -240,7 +240,7 @@ class RenderWorker:
     def run(self, job: FarmJob, snapshot_every: str | float | None = DEFAULT_FARM_SNAPSHOT_EVERY) -> dict:
         """Render ``job`` (resuming its snapshot when one of the same storyboard exists); never raises for a
         job's own failure: returns the manifest values (status done/interrupted/failed, error line)."""
-        from slotgen.render import render, resolved_storyboard
+        from slotgen.render import render, resolved_storyboard, tokens_per_frame
         from slotgen.resume import resume
         from slotgen.snapshot import load_snapshot
         from slotgen.video.segments import complete_joins
@@ -258,7 +258,8 @@ class RenderWorker:
             if Path(job.snapshot).is_file() and Path(job.output).is_file():
                 snap = load_snapshot(job.snapshot)
                 # snapshots hold the storyboard as rendered, its memory resolved under the model's preset
-                if snap.storyboard_yaml != resolved_storyboard(sb, bundle.settings.preset).to_yaml():
+                if snap.storyboard_yaml != resolved_storyboard(sb, bundle.settings.preset,
+                                                                             tokens_per_frame(bundle)).to_yaml():
                     snap = None  # the storyboard (or seed/policy) changed since: start over
             start = snap.frames_emitted if snap is not None else 0
             self._progress.update(frames=start, resumed_from=start)

@@ -34,6 +34,8 @@ def report_schema() -> dict:
             "bytes": {"type": "integer", "minimum": 0},
             "sink_frames": {"type": "array", "items": {"type": "integer"}},
             "local_frames": {"type": "array", "items": {"type": "integer"}},
+            "settings": {"type": "object"},
+            "slot_phi": {"type": "object", "properties": {"digest": {"type": "string"}, "source": {"type": "string"}}},
             "layers": {
                 "type": "array",
                 "items": {"type": "object", "required": ["layer", "tokens"], "properties": layer_keys},
@@ -114,6 +116,8 @@ def build_report(stats: dict, source: str) -> dict:
         "bytes": int(stats.get("bytes", 0)),
         "sink_frames": [int(f) for f in stats.get("sink_frames", [])],
         "local_frames": [int(f) for f in stats.get("local_frames", [])],
+        **({"settings": stats["settings"]} if isinstance(stats.get("settings"), dict) else {}),
+        **({"slot_phi": stats["slot_phi"]} if isinstance(stats.get("slot_phi"), dict) else {}),
         "layers": layers,
     }
 
@@ -127,6 +131,12 @@ def report_table(report: dict):
     columns = policy_class(report["policy"]).inspect_columns
     title = (f"{report['source']} — policy {report['policy']}, {report['frames_seen']} latent frames seen, "
              f"{report['bytes'] / 2**20:.2f} MiB held")
+    if report["policy"] == "slot" and "settings" in report:
+        from slotgen.memory.phi_file import describe
+
+        st = report["settings"]
+        title += (f"\n{st.get('num_slots')} slots, top_r {st.get('top_r')}, top_k {st.get('top_k')}, budget "
+                  f"{st.get('budget')} tokens per layer; φ {describe(report.get('slot_phi'))}")
     table = Table(title=title)
     for c in ["layer", "tokens", *(title for title, _ in columns)]:
         table.add_column(c, justify="right")

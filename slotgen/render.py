@@ -80,10 +80,24 @@ class RenderReport:
         return asdict(self)
 
 
-def resolved_storyboard(storyboard, model_preset: str | None):
+def tokens_per_frame(bundle) -> int:
+    """The model's transformer tokens per latent frame at its own resolution (``ModelSettings.resolution``):
+    16 for the miniature, 1560 for Wan2.1 at 832×480. Slot sizes are relative to it, whatever resolution
+    a storyboard asks for, so a model's memory behaves the same at every size it renders."""
+    width, height = bundle.settings.resolution
+    return (width // bundle.stride) * (height // bundle.stride)
+
+
+def resolved_storyboard(storyboard, model_preset: str | None, tokens_per_frame: int | None = None):
     """``storyboard`` with its memory section resolved under ``model_preset`` (the preset fixed, its keys
-    filled in): the storyboard a render actually runs, and the one its snapshots hold."""
+    filled in) and, given ``tokens_per_frame``, the keys it leaves to the model's geometry
+    (``PolicyConfig.for_frame``): the storyboard a render actually runs, and the one its snapshots hold."""
     memory = resolve_memory(storyboard.memory, model_preset)
+    if tokens_per_frame is not None:
+        try:
+            memory = memory.for_frame(tokens_per_frame)
+        except ValueError as err:  # pydantic's ValidationError included
+            raise SlotgenError(f"memory: {' '.join(str(err).split())}") from None
     if memory != storyboard.memory or memory.model_fields_set != storyboard.memory.model_fields_set:
         return storyboard.with_overrides(memory=memory)
     return storyboard
@@ -93,11 +107,13 @@ class Renderer:
     """A storyboard bound to a model and a memory policy; renders (and continues) its timeline."""
 
     def __init__(self, storyboard, bundle: ModelBundle | None = None, device: str = "cpu", compile: bool = False,
-                 overlap: bool = True):
+                 overlap: bool = True, slot_phi: str | Path | None = None):
+        from slotgen.memory.phi_file import attach_phi
         from slotgen.preflight import check_device, check_memory
 
         if bundle is None:
             bundle = load_model(storyboard.model, device=check_device(device), preset=storyboard.memory.preset)
+        bundle = attach_phi(bundle, slot_phi)  # --slot-phi FILE (or training-free) instead of the model's own
         self.bundle = bundle
         self.storyboard = storyboard
         s = self.bundle.settings
@@ -113,10 +129,14 @@ class Renderer:
             shift=(sampler.shift if sampler and sampler.shift else s.shift),
             compile=compile,
         )
-        storyboard = self.storyboard = resolved_storyboard(storyboard, s.preset)
+        storyboard = self.storyboard = resolved_storyboard(storyboard, s.preset, tokens_per_frame(self.bundle))
         memory = storyboard.memory
         self.options.preset = memory.preset
         self.policy = build_policy(memory, len(self.bundle.transformer.blocks), phi=self.bundle.slot_phi)
+        if hasattr(self.policy, "phi_info"):  # the slot policy records which φ it groups with (inspect shows it)
+            from slotgen.memory.phi_file import phi_record
+
+            self.policy.phi_info = phi_record(self.bundle)
         self.engine = StreamingEngine(self.bundle, self.policy, self.options)
         self.frames_emitted = 0  # video frames handed to the writers so far
         self.pending = np.zeros((0, height, width, 3), np.uint8)  # decoded past the timeline's end
@@ -137,6 +157,18 @@ class Renderer:
                 out.append(f"the model '{self.bundle.name}' does not know the words {', '.join(map(repr, unknown))} "
                            f"in prompt {p.text!r}; they are ignored")
         return out
+
+    def memory_line(self) -> str | None:
+        """The slot memory's resolved sizes and its φ, for the render's first lines (None for other policies)."""
+        m = self.storyboard.memory
+        if m.policy != "slot":
+            return None
+        from slotgen.memory.phi_file import describe, phi_record
+
+        tpf = tokens_per_frame(self.bundle)
+        return (f"slot memory: {m.num_slots} slots, top_r {m.top_r} tokens per item, top_k {m.top_k} items read, "
+                f"budget {m.budget} tokens per layer ({m.budget / tpf:.3g} frames of the model's {tpf} tokens); "
+                f"φ {describe(phi_record(self.bundle))}")
 
     def total_chunks(self) -> int:
         return self.engine.geometry.num_chunks(self.storyboard.total_frames)
@@ -214,6 +246,7 @@ class Renderer:
 
     # -- snapshots ----------------------------------------------------------------------------------
     def _model_info(self) -> dict:
+        from slotgen.memory.phi_file import phi_record
         from slotgen.models import BUILTIN_MODELS
 
         bundle = self.bundle
@@ -232,6 +265,7 @@ class Renderer:
             "digest": bundle.digest,
             "settings": bundle.settings.to_dict(),
             "num_layers": len(bundle.transformer.blocks),
+            "slot_phi": phi_record(bundle),
             "transformer": transformer,
             "dtype": str(bundle.dtype).replace("torch.", ""),
             "device": str(bundle.device),

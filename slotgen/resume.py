@@ -105,7 +105,7 @@ def continuation(snapshot, *, storyboard=None, prompt: str | None = None, durati
 
 def renderer_from_snapshot(snapshot: Snapshot, storyboard=None, *, bundle: ModelBundle | None = None,
                            device: str = "cpu", model: str | None = None,
-                           checkpoint: str | Path | None = None) -> Renderer:
+                           checkpoint: str | Path | None = None, slot_phi: str | Path | None = None) -> Renderer:
     """A renderer positioned where ``snapshot`` stopped, for ``storyboard`` (default: the snapshot's).
 
     ``storyboard`` must extend the snapshot's (see :func:`extend_storyboard`). The model is ``bundle``,
@@ -118,6 +118,9 @@ def renderer_from_snapshot(snapshot: Snapshot, storyboard=None, *, bundle: Model
 
         bundle = load_model(model or snapshot.model["spec"], device=check_device(device), checkpoint=checkpoint,
                             preset=snapshot.memory.preset)
+    from slotgen.memory.phi_file import phi_for_snapshot
+
+    bundle = phi_for_snapshot(bundle, snapshot.model.get("slot_phi"), slot_phi)  # the φ the render used
     check_model(snapshot, bundle)
     renderer = Renderer(sb, bundle=bundle)
     opts = {k: getattr(renderer.options, k) for k in snapshot.options}
@@ -201,7 +204,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def prepare_resume(snapshot: Snapshot | str | Path, output: str | Path, *, storyboard=None, prompt: str | None = None,
                    duration: float | None = None, append: bool = False, append_to: str | Path | None = None,
                    bundle: ModelBundle | None = None, device: str = "cpu", model: str | None = None,
-                   checkpoint: str | Path | None = None) -> Resumption:
+                   checkpoint: str | Path | None = None, slot_phi: str | Path | None = None) -> Resumption:
     """Read ``snapshot`` (a :class:`~slotgen.snapshot.Snapshot` or a path), complete the video joins a
     crash left due (:func:`~slotgen.video.segments.complete_joins`), combine the timeline
     (:func:`continuation`), check the ``append``/``append_to`` target (:func:`append_source`) and
@@ -212,7 +215,8 @@ def prepare_resume(snapshot: Snapshot | str | Path, output: str | Path, *, story
     complete_joins(snap.video.get("joins", []))
     combined = continuation(snap, storyboard=storyboard, prompt=prompt, duration=duration)
     original = append_source(snap, append, append_to, output)
-    renderer = renderer_from_snapshot(snap, combined, bundle=bundle, device=device, model=model, checkpoint=checkpoint)
+    renderer = renderer_from_snapshot(snap, combined, bundle=bundle, device=device, model=model, checkpoint=checkpoint,
+                                      slot_phi=slot_phi)
     first = int(snap.video.get("first_frame", 0)) if original is not None and append_to is None else 0
     return Resumption(renderer, Path(output), original, snap, first)
 
@@ -220,7 +224,7 @@ def prepare_resume(snapshot: Snapshot | str | Path, output: str | Path, *, story
 def resume(snapshot: Snapshot | str | Path, output: str | Path, *, storyboard=None, prompt: str | None = None,
            duration: float | None = None, lossless: str | Path | None = None, append: bool = False,
            append_to: str | Path | None = None, bundle: ModelBundle | None = None, device: str = "cpu",
-           model: str | None = None, checkpoint: str | Path | None = None,
+           model: str | None = None, checkpoint: str | Path | None = None, slot_phi: str | Path | None = None,
            on_chunk: Callable[[ChunkEvent], None] | None = None, should_stop: Callable[[], bool] | None = None,
            stats: str | Path | None = None, snapshot_out: str | Path | None = None,
            snapshot_every=DEFAULT_SNAPSHOT_EVERY) -> RenderReport:
@@ -236,7 +240,8 @@ def resume(snapshot: Snapshot | str | Path, output: str | Path, *, storyboard=No
     go (same device and dtype).
     """
     job = prepare_resume(snapshot, output, storyboard=storyboard, prompt=prompt, duration=duration, append=append,
-                         append_to=append_to, bundle=bundle, device=device, model=model, checkpoint=checkpoint)
+                         append_to=append_to, bundle=bundle, device=device, model=model, checkpoint=checkpoint,
+                         slot_phi=slot_phi)
     return job.stream(lossless=lossless, on_chunk=on_chunk, should_stop=should_stop, stats=stats,
                       snapshot_out=snapshot_out, snapshot_every=snapshot_every)
 

@@ -406,6 +406,13 @@ def check_model(snapshot: Snapshot, bundle) -> None:
     if bundle.settings.to_dict() != recorded:
         raise SnapshotError(f"{_where(snapshot.path)}was made with other settings for model {bundle.name!r} "
                             f"(chunking, VAE strides or text length changed)")
+    recorded_phi = snapshot.model.get("slot_phi")
+    if isinstance(recorded_phi, dict) and "digest" in recorded_phi:
+        from slotgen.memory.phi_file import describe, phi_digest, phi_record
+
+        if phi_digest(bundle.slot_phi) != recorded_phi["digest"]:
+            raise SnapshotError(f"{_where(snapshot.path)}was rendered with slot φ {describe(recorded_phi)}, but the "
+                                f"model now has φ {describe(phi_record(bundle))}; pass --slot-phi with the original φ")
     if len(bundle.transformer.blocks) != snapshot.num_layers:
         raise SnapshotError(f"{_where(snapshot.path)}has {snapshot.num_layers} layers of memory, the model has "
                             f"{len(bundle.transformer.blocks)}")

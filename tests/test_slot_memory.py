@@ -337,7 +337,8 @@ def test_config_builds_the_policy_and_rejects_bad_values():
     assert isinstance(policy, SlotMemory) and policy.num_layers == 4
     assert policy.config == SlotConfig(num_slots=5, top_k=2, w_text=1.0)
     assert SlotMemory(1).config == SlotConfig()  # the config class holds the only defaults
-    for bad in [{"top_r": 200}, {"w_vis": -0.1}, {"num_slots": 0}, {"temperature": 0}, {"budget": True},
+    # top_r alone is checked against the budget once the budget is resolved for the model (SlotConfig.for_frame)
+    for bad in [{"top_r": 200, "budget": 96}, {"w_vis": -0.1}, {"num_slots": 0}, {"temperature": 0}, {"budget": True},
                 {"w_text": 0, "w_vis": 0}, {"bank_frames": 3}]:
         with pytest.raises(pydantic.ValidationError):
             parse_memory_config({"policy": "slot", **bad})

@@ -98,23 +98,23 @@ def test_training_phi_groups_tokens_the_training_free_phi_cannot():
 
 
 @pytest.mark.slow
-def test_train_slots_ships_phi_in_the_folder_and_the_render_uses_it(tmp_path):
-    from slotgen.models.miniature import load_miniature, write_miniature
+def test_train_slots_writes_phi_beside_the_model_and_the_render_uses_it(tmp_path):
+    from slotgen.memory.phi_file import PHI_FILE, read_phi
+    from slotgen.models import load_model
+    from slotgen.models.miniature import write_miniature
     from slotgen.render import Renderer
     from slotgen.storyboard import parse_storyboard
 
     folder = write_miniature(tmp_path / "mini", seed=0)
-    before = load_miniature(folder)
+    before = load_model(str(folder))
     assert before.slot_phi is None
     (folder / "MODEL_CARD.md").write_text("# card\n\ntext\n")
     add_slot_phi(folder, SlotTrainConfig(episodes=2, steps=3, batch=4), log=lambda m: None, command="test")
-    after = load_miniature(folder)
+    after = load_model(str(folder))
     assert after.slot_phi is not None and len(after.slot_phi.weights) == len(after.transformer.blocks)
-    config = json.loads((folder / "config.json").read_text())
-    assert config["digest"] == after.digest != before.digest  # the digest covers φ
-    assert config["slot_phi"]["config"]["steps"] == 3
-    for name, t in before.transformer.state_dict().items():  # the rest of the model is untouched
-        assert torch.equal(t, after.transformer.state_dict()[name])
+    assert after.digest == before.digest  # the model is the model; φ is recorded by its own digest
+    pf = read_phi(folder / PHI_FILE)
+    assert pf.config["steps"] == 3 and pf.config["mode"] == "supervised" and pf.model_digest == before.digest
     card = (folder / "MODEL_CARD.md").read_text()
     assert card.startswith("# card") and card.count("## Slot projection φ") == 1
     add_slot_phi(folder, SlotTrainConfig(episodes=2, steps=3, batch=4), log=lambda m: None)  # a rerun replaces it
@@ -126,11 +126,13 @@ def test_train_slots_ships_phi_in_the_folder_and_the_render_uses_it(tmp_path):
 
 
 def test_train_slots_cli_rejects_what_is_not_a_miniature(tmp_path):
-    r = CliRunner().invoke(app, ["train-slots", "--model", str(tmp_path)])
+    r = CliRunner().invoke(app, ["train-slots", "--model", str(tmp_path), "--supervised"])
     out = r.stderr if hasattr(r, "stderr") else r.output
     assert r.exit_code == 2 and "not a miniature folder" in out and "Traceback" not in out
     r = CliRunner().invoke(app, ["train-slots", "--model", str(tmp_path), "--steps", "0"])
     assert r.exit_code == 2 and "--steps" in (r.stderr if hasattr(r, "stderr") else r.output)
+    r = CliRunner().invoke(app, ["train-slots", "--model", str(tmp_path)])  # without labels: sources needed
+    assert r.exit_code == 2 and "--storyboards DIR" in (r.stderr if hasattr(r, "stderr") else r.output)
 
 
 def test_a_partial_phi_in_a_weights_file_is_a_clear_error(tmp_path):

@@ -76,6 +76,11 @@ class PolicyConfig(BaseModel):
         """The keys besides ``policy``, as plain data (what a policy's ``state_dict`` records)."""
         return self.model_dump(exclude={"policy"})
 
+    def for_frame(self, tokens_per_frame: int) -> "PolicyConfig":
+        """This section with the keys it leaves to the model's geometry resolved for ``tokens_per_frame``
+        tokens per latent frame (a render calls it once); by default nothing depends on it."""
+        return self
+
 
 Runs = tuple[tuple[int, int], ...]
 """Host mirror of a block's row frames, run-length coded in row order: ``((frame, rows), ...)``."""

@@ -59,8 +59,9 @@ class SlotConfig(SinkWindowConfig):
 
     Each chunk's keys are grouped into slots (slot attention, initialised from the previous chunk's
     slots); each slot stores its ``top_r`` most typical tokens' original K/V as an item. Each chunk
-    attends to the ``top_k`` items that best match the prompt and the current scene. Defaults suit the
-    miniature (16 tokens per latent frame); docs/MEMORY.md lists full-size (1560 tokens per frame) values.
+    attends to the ``top_k`` items that best match the prompt and the current scene. ``top_r`` and ``budget``
+    left unset follow the model's tokens per latent frame (:meth:`for_frame`: 4 and 96 on the miniature's 16,
+    390 and 9360 on Wan2.1's 1560); docs/MEMORY.md lists the rest at full size.
     """
 
     cli_names = {"num_slots": "slots"}
@@ -71,10 +72,11 @@ class SlotConfig(SinkWindowConfig):
     temperature: Real = Field(default=0.1, gt=0, description="Softmax temperature over slots (features are "
                               "unit vectors: smaller is harder).")
     top_r: Count = Field(default=4, ge=1, description="Tokens (original K/V rows) stored per item (R), at most "
-                         "the budget.")
+                         "the budget; default a quarter of the model's tokens per latent frame (4 on the miniature).")
     top_k: Count = Field(default=8, ge=0, description="Items retrieved per chunk and layer (K); 0 behaves "
                          "exactly like sink.")
-    budget: Count = Field(default=96, ge=1, description="Tokens the bank may hold per layer.")
+    budget: Count = Field(default=96, ge=1, description="Tokens the bank may hold per layer; default six latent "
+                          "frames of the model's tokens (96 on the miniature).")
     w_text: Real = Field(default=0.7, ge=0, description="Weight of the z-scored text relevance in retrieval.")
     w_vis: Real = Field(default=0.3, ge=0, description="Weight of the z-scored visual relevance in retrieval.")
     recency_weight: Real = Field(default=0.5, ge=0, description="Weight of recency of use in the eviction value.")
@@ -86,11 +88,33 @@ class SlotConfig(SinkWindowConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SlotConfig":
-        if self.top_r > self.budget:
+        # top_r and budget left unset are resolved per model (for_frame), so only a budget given is checked here
+        if self.top_r > self.budget and ("budget" in self.model_fields_set or "top_r" not in self.model_fields_set):
             raise ValueError(f"top_r ({self.top_r}) must not exceed budget ({self.budget}): an item would never fit")
         if self.top_k > 0 and self.w_text + self.w_vis == 0:
             raise ValueError("w_text and w_vis cannot both be 0 when top_k > 0")
         return self
+
+    def for_frame(self, tokens_per_frame: int) -> "SlotConfig":
+        """``top_r`` and ``budget`` the section leaves unset, relative to the model's tokens per latent frame
+        T: an item holds a quarter frame (R = T/4) and the bank six frames (budget = 6·T), so the K = 8 items
+        read per chunk are two frames' worth at any size. With the miniature's T = 16 that is the defaults
+        (R 4, budget 96); with Wan2.1 at 832×480 (T = 1560) R 390 and budget 9360."""
+        given = self.model_fields_set
+        top_r = self.top_r if "top_r" in given else max(1, tokens_per_frame // ITEM_FRACTION)
+        budget = self.budget if "budget" in given else BANK_FRAMES * tokens_per_frame
+        if "top_r" not in given:
+            top_r = min(top_r, budget)
+        if top_r > budget:
+            raise ValueError(f"top_r ({top_r}) must not exceed budget ({budget}): an item would never fit")
+        changes = {k: v for k, v in (("top_r", top_r), ("budget", budget)) if v != getattr(self, k)}
+        if not changes:
+            return self
+        return type(self).model_validate({**self.model_dump(include=set(given)), **changes})
+
+
+ITEM_FRACTION = 4  # an item holds 1/ITEM_FRACTION of a latent frame's tokens (top_r)
+BANK_FRAMES = 6  # the bank holds this many latent frames' worth of tokens (budget)
 
 
 @dataclass
@@ -234,6 +258,7 @@ class SlotMemory(WindowMemory):
         super().__init__(num_layers, window=config.window, sink=config.sink)
         self.config = config
         self.phi: Phi = phi if phi is not None else default_phi  # hook for a learned projection
+        self.phi_info: dict | None = None  # which φ (digest, source: memory.phi_file.phi_record), set by the renderer
         self.items: list[list[SlotItem]] = [[] for _ in range(num_layers)]  # ordered by id
         self.prev_slots: list[torch.Tensor | None] = [None] * num_layers  # (S, D') last chunk's slots
         # slots of chunks still in the local window: (first frame, last frame, slots (S, D'))
@@ -489,7 +514,8 @@ class SlotMemory(WindowMemory):
                 "assignment": None if assign is None else {
                     "slot": assign["slot"].tolist(), "frames": assign["frames"].tolist(), "hw": assign["hw"].tolist()},
             })
-        out.update({"settings": s.settings(), "chunk": self.now, "layers": layers, "bytes": self.nbytes(),
+        out.update({"settings": s.settings(), "slot_phi": self.phi_info, "chunk": self.now, "layers": layers,
+                    "bytes": self.nbytes(),
                     "tokens_per_layer": [t + lay["tokens"] for t, lay in zip(out["tokens_per_layer"], layers)]})
         return out
 
@@ -497,6 +523,7 @@ class SlotMemory(WindowMemory):
         out = super().state_dict()
         out.update({
             "settings": self.config.settings(),
+            **({"phi_info": dict(self.phi_info)} if self.phi_info else {}),
             "items": [[it.to_state() for it in items] for items in self.items],
             "prev_slots": [host_copy(u) if u is not None else None for u in self.prev_slots],
             "window_slots": [[[lo, hi, host_copy(u)] for lo, hi, u in ws] for ws in self.window_slots],
@@ -512,6 +539,7 @@ class SlotMemory(WindowMemory):
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
         super().load_state_dict(state, device)
         self.config = SlotConfig(**state["settings"])
+        self.phi_info = dict(state["phi_info"]) if state.get("phi_info") else self.phi_info
         self.items = [[SlotItem.from_state(d, device) for d in items] for items in state["items"]]
         self.prev_slots = [u.to(device) if u is not None else None for u in state["prev_slots"]]
         self.window_slots = [[(int(lo), int(hi), u.to(device)) for lo, hi, u in ws] for ws in state["window_slots"]]

@@ -58,13 +58,15 @@ def load_model(
 
     path = resolve_model_path(spec)
     if path is not None:
+        from slotgen.memory.phi_file import attach_phi  # a folder's slot_phi.safetensors is its slot projection
+
         if (path / "weights.safetensors").is_file() and (path / "config.json").is_file():
             from slotgen.models.miniature import load_miniature
 
-            return load_miniature(path, device=device)
+            return load_miniature(path, device=device)  # it picks up the folder's φ itself
         from slotgen.models.wan import load_wan
 
-        return load_wan(path, device=device, dtype=dtype, checkpoint=checkpoint, preset=preset)
+        return attach_phi(load_wan(path, device=device, dtype=dtype, checkpoint=checkpoint, preset=preset), folder=path)
     hint = not_pulled_hint(spec) or (" (loading never downloads: pass a local folder, or see slotgen pull --list)"
                                      if "/" in spec or spec.startswith("Wan") else "")
     raise ModelError(f"model {spec!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor an existing path{hint}")

@@ -72,6 +72,7 @@ class ModelBundle:
     digest: str = ""  # identity of the weights (sha256 over the state dicts), for snapshots
     vocabulary: frozenset[str] | None = field(default=None)  # known words (word-level tokenizers)
     slot_phi: object | None = None  # a learned slot projection (memory.slot_attention.LinearPhi) shipped with the weights
+    slot_phi_source: str | None = None  # where slot_phi came from: a slot_phi.safetensors path, None = the weights
 
     @property
     def patch_size(self) -> tuple[int, int, int]:

@@ -1,5 +1,6 @@
-"""Train SlotMemory's slot projection φ on the shape world (``slotgen train-slots``; also the last stage of
-``slotgen train-miniature``).
+"""Train SlotMemory's slot projection φ on the shape world with its ground-truth masks, *supervised*
+(``slotgen train-slots --supervised``; also the last stage of ``slotgen train-miniature``). The mode for
+any model, without labels, is :mod:`slotgen.train.slots_unsup`.
 
 The paper trains its slot module with a contrastive and a reconstruction loss and publishes neither
 weights nor loss definitions. This is our reading, at the miniature's size:
@@ -211,15 +212,16 @@ CARD_HEADING = "## Slot projection φ (`slotgen train-slots`)"
 
 
 def add_slot_phi(folder, cfg: SlotTrainConfig, log: Callable[[str], None] = print,
-                 command: Optional[str] = None) -> SlotTrainResult:
-    """Train φ on the miniature in ``folder`` and write it into the folder's weights (atomically), with its
-    settings in ``config.json`` and a section in ``MODEL_CARD.md``. The transformer, VAE and text encoder
-    are rewritten unchanged; the folder's digest then covers φ too."""
+                 command: Optional[str] = None, out=None) -> SlotTrainResult:
+    """Train φ (supervised) on the miniature in ``folder`` and write it as ``out`` (default: the folder's
+    ``slot_phi.safetensors``, which the folder then uses; :mod:`slotgen.memory.phi_file`), plus a section in
+    ``MODEL_CARD.md``. The model's own files (config, tokenizer, weights) are not touched."""
     import json
     from pathlib import Path
 
     from slotgen.atomic import atomic_write_bytes
-    from slotgen.models.miniature import load_miniature, write_miniature
+    from slotgen.memory.phi_file import PHI_FILE, save_phi
+    from slotgen.models.miniature import load_miniature
 
     cfg.validate()
     folder = Path(folder)
@@ -227,27 +229,29 @@ def add_slot_phi(folder, cfg: SlotTrainConfig, log: Callable[[str], None] = prin
     config = json.loads((folder / "config.json").read_text())
     world = config.get("training", {}).get("config", {}).get("world", "standard")  # the world the model learned
     res = train_slot_phi(bundle, cfg, log=log, world=world)
-    extra = {k: v for k, v in config.items() if k not in ("digest", "name")}
-    extra["slot_phi"] = {"config": cfg.to_dict(), "chunks": res.chunks, "seconds": round(res.seconds, 1),
-                         "loss_first_last": [res.losses[0], float(np.mean(res.losses[-20:]))]}
-    write_miniature(folder, modules=(bundle.transformer, bundle.vae, bundle.text_encoder),
-                    name=config.get("name", "miniature"), extra=extra, slot_phi=phi_tensors(res.phi))
+    out = Path(out) if out is not None else folder / PHI_FILE
+    save_phi(out, res.phi, model_digest=bundle.digest, model_name=bundle.name,
+             config={"mode": "supervised", **cfg.to_dict(), "world": world, "chunks": res.chunks,
+                     "seconds": round(res.seconds, 1), "loss_first_last": [res.losses[0], float(np.mean(res.losses[-20:]))],
+                     "command": command or ""})
     card_path = folder / "MODEL_CARD.md"
-    card = card_path.read_text() if card_path.is_file() else "# Model card\n"
-    card = card.split("\n" + CARD_HEADING)[0].rstrip("\n") + "\n\n" + slot_card(cfg, res, command) + "\n"
-    atomic_write_bytes(card_path, card.encode())
-    log(f"slots: φ ({len(res.phi.weights)} layers, D' = {cfg.dim}) written into {folder} in {res.seconds:.0f} s")
+    if card_path.is_file():  # a trained folder's card says how its φ was made
+        card = card_path.read_text() if card_path.is_file() else "# Model card\n"
+        card = card.split("\n" + CARD_HEADING)[0].rstrip("\n") + "\n\n" + slot_card(cfg, res, command) + "\n"
+        atomic_write_bytes(card_path, card.encode())
+    log(f"slots: φ ({len(res.phi.weights)} layers, D' = {cfg.dim}) written to {out} in {res.seconds:.0f} s")
     return res
 
 
 def slot_card(cfg: SlotTrainConfig, res: SlotTrainResult, command: Optional[str]) -> str:
     first, last = res.losses[0], float(np.mean(res.losses[-20:]))
-    cmd = command or f"slotgen train-slots --model DIR --seed {cfg.seed}"
+    cmd = command or f"slotgen train-slots --supervised --model DIR --seed {cfg.seed}"
     return f"""{CARD_HEADING}
 
-Produced by `{cmd}` (also the last stage of `slotgen train-miniature`).
-φ_l(k) = normalise(W_l · flatten(k)), D' = {cfg.dim}, one W_l per layer, used by the `slot` memory policy
-in place of the training-free head-mean (`slotgen.train.slots` documents the losses).
+Produced by `{cmd}` (also the last stage of `slotgen train-miniature`), supervised by the world's masks,
+written as `slot_phi.safetensors` beside the weights. φ_l(k) = normalise(W_l · flatten(k)), D' = {cfg.dim}, one
+W_l per layer, used by the `slot` memory policy in place of the training-free head-mean
+(`slotgen.train.slots` documents the losses).
 
 - Data: {cfg.episodes} ground-truth world episodes (seeds {EPISODE_SEED0 + cfg.seed * 10_000}…, disjoint from the
   transformer's training episodes and from `bench identity`), committed chunk by chunk through this model:

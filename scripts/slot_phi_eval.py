@@ -1,0 +1,105 @@
+"""Slot purity and identity recall of slot projections φ on the miniature (docs/MEMORY.md, "Learning φ
+without labels"): unsupervised φ (reconstruction only; + temporal term), the shipped supervised φ and the
+training-free φ, on held-out `bench identity` episodes scored against the world's masks.
+
+    python scripts/slot_phi_eval.py --videos CLIPS --steps 300 --json out.json
+
+Keys are collected once from --videos (or --storyboards) and every unsupervised variant trains on them
+with the same seed. Purity: `slotgen.bench.identity.slot_purity` (ARI, mean over layers) on
+`bench_episodes(gaps, episodes, seed=1000, similar=True)`. Recall: `run_identity_bench(past="truth")`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--videos", type=Path)
+    ap.add_argument("--storyboards", type=Path)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--purity-episodes", type=int, default=4, help="per gap, single and similar")
+    ap.add_argument("--recall-episodes", type=int, default=2, help="per gap, single and similar (0: skip)")
+    ap.add_argument("--gaps", default="12,36")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--variant", action="append", default=None, metavar="NAME:TEMPORAL_WEIGHT:STEPS:DIM",
+                    help="an unsupervised variant to train (default: reconstruction only and + temporal, 1.0)")
+    ap.add_argument("--purity-seed", type=int, default=1000, help="first held-out episode seed (selection: 2000)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the training-free and supervised rows")
+    ap.add_argument("--keys", type=Path, help="cache of the collected keys (written once, then read)")
+    ap.add_argument("--save-phi", type=Path, help="folder for the unsupervised φ files")
+    args = ap.parse_args()
+
+    import numpy as np
+
+    from slotgen.bench.identity import bench_episodes, run_identity_bench, slot_purity
+    from slotgen.memory.phi_file import save_phi
+    from slotgen.models import load_model
+    from slotgen.train.slots_unsup import (UnsupConfig, checkpoint_path, list_sources, storyboard_chunks,
+                                           train_unsupervised, video_chunks)
+
+    bundle = load_model("miniature")
+    if args.save_phi is not None:
+        args.save_phi.mkdir(parents=True, exist_ok=True)
+    sources = list_sources(args.storyboards, args.videos)
+    rng = np.random.default_rng([args.seed, 17])
+    t0 = time.perf_counter()
+    chunks = []
+    base = UnsupConfig(seed=args.seed, steps=args.steps, batch=args.batch)
+    for p in sources if args.keys is None or not args.keys.is_file() else []:
+        if args.videos is not None:
+            from slotgen.train.slots_unsup import _caption
+            chunks += video_chunks(bundle, p, base, rng, _caption(p, ""), tuple(bundle.settings.resolution), print)
+        else:
+            chunks += storyboard_chunks(bundle, p, base, rng)
+    if args.keys is not None:  # the collected keys, reused by a later run with other objectives
+        import torch
+
+        from slotgen.train.slots_unsup import KeyChunk
+        if args.keys.is_file():
+            chunks = [KeyChunk(c["keys"], c["frames"], c["cells"]) for c in torch.load(args.keys)]
+        else:
+            torch.save([{"keys": c.keys, "frames": c.frames, "cells": c.cells} for c in chunks], args.keys)
+    print(f"{len(chunks)} chunks from {len(sources)} sources in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    gaps = [int(g) for g in args.gaps.split(",")]
+    held_out = [d["episode"] for d in bench_episodes(gaps, args.purity_episodes, args.purity_seed, True)]
+    variants = {} if args.no_baselines else {"training-free": dataclasses.replace(bundle, slot_phi=None),
+                                             "supervised (shipped)": bundle}
+    specs = [v.split(":") for v in args.variant] if args.variant else \
+        [["unsupervised: reconstruction only", "0", str(args.steps), "32"],
+         ["unsupervised: reconstruction + temporal", "1", str(args.steps), "32"]]
+    for name, tw, steps, dim in specs:
+        tw = float(tw)
+        cfg = dataclasses.replace(base, temporal_weight=tw, steps=int(steps), dim=int(dim))
+        out = (args.save_phi or Path("/tmp")) / f"phi_{len(variants)}.safetensors"
+        res = train_unsupervised(bundle, sources, out, cfg, kind="videos" if args.videos else "storyboards",
+                                 chunks=chunks, log=lambda m: None)
+        checkpoint_path(out).unlink(missing_ok=True)  # the keys are cached elsewhere (--keys)
+        if args.save_phi is not None:
+            save_phi(out, res.phi, model_digest=bundle.digest, model_name=bundle.name, config={"mode": "unsupervised", **cfg.to_dict()})
+        print(f"{name}: trained in {res.seconds:.0f} s, loss {res.losses[0]:.3f} -> {np.mean(res.losses[-20:]):.3f}", flush=True)
+        variants[name] = dataclasses.replace(bundle, slot_phi=res.phi)
+    result = {"chunks": len(chunks), "sources": len(sources), "steps": args.steps, "seed": args.seed, "rows": {}}
+    for name, b in variants.items():
+        pur = slot_purity(b, held_out)
+        row = {"purity_mean": pur["mean_ari"], "purity_layers": [x["ari"] for x in pur["layers"]]}
+        if args.recall_episodes > 0 and "reconstruction only" not in name:
+            r = run_identity_bench(["slot"], gaps, args.recall_episodes, seed=1000, similar=True, purity=False, bundle=b,
+                                   past="truth")
+            row["identity_recall"] = r["summary"]["slot"]["all"]["identity_recall"]
+        result["rows"][name] = row
+        print(name, json.dumps(row, default=str)[:400], flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
