@@ -1035,13 +1035,15 @@ def train_slots_cmd(
     prompt: str = typer.Option("", "--prompt", help="Caption for clips without a CLIP.txt."),
     episodes: int = typer.Option(48, "--episodes", min=1, help="--supervised: ground-truth world episodes to commit."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint beside --out (same settings and sources)."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Steps between checkpoints (one is also written after every source; 0: only on a stop)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     threads: int = typer.Option(2, "--threads", help="CPU threads (a run repeats exactly with the same seed and thread count)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train SlotMemory's slot projection φ for a model, without labels, on its own keys (slot attention,
     key reconstruction and a temporal similarity term), and write slot_phi.safetensors. Ctrl-C, SIGTERM
-    or a closed terminal write a checkpoint (exit 130/143); --resume continues it."""
+    or a closed terminal write a checkpoint (exit 130/143; a second signal aborts, keeping the last
+    periodic one); --resume continues it."""
     if threads < 1:
         raise SlotgenError(f"--threads must be at least 1, got {threads}")
     if (width is None) != (height is None):
@@ -1067,19 +1069,24 @@ def train_slots_cmd(
             add_slot_phi(folder, cfg, log=_progress_log(quiet), command=_command_line(), out=out)
         print(f"wrote {out or folder / 'slot_phi.safetensors'}")
         return
-    from slotgen.train.slots_unsup import StopGuard, Stopped, UnsupConfig, train_slots
+    from slotgen.stops import say, stoppable
+    from slotgen.train.slots_unsup import Stopped, UnsupConfig, train_slots
 
     cfg = UnsupConfig(seed=seed, steps=steps, batch=batch or 32, temporal_weight=temporal_weight, cells=cells,
                       max_chunks=max_chunks)
     cfg.validate()
-    with StopGuard() as guard:
+    again = _command_line() + ("" if resume else " --resume")
+    with stoppable(lambda sig: f"{sig}: finishing the current source or step, then writing the checkpoint (send it "
+                               f"again to abort; the last periodic checkpoint stays)",
+                   f"interrupted: aborted; the last checkpoint (after every source and --checkpoint-every steps) "
+                   f"stays; resume with: {again}") as guard:
         try:
             path = train_slots(model, out, cfg, storyboards=storyboards, videos=videos, resume=resume, prompt=prompt,
                                device=check_device(device), size=(width, height) if width else None,
-                               log=_progress_log(quiet), should_stop=lambda: guard.signum, command=_command_line())
+                               log=_progress_log(quiet), should_stop=lambda: guard.signum, command=_command_line(),
+                               checkpoint_every=checkpoint_every)
         except Stopped as stop:
-            print(f"interrupted: checkpoint {stop.checkpoint}; continue with the same command and --resume",
-                  file=sys.stderr, flush=True)
+            say(f"interrupted: checkpoint {stop.checkpoint}; resume with: {again}")
             raise typer.Exit(stop.exit_code)
     print(f"wrote {path}")
 

@@ -1,8 +1,8 @@
 """Every way of stopping every long command, as one matrix: SIGINT (Ctrl-C), a second SIGINT, SIGTERM,
 SIGHUP (the terminal closed) and kill -9, for render, resume, render-many, train-miniature and
 train-slots. Each row runs the real CLI in a subprocess, stops it at a known point (the
-``SLOTGEN_DEBUG_*`` hooks hold it there), then checks the promise of docs/SNAPSHOTS.md: exit 130 (kill -9:
-killed), a playable output and a resumable snapshot or checkpoint (or, for a command that writes only at
+``SLOTGEN_DEBUG_*`` hooks hold it there), then checks the promise of docs/SNAPSHOTS.md: exit 130 (train-slots
+after SIGTERM: 143; kill -9: killed), a playable output and a resumable snapshot or checkpoint (or, for a command that writes only at
 its end, its input untouched), no hidden partial file, and the command that resumes it ends with the
 result of an uninterrupted run."""
 
@@ -164,7 +164,7 @@ def release(proc: subprocess.Popen) -> None:
     proc.stdin = None  # communicate() must not flush it again
 
 
-def finish(proc: subprocess.Popen, how: str, before: list[str]) -> str:
+def finish(proc: subprocess.Popen, how: str, before: list[str], code: int | None = None) -> str:
     try:
         _, err = proc.communicate(timeout=300)
     finally:
@@ -175,7 +175,7 @@ def finish(proc: subprocess.Popen, how: str, before: list[str]) -> str:
     if how == "SIGKILL":
         assert proc.returncode == -signal.SIGKILL, text
     else:
-        assert proc.returncode == CAUGHT, text
+        assert proc.returncode == (CAUGHT if code is None else code), text
         assert "Traceback" not in text, text
     return text
 
@@ -327,23 +327,80 @@ def row_train_miniature(how, tmp_path, request):
     assert hidden(tmp_path / "run") == [] and not (tmp_path / "run" / "checkpoint").exists()
 
 
-def row_train_slots(how, tmp_path, request):
+SLOT_BOARD = """\
+fps: 16
+resolution: 32x32
+sampler: {steps: 1}
+seed: %d
+memory: {policy: sink, sink: 2, window: 4}
+duration: 0.75
+prompts:
+  - prompt: a red circle moves right on a blue background
+"""
+SLOTS = ["--storyboards", "boards", "--steps", "4", "--batch", "2", "--cells", "8", "--checkpoint-every", "1",
+         "--threads", "1", "--quiet"]
+SIGNALLED = {"SIGINT": 130, "SIGINT-twice": 130, "SIGTERM": 143, "SIGHUP": 130}  # train-slots: 128 + SIGTERM
+
+
+def _slot_workdir(root: Path) -> Path:
+    """A copy of the miniature's folder (``m``, φ goes into it) and two tiny storyboards (``boards``)."""
     import shutil
 
     import slotgen.models.miniature as mini
 
-    folder = tmp_path / "m"
-    shutil.copytree(Path(mini.__file__).parent / mini.ASSET_DIR, folder)
-    before_digest = digest(folder)
-    args = ["train-slots", "--model", "m", "--episodes", "2", "--steps", "3", "--threads", "1"]
-    proc = popen(args, tmp_path)
-    before = wait_for(proc, proc.stdout, r"^slots: committing ")  # training; nothing written yet
+    shutil.copytree(Path(mini.__file__).parent / mini.ASSET_DIR, root / "m")
+    (root / "boards").mkdir()
+    for seed in (1, 2):
+        (root / "boards" / f"b{seed}.yaml").write_text(SLOT_BOARD % seed)
+    return root
+
+
+def phi_content(path: Path) -> tuple[dict, dict]:
+    """A φ file's tensors (raw bytes) and header; of the header's training record, the wall-clock
+    ``seconds`` and the ``command`` as typed (a resume adds --resume) are the only fields that may differ."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+        meta = dict(f.metadata())
+    config = json.loads(meta.pop("config"))
+    return tensors, dict(meta, config={k: v for k, v in config.items() if k not in ("seconds", "command")})
+
+
+@pytest.fixture(scope="module")
+def slot_phi(tmp_path_factory):
+    """The φ an uninterrupted unsupervised train-slots with the row's settings writes."""
+    root = _slot_workdir(tmp_path_factory.mktemp("slotref"))
+    res = subprocess.run([sys.executable, "-m", "slotgen", "train-slots", "--model", "m", *SLOTS], cwd=root,
+                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert not (root / "m" / "slot_phi.checkpoint.pt").exists()
+    return phi_content(root / "m" / "slot_phi.safetensors")
+
+
+def row_train_slots(how, tmp_path, request):
+    from slotgen.train.slots_unsup import load_checkpoint
+
+    reference = request.getfixturevalue("slot_phi")
+    _slot_workdir(tmp_path)
+    folder, ckpt = tmp_path / "m", tmp_path / "m" / "slot_phi.checkpoint.pt"
+    shipped = digest(folder)
+    args = ["train-slots", "--model", "m", *SLOTS]
+    proc = popen(args, tmp_path, dict(DEBUG, SLOTGEN_DEBUG_HOLD_AFTER_STEP="2"))
+    before = wait_for(proc, proc.stderr, r"^slotgen-step 2$")  # keys collected, step 2 checkpointed, held there
     stop(proc, how)
-    text = finish(proc, how, before)
-    assert digest(folder) == before_digest, text  # the model is untouched: φ is written only at the end
-    assert hidden(tmp_path) == []
-    run(args, tmp_path, request.getfixturevalue("monkeypatch"))  # the same command trains it
-    assert digest(folder) != before_digest and hidden(tmp_path) == []
+    release(proc)
+    text = finish(proc, how, before, SIGNALLED.get(how))
+    state = load_checkpoint(ckpt)  # loadable; the step the run was held at (kill -9: the periodic one)
+    assert state.step == 2 and state.done == 2 and len(state.chunks) > 0, text
+    left = digest(folder)
+    assert left.pop(ckpt.name) and left == shipped, text  # the folder's files (its shipped φ too) byte-identical
+    if how != "SIGKILL":
+        assert hidden(tmp_path) == [], (hidden(tmp_path), text)
+        assert f"resume with: slotgen train-slots --model m {' '.join(SLOTS)} --resume" in text, text
+    run(args + ["--resume"], tmp_path, request.getfixturevalue("monkeypatch"))
+    assert phi_content(folder / "slot_phi.safetensors") == reference  # step for step: the uninterrupted φ
+    assert not ckpt.exists() and hidden(tmp_path) == []
 
 
 ROWS = {"render": row_render, "resume": row_resume, "render-many": row_render_many,
@@ -352,6 +409,6 @@ ROWS = {"render": row_render, "resume": row_resume, "render-many": row_render_ma
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("how", STOPS)
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.replace("-", "_"))  # -k train_slots
 def test_every_stop_of_every_long_command_leaves_a_resumable_state(command, how, tmp_path, request):
     ROWS[command](how, tmp_path, request)

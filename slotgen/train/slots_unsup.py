@@ -32,9 +32,12 @@ No ground-truth mask enters anything here. The supervised mode (``slotgen train-
 :mod:`slotgen.train.slots`) remains for the miniature's benchmark.
 
 The run is resumable: a checkpoint beside the output holds the keys collected so far (sources done)
-and, once training, the parameters, the optimiser and the batch generator; SIGINT, SIGTERM and SIGHUP
-write it and stop (:class:`Stopped`). With the same seed and thread count a run, interrupted or not,
-repeats exactly.
+and, once training, the parameters, the optimiser and the batch generator. It is written after every
+source and every ``checkpoint_every`` steps (what ``kill -9`` resumes from), and when ``should_stop``
+asks for a stop (:class:`Stopped`; the CLI's SIGINT, SIGTERM and SIGHUP). With the same seed and thread
+count a run, interrupted or not, repeats exactly. With ``SLOTGEN_DEBUG_CHUNKS=1`` each step prints
+``slotgen-step N`` on stderr after its checkpoint, and ``SLOTGEN_DEBUG_HOLD_AFTER_STEP=N`` holds the run
+there until a line arrives on stdin (:func:`slotgen.train.miniature.debug_step_line`; the stop tests).
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,33 +104,6 @@ class Stopped(Exception):
         self.signum, self.checkpoint = signum, checkpoint
         self.exit_code = 143 if signum == signal.SIGTERM else 130
         super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}")
-
-
-class StopGuard:
-    """SIGINT, SIGTERM and SIGHUP → "stop at the next safe point" inside a ``with`` block (main thread only);
-    a second signal aborts (KeyboardInterrupt). Previous handlers are restored on exit."""
-
-    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> "StopGuard":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 # -- features ---------------------------------------------------------------------------------------------
@@ -378,12 +353,17 @@ class Progress:
 def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig, *, kind: str, resume: bool = False,
                        prompt: str = "", size: Optional[tuple[int, int]] = None, log: Callable[[str], None] = print,
                        should_stop: Callable[[], Optional[int]] = lambda: None,
-                       chunks: Optional[list[KeyChunk]] = None) -> UnsupResult:
+                       chunks: Optional[list[KeyChunk]] = None, checkpoint_every: int = 100) -> UnsupResult:
     """Collect keys from ``sources`` (``kind`` "storyboards" or "videos") and fit φ; returns it (the caller
     writes the φ file). ``should_stop()`` returns a signal number to stop at the next safe point: the
     checkpoint is written and :class:`Stopped` raised. ``resume`` continues from the checkpoint. ``chunks``:
-    keys collected already (an ablation trains several objectives on one collection)."""
+    keys collected already (an ablation trains several objectives on one collection). ``checkpoint_every``:
+    steps between periodic checkpoints (also one after every source); 0: only on a stop and at the end."""
+    from slotgen.train.miniature import debug_step_line
+
     cfg.validate()
+    if checkpoint_every < 0:
+        raise SlotgenError(f"--checkpoint-every must be 0 or more, got {checkpoint_every}")
     t0 = time.perf_counter()
     ckpt = checkpoint_path(out)
     if resume:
@@ -437,6 +417,8 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
         progress.tick("keys", state.done, len(sources), f"({len(state.chunks)} chunks) ", force=True)
         if os.environ.get("SLOTGEN_TRAIN_SLOTS_HOLD") == "1" and state.done == 1:
             sys.stdin.readline()  # tests: hold after the first source until a signal can be sent
+        if checkpoint_every > 0 and should_stop() is None:
+            save_checkpoint(ckpt, state)  # the sources rendered so far survive kill -9
         stop_here()
     if not state.chunks:
         raise SlotgenError("no chunk could be collected from the sources (see the notes above)")
@@ -485,6 +467,11 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
         state.losses.append(float(loss.detach()))
         state.step += 1
         progress.tick("steps", state.step, cfg.steps, f"loss {np.mean(state.losses[-20:]):.4f} ")
+        if (checkpoint_every > 0 and state.step % checkpoint_every == 0 and state.step < cfg.steps
+                and should_stop() is None):
+            sync_state()
+            save_checkpoint(ckpt, state)  # what kill -9 resumes from
+        debug_step_line(state.step)
         if should_stop() is not None:
             sync_state()
             stop_here()
@@ -504,7 +491,7 @@ def train_slots(model: str, out: Optional[Path], cfg: UnsupConfig, *, storyboard
                 videos: Optional[Path] = None, resume: bool = False, prompt: str = "", device: str = "cpu",
                 size: Optional[tuple[int, int]] = None, log: Callable[[str], None] = print,
                 should_stop: Callable[[], Optional[int]] = lambda: None, command: Optional[str] = None,
-                bundle=None) -> Path:
+                bundle=None, checkpoint_every: int = 100) -> Path:
     """``slotgen train-slots`` without labels: load ``model``, learn φ, write ``out`` (default: the model
     folder's ``slot_phi.safetensors``, which the folder then uses). Returns the φ file's path."""
     from slotgen.memory.phi_file import PHI_FILE, save_phi
@@ -521,7 +508,8 @@ def train_slots(model: str, out: Optional[Path], cfg: UnsupConfig, *, storyboard
     if bundle is None:
         bundle = load_model(model, device=device)
     res = train_unsupervised(bundle, sources, out, cfg, kind="storyboards" if storyboards is not None else "videos",
-                             resume=resume, prompt=prompt, size=size, log=log, should_stop=should_stop)
+                             resume=resume, prompt=prompt, size=size, log=log, should_stop=should_stop,
+                             checkpoint_every=checkpoint_every)
     config = {"mode": "unsupervised", **cfg.to_dict(), "source": "storyboards" if storyboards is not None else "videos",
               "sources": len(sources), "chunks": res.chunks, "seconds": round(res.seconds, 1),
               "loss_first_last": [res.losses[0], float(np.mean(res.losses[-20:]))], "command": command or ""}
@@ -532,5 +520,5 @@ def train_slots(model: str, out: Optional[Path], cfg: UnsupConfig, *, storyboard
     return out
 
 
-__all__ = ["KeyChunk", "Stopped", "StopGuard", "UnsupConfig", "checkpoint_path", "list_sources", "reconstruction_loss",
+__all__ = ["KeyChunk", "Stopped", "UnsupConfig", "checkpoint_path", "list_sources", "reconstruction_loss",
            "spy_commits", "storyboard_chunks", "temporal_loss", "train_slots", "train_unsupervised", "video_chunks"]
