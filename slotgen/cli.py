@@ -876,14 +876,14 @@ def train_miniature_cmd(
     minutes: float = typer.Option(55.0, "--minutes", help="Wall-clock budget, data included (ignored with --steps)."),
     seed: int = typer.Option(0, "--seed", help="Seeds data, init, noise and batches."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Exact transformer steps (reproducible) instead of the time budget."),
-    episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="World episodes in the dataset (default 256)."),
+    episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="World episodes in the dataset (default 256; sprites 512)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Sequences per step (default 8)."),
-    clip_chunks: Optional[int] = typer.Option(None, "--clip-chunks", help="Noisy chunks per sequence (default 4)."),
+    clip_chunks: Optional[int] = typer.Option(None, "--clip-chunks", help="Noisy chunks per sequence (default 4; sprites 2)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads (2 on an idle 2-core machine; 1 next to another job). "
                                 "It changes float rounding: bit-exact re-runs need the same value."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N. Batches and random draws stay on the CPU "
                                "(seeded); on a GPU use a larger --batch."),
-    world: str = typer.Option("standard", "--world", help="The world to learn: standard or reduced (docs/WORLD.md)."),
+    world: str = typer.Option("standard", "--world", help="The world to learn: standard, reduced or sprites (docs/WORLD.md)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between resumable checkpoints (default 250; 0: none)."),
     snapshot_every: Optional[int] = typer.Option(None, "--snapshot-every", help="Steps between loadable folders OUT/snapshots/step-N (default 0: none)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint, step for step (its own settings)."),
@@ -895,7 +895,7 @@ def train_miniature_cmd(
     from slotgen.train.miniature import TrainConfig, train_miniature
 
     check_device(device)
-    cfg = TrainConfig(minutes=minutes, seed=seed, steps=steps, threads=threads, device=device, world=world)
+    cfg = TrainConfig.for_world(world, minutes=minutes, seed=seed, steps=steps, threads=threads, device=device)
     for name, v in (("episodes", episodes), ("batch", batch), ("clip_chunks", clip_chunks),
                     ("checkpoint_every", checkpoint_every), ("snapshot_every", snapshot_every)):
         if v is not None:

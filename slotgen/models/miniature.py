@@ -230,15 +230,17 @@ def load_miniature(directory: str | Path | None = None, device: str | torch.devi
 
 
 def write_miniature(out_dir: str | Path, seed: int = 0, modules=None, name: str = "miniature", extra: dict | None = None,
-                    slot_phi: dict[str, torch.Tensor] | None = None) -> Path:
+                    slot_phi: dict[str, torch.Tensor] | None = None, vocabulary: list[str] | None = None) -> Path:
     """Write a miniature folder: config.json, tokenizer.json, weights.safetensors.
 
     With ``modules=None`` the modules are randomly initialised under ``torch.manual_seed(seed)``.
     ``slot_phi``: weights-file entries of a learned slot projection (``slotgen.train.slots.phi_tensors``).
+    ``vocabulary``: the tokenizer's words (default :data:`VOCABULARY`; a model trained on the sprite world adds
+    that world's words).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(VOCABULARY)
+    tokenizer = build_tokenizer(VOCABULARY if vocabulary is None else vocabulary)
     config = {
         "name": name,
         "transformer": TRANSFORMER_CONFIG,
