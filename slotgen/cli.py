@@ -950,10 +950,15 @@ def bench_identity(
                              "scores the generated frames only)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every number as JSON."),
     png: Optional[Path] = typer.Option(None, "--png", help="Plot identity recall vs gap per policy."),
+    world: str = typer.Option("standard", "--world", help="'standard' (the shape world) or 'sprites' (token-aligned "
+                              "sprites; --gaps are frames of absence, multiples of 3, e.g. 3,9,18,27)."),
 ) -> None:
     """Identity persistence: exit-and-return episodes rendered with every policy on the same seeds and noise."""
     from slotgen.bench.identity import print_report, run_identity_bench, write_plot
     from slotgen.memory.registry import policy_names
+
+    if world not in ("standard", "sprites"):
+        raise SlotgenError(f"--world: expected standard or sprites, got {world!r}")
 
     names = policy_list(policies) if policies is not None else list(policy_names())
     try:
@@ -964,6 +969,17 @@ def bench_identity(
         raise SlotgenError(f"--gaps: expected non-negative frame counts, got {gaps!r}")
     if episodes < 1:
         raise SlotgenError(f"--episodes must be at least 1, got {episodes}")
+    if world == "sprites":
+        from slotgen.bench.sprites import print_sprite_report, run_sprite_identity_bench
+
+        result = run_sprite_identity_bench(names, gap_list, episodes, model=model, seed=seed, past=past,
+                                           progress=lambda m: print(m, file=sys.stderr, flush=True))
+        print_sprite_report(result)
+        if json_out is not None:
+            import json as _json
+
+            atomic_write_bytes(json_out, (_json.dumps(result, indent=2) + "\n").encode())
+        return
     result = run_identity_bench(names, gap_list, episodes, model=model, seed=seed, similar=similar, purity=purity,
                                 past=past, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print_report(result)
