@@ -173,3 +173,14 @@ def test_sprite_identity_bench_scores_every_policy_on_the_same_episodes():
 def test_sprite_bench_rejects_gaps_that_are_not_whole_chunks():
     r = CliRunner().invoke(app, ["bench", "identity", "--world", "sprites", "--gaps", "4", "--policies", "window"])
     assert r.exit_code == 2 and "multiples of 3" in r.output and "Traceback" not in r.output
+
+
+def test_the_kill_rule_fit_is_log_linear():
+    from slotgen.bench.sprites import fit_log_curve
+
+    fit = fit_log_curve([250, 500, 1000, 2000], [0.1 + 0.1 * k for k in range(4)], [4000])
+    assert fit["b"] == pytest.approx(0.1 / np.log(2)) and fit["at"]["4000"] == pytest.approx(0.5)
+    assert fit["steps_to_0.9"] == pytest.approx(4000 * 2**4)
+    assert fit_log_curve([1, 2], [0.5, 0.4], [3])["steps_to_0.9"] is None
+    with pytest.raises(ValueError):
+        fit_log_curve([5, 5], [0.1, 0.2], [9])

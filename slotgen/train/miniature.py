@@ -751,6 +751,18 @@ def _tail(vals: list[float], k: int = 50) -> float:
     return float(np.mean(vals[-k:])) if vals else float("nan")
 
 
+def _data_text(cfg: TrainConfig) -> str:
+    if cfg.world == "sprites":
+        return (f"{cfg.episodes} seeded episodes of the sprite world (`slotgen.world.sprites.sprite_episode`, seeds "
+                f"`{cfg.seed}·100000 + i`; docs/MINIATURE.md): one sprite in one 16×16 cell, one cell a chunk, the "
+                "entrance caption naming side, row, colour, shape and dot, the dot never named after it; 0–8 empty "
+                "chunks of absence. The text encoder's word embeddings are trained with the transformer.")
+    return (f"{cfg.episodes} seeded episodes of the `{cfg.world}` shape world (`slotgen.world.exit_return_episode`, "
+            f"seeds `{cfg.seed}·100000 + i`; docs/WORLD.md): one entity per lane at most (35 % of multi-entity "
+            f"episodes with a same-kind \"similar\" companion), absence gaps 0–{cfg.max_gap} video frames, captions "
+            "from the world grammar.")
+
+
 def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> str:
     from slotgen.models.miniature import SETTINGS, TEXT_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
 
@@ -776,15 +788,13 @@ schedule then follows steps, so the numbers can differ slightly from a time-budg
   **constructed, not trained** (`make_exact_vae`: an exact code of each 4×4 pixel block); max |x − decode(encode(x))| on
   8 training clips (first 16 frames): {res.vae_max_error:.1e} on the [−1, 1] scale. Latent statistics of the data: mean
   {np.round(res.latents_mean, 4).tolist()}, std {np.round(res.latents_std, 4).tolist()}
-- text encoder: `UMT5EncoderModel` {json.dumps(TEXT_CONFIG)}, **random init, frozen** (seed {cfg.seed}):
-  each vocabulary word has its own random embedding and the transformer learns to read these features.
+- text encoder: `UMT5EncoderModel` {json.dumps(TEXT_CONFIG)}, {"**trained with the transformer** from a random init" if cfg.train_text else "**random init, frozen**"} (seed {cfg.seed}):
+  each vocabulary word has its own {"learned" if cfg.train_text else "random"} embedding, which the transformer learns to read.
 - 64×64 video at 16 fps; 3 latent frames = 3 video frames per chunk.
 
 ## Data
 
-{cfg.episodes} seeded episodes of the `{cfg.world}` shape world (`slotgen.world.exit_return_episode`, seeds
-`{cfg.seed}·100000 + i`; docs/WORLD.md): one entity per lane at most (35 % of multi-entity episodes with a
-same-kind "similar" companion), absence gaps 0–{cfg.max_gap} video frames, captions from the world grammar.
+{_data_text(cfg)}
 
 ## Training
 
