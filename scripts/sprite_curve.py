@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--budget-minutes", type=float, default=180.0)
     ap.add_argument("--max-minutes", type=float, default=30.0, help="only points within this much training")
+    ap.add_argument("--from-steps", type=int, default=0, help="only points at or after this step")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path)
     args = ap.parse_args(argv)
@@ -62,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for step in sorted(points):
         p = points[step]
-        if p["seconds"] > args.max_minutes * 60 + 1:
+        if p["seconds"] > args.max_minutes * 60 + 1 or step < args.from_steps:
             continue
         score = score_free_running(p["bundle"](), episodes, storyboard_seed=args.seed)
         rows.append({"steps": step, "training_seconds": round(p["seconds"], 1), "source": p["source"], **score})
         print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("per_episode", "source")}), flush=True)
+    if len(rows) < 2:
+        print(json.dumps({"points": rows}))
+        return 0
     rate = rows[-1]["steps"] / rows[-1]["training_seconds"]
     B = rate * args.budget_minutes * 60
     fit = fit_log_curve([r["steps"] for r in rows], [r["presence"] for r in rows], [B, 2 * B])
