@@ -154,6 +154,21 @@ def test_sprite_training_repeats_and_resumes_step_for_step(tmp_path):
     te_frozen = load_miniature(tmp_path / "d").text_encoder.state_dict()["shared.weight"]
     assert not torch.equal(te_frozen, bundle.text_encoder.state_dict()["shared.weight"])
     assert json.loads((tmp_path / "a" / "config.json").read_text())["training"]["config"]["world"] == "sprites"
+    # scripts/frame_strip.py tiles a sprite episode of the trained folder (its world read from the folder)
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "frame_strip.py"
+    spec = importlib.util.spec_from_file_location("frame_strip", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    png = tmp_path / "strip.png"
+    assert mod.main(["--model", str(tmp_path / "a"), "--out", str(png), "--gap", "4"]) == 2  # not whole chunks
+    assert mod.main(["--model", str(tmp_path / "a"), "--out", str(png), "--gap", "6", "--every", "6", "--scale", "1"]) == 0
+    frames = sprite_episode(900_003, 1).total_frames
+    assert Image.open(png).size == (len(range(1, frames, 6)) * 65, 2 * 64 + 2)
 
 
 @pytest.mark.slow
