@@ -7,6 +7,10 @@ The episode is ``exit_return_episode(--episode-seed, --gap, --entities, world=--
 the folder's training world); its storyboard is rendered through the engine with the memory
 ``--policy`` and storyboard seed ``--seed``; every ``--every``-th frame from frame 1 is shown, with the
 world's analyser's presence/compliance/duplicate rate printed for the whole episode.
+
+With ``--world sprites`` (or a folder trained on it) the episode is ``sprite_episode(--episode-seed, --gap/3 − 1)``
+(``--gap`` in frames of absence, a multiple of 3) and the scores are the cell analyser's
+(``slotgen.world.sprites.analyse_sprites``).
 """
 
 from __future__ import annotations
@@ -48,19 +52,38 @@ def main(argv: list[str] | None = None) -> int:
         if world is None:
             config = json.loads((_asset_path(args.model) / "config.json").read_text())
             world = config.get("training", {}).get("config", {}).get("world", "standard")
-        episode = exit_return_episode(args.episode_seed, args.gap, args.entities, world=world_named(world))
+        if world == "sprites":
+            from slotgen.world.sprites import sprite_episode
+
+            if args.gap < 3 or args.gap % 3:
+                raise ValueError(f"--gap: sprite-world gaps are frames of absence, multiples of 3 and at least 3, got {args.gap}")
+            episode = sprite_episode(args.episode_seed, args.gap // 3 - 1)
+        else:
+            episode = exit_return_episode(args.episode_seed, args.gap, args.entities, world=world_named(world))
     except (SlotgenError, ValueError) as e:
         print(f"frame_strip: {e}", file=sys.stderr)
         return 2
-    frames = render_frames(episode, args.policy, bundle, storyboard_seed=args.seed)
-    truth = render_episode(episode).frames
+    if world == "sprites":
+        from slotgen.bench.sprites import render_sprite_frames
+        from slotgen.world.sprites import analyse_sprites, render_sprites
+
+        frames = render_sprite_frames(episode, args.policy, bundle, storyboard_seed=args.seed)
+        truth = render_sprites(episode)[0]
+    else:
+        frames = render_frames(episode, args.policy, bundle, storyboard_seed=args.seed)
+        truth = render_episode(episode).frames
     idx = list(range(1, min(len(frames), len(truth)), args.every))
     gap = np.full((truth.shape[1], 1, 3), 255, np.uint8)  # a white column between frames
     row = lambda video: np.concatenate([np.concatenate([video[i], gap], 1) for i in idx], 1)  # noqa: E731
     strip = np.concatenate([row(truth), np.full((2, len(idx) * (truth.shape[2] + 1), 3), 255, np.uint8), row(frames)], 0)
     img = Image.fromarray(strip)
     img.resize((img.width * args.scale, img.height * args.scale), Image.NEAREST).save(args.out)
-    report = analyse_episode(frames, episode).to_dict()
+    if world == "sprites":
+        from dataclasses import asdict
+
+        report = asdict(analyse_sprites(frames, episode))
+    else:
+        report = analyse_episode(frames, episode).to_dict()
     print(json.dumps({"episode_seed": args.episode_seed, "world": world, "policy": args.policy, "frames": idx,
                       **{k: report[k] for k in ("presence", "compliance", "duplicate_rate", "identity_recall")}}))
     return 0

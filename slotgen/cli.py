@@ -937,14 +937,14 @@ def train_miniature_cmd(
     minutes: float = typer.Option(55.0, "--minutes", help="Wall-clock budget, data included (ignored with --steps)."),
     seed: int = typer.Option(0, "--seed", help="Seeds data, init, noise and batches."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Exact transformer steps (reproducible) instead of the time budget."),
-    episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="World episodes in the dataset (default 256)."),
+    episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="World episodes in the dataset (default 256; sprites 512)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Sequences per step (default 8)."),
-    clip_chunks: Optional[int] = typer.Option(None, "--clip-chunks", help="Noisy chunks per sequence (default 4)."),
+    clip_chunks: Optional[int] = typer.Option(None, "--clip-chunks", help="Noisy chunks per sequence (default 4; sprites 2)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads (2 on an idle 2-core machine; 1 next to another job). "
                                 "It changes float rounding: bit-exact re-runs need the same value."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N. Batches and random draws stay on the CPU "
                                "(seeded); on a GPU use a larger --batch."),
-    world: str = typer.Option("standard", "--world", help="The world to learn: standard or reduced (docs/WORLD.md)."),
+    world: str = typer.Option("standard", "--world", help="The world to learn: standard, reduced or sprites (docs/WORLD.md)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between resumable checkpoints (default 250; 0: none)."),
     snapshot_every: Optional[int] = typer.Option(None, "--snapshot-every", help="Steps between loadable folders OUT/snapshots/step-N (default 0: none)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint, step for step (its own settings)."),
@@ -959,7 +959,7 @@ def train_miniature_cmd(
     from slotgen.train.miniature import TrainConfig, fit_to_budget, train_miniature
 
     check_device(device)
-    cfg = TrainConfig(minutes=minutes, seed=seed, steps=steps, threads=threads, device=device, world=world)
+    cfg = TrainConfig.for_world(world, minutes=minutes, seed=seed, steps=steps, threads=threads, device=device)
     given = set()
     for name, v in (("episodes", episodes), ("batch", batch), ("clip_chunks", clip_chunks),
                     ("checkpoint_every", checkpoint_every), ("snapshot_every", snapshot_every)):
@@ -1107,10 +1107,15 @@ def bench_identity(
                              "scores the generated frames only)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every number as JSON."),
     png: Optional[Path] = typer.Option(None, "--png", help="Plot identity recall vs gap per policy."),
+    world: str = typer.Option("standard", "--world", help="'standard' (the shape world) or 'sprites' (token-aligned "
+                              "sprites; --gaps are frames of absence, multiples of 3, e.g. 3,9,18,27)."),
 ) -> None:
     """Identity persistence: exit-and-return episodes rendered with every policy on the same seeds and noise."""
     from slotgen.bench.identity import print_report, run_identity_bench, write_plot
     from slotgen.memory.registry import policy_names
+
+    if world not in ("standard", "sprites"):
+        raise SlotgenError(f"--world: expected standard or sprites, got {world!r}")
 
     names = policy_list(policies) if policies is not None else list(policy_names())
     try:
@@ -1121,6 +1126,21 @@ def bench_identity(
         raise SlotgenError(f"--gaps: expected non-negative frame counts, got {gaps!r}")
     if episodes < 1:
         raise SlotgenError(f"--episodes must be at least 1, got {episodes}")
+    if world == "sprites":
+        from slotgen.bench.sprites import print_sprite_report, run_sprite_identity_bench
+
+        if slot_phi is not None:
+            raise SlotgenError("--slot-phi: the sprite world's models have no trained φ; leave it out with --world sprites")
+        shown, on_item = _bench_progress("bench identity", None)
+        with shown:
+            result = run_sprite_identity_bench(names, gap_list, episodes, model=model, seed=seed, past=past,
+                                               progress=on_item)
+        print_sprite_report(result)
+        if json_out is not None:
+            import json as _json
+
+            atomic_write_bytes(json_out, (_json.dumps(result, indent=2) + "\n").encode())
+        return
     from slotgen.memory.phi_file import attach_phi
     from slotgen.models import load_model
 

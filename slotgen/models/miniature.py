@@ -234,18 +234,21 @@ def load_miniature(directory: str | Path | None = None, device: str | torch.devi
 
 
 def write_miniature(out_dir: str | Path, seed: int = 0, modules=None, name: str = "miniature", extra: dict | None = None,
-                    slot_phi: dict[str, torch.Tensor] | None = None, tokenizer=None) -> Path:
+                    slot_phi: dict[str, torch.Tensor] | None = None, tokenizer=None,
+                    vocabulary: list[str] | None = None) -> Path:
     """Write a miniature folder: config.json, tokenizer.json, weights.safetensors.
 
     With ``modules=None`` the modules are randomly initialised under ``torch.manual_seed(seed)``.
     ``slot_phi``: weights-file entries of a learned slot projection (``slotgen.train.slots.phi_tensors``).
     ``tokenizer``: the one the text encoder in ``modules`` was trained with (default: a new one over
-    :data:`VOCABULARY`); its size must be the text encoder's vocabulary size, or a render would index
-    past the embedding table.
+    ``vocabulary``, itself :data:`VOCABULARY` unless given: a model trained on the sprite world adds that
+    world's words); its size must be the text encoder's vocabulary size, or a render would index past the
+    embedding table.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(VOCABULARY)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(VOCABULARY if vocabulary is None else vocabulary)
     if modules is not None and modules[2].config.vocab_size != len(tokenizer.get_vocab()):
         raise ValueError(f"the text encoder has {modules[2].config.vocab_size} token rows but the tokenizer "
                          f"{len(tokenizer.get_vocab())} words; pass the tokenizer it was trained with")

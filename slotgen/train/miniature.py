@@ -56,6 +56,15 @@ SLOT_STAGE_SECONDS = 300.0  # wall time kept back from a time budget for the φ 
 CHUNK = 3  # latent frames per chunk (= video frames: the exact VAE does not compress time)
 STRIDE_S = 4  # pixels per latent cell (the exact VAE's patchify)
 TOKENS = 4  # token grid side: 16 latent cells / transformer patch 4
+ALL_WORLDS = ("standard", "reduced", "sprites")  # the shape worlds (slotgen.world.scene.WORLDS) and the sprite world
+
+
+def world_vocabulary(world: str) -> list[str]:
+    """The tokenizer's words for a model of ``world``: the miniature's vocabulary, plus the sprite world's words."""
+    from slotgen.models.miniature import VOCABULARY
+    from slotgen.world.sprites import SPRITE_WORDS
+
+    return list(VOCABULARY) + (list(SPRITE_WORDS) if world == "sprites" else [])
 
 
 @dataclass
@@ -64,7 +73,7 @@ class TrainConfig:
 
     minutes: float = 55.0  # wall-clock budget (used when steps is not given)
     seed: int = 0
-    world: str = "standard"  # the world the episodes come from (slotgen.world.WORLDS): standard or reduced
+    world: str = "standard"  # the world the episodes come from: standard, reduced (slotgen.world.WORLDS) or sprites
     steps: Optional[int] = None  # an explicit step count makes a run exactly reproducible
     episodes: int = 256  # world episodes in the dataset
     max_gap: int = 24  # longest absence gap (video frames) of a training episode; longer absences are
@@ -86,6 +95,7 @@ class TrainConfig:
     threads: int = 1  # 1 thread: on a shared 2-core machine OpenMP spin contention makes 2 threads slower
     checkpoint_every: int = 250  # steps between resumable checkpoints (DIR/checkpoint/; `--resume DIR`); 0: none
     snapshot_every: int = 0  # steps between loadable miniature folders DIR/snapshots/step-N (a learning curve); 0: none
+    train_text: bool = False  # also train the text encoder (its word embeddings): a fresh model's own words
     device: str = "cpu"  # where the modules and batches live ("cuda", "cuda:1", ...). Data, batch sampling and
     # every random draw stay on the CPU (seeded CPU generators), so a batch is the same on any device; only the
     # arithmetic moves. CUDA kernels are not bit-reproducible run to run, so GPU runs repeat closely, not exactly.
@@ -97,6 +107,15 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def for_world(cls, world: str, **kw) -> "TrainConfig":
+        """The recipe for ``world``: the shape worlds' defaults, or for ``sprites`` the one-step x0
+        regression (σ = 1 for every noisy chunk: with a deterministic world the conditional mean is the
+        answer) with a trained text encoder (attribute words the text path can tell apart)."""
+        if world == "sprites":
+            kw = {"sigma_one_prob": 1.0, "train_text": True, "episodes": 512, "clip_chunks": 2, **kw}
+        return cls(world=world, **kw)
+
     def validate(self) -> None:
         """Reject settings a run would only trip over later, with the CLI flag named."""
         self.slots.validate()
@@ -104,10 +123,8 @@ class TrainConfig:
             raise SlotgenError(f"--threads must be at least 1, got {self.threads}")
         if not self.minutes > 0:
             raise SlotgenError(f"--minutes must be positive, got {self.minutes}")
-        from slotgen.world.scene import WORLDS
-
-        if self.world not in WORLDS:
-            raise SlotgenError(f"--world: expected one of {', '.join(WORLDS)}, got {self.world!r}")
+        if self.world not in ALL_WORLDS:
+            raise SlotgenError(f"--world: expected one of {', '.join(ALL_WORLDS)}, got {self.world!r}")
         for name, v, low in (("--steps", self.steps, 1), ("--episodes", self.episodes, 2), ("--batch", self.batch, 1),
                              ("--clip-chunks", self.clip_chunks, 1), ("--checkpoint-every", self.checkpoint_every, 0),
                              ("--snapshot-every", self.snapshot_every, 0)):
@@ -203,12 +220,34 @@ HELD_OUT_SEED0 = 900_000
 
 
 def held_out_episodes(n: int, world: str = "standard", max_gap: int = 24) -> list:
-    """``n`` episodes no training run sees (seeds ``HELD_OUT_SEED0 + i``), drawn like training episodes."""
+    """``n`` episodes no training run sees (seeds ``HELD_OUT_SEED0 + i``), drawn like training episodes (for
+    ``sprites``: new scripts, none of them in a 512-episode seed-0 run)."""
+    if world == "sprites":
+        from slotgen.world.sprites import held_out_episodes as sprite_held_out
+
+        return sprite_held_out(n)
     rng = np.random.default_rng(HELD_OUT_SEED0)
     return [random_episode(rng, HELD_OUT_SEED0 + i, max_gap, world) for i in range(n)]
 
 
+def sprite_clip(ep) -> WorldClip:
+    """A sprite-world episode as a training clip: each chunk's caption, the cells near the sprite, its return
+    chunk and the chunks before its exit (it is always wholly inside a cell)."""
+    from slotgen.world.sprites import render_sprites
+
+    frames, labels = render_sprites(ep)
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0).half()  # (3, T, H, W)
+    ent = torch.from_numpy(labels).float()[:, None]  # (T, 1, H, W)
+    near = F.max_pool2d(F.max_pool2d(ent, 5, 1, 2), STRIDE_S)[:, 0] > 0
+    before = [c for c in range(ep.leave_chunk) if ep.cells[c] is not None]
+    return WorldClip(video, list(ep.captions), near, ep.return_chunk, before)
+
+
 def build_dataset(n: int, seed: int, max_gap: int, world: str = "standard") -> list[WorldClip]:
+    if world == "sprites":
+        from slotgen.world.sprites import training_episodes as sprite_episodes
+
+        return [sprite_clip(ep) for ep in sprite_episodes(n, seed)]
     return [clip_from_episode(ep) for ep in training_episodes(n, seed, max_gap, world)]
 
 
@@ -414,17 +453,22 @@ def x0_loss(pred: torch.Tensor, batch: Batch, min_sigma: float = 0.4) -> torch.T
 class CaptionConditioner:
     """Prompt embeddings (engine style: fixed length, padding rows zeroed), cached per caption."""
 
-    def __init__(self, text_encoder, tokenizer, text_len: int):
+    def __init__(self, text_encoder, tokenizer, text_len: int, trainable: bool = False):
         self.te, self.tok, self.len = text_encoder, tokenizer, text_len
+        self.trainable = trainable  # embeddings change every step: cached for one step only (new_step)
         self.cache: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
+    def new_step(self) -> None:
+        if self.trainable:
+            self.cache.clear()
+
     def __call__(self, text: str) -> torch.Tensor:
         if text not in self.cache:
             t = self.tok(text, max_length=self.len, padding="max_length", truncation=True, add_special_tokens=True,
                          return_attention_mask=True, return_tensors="pt")
             ids, am = t.input_ids.to(self.te.device), t.attention_mask.to(self.te.device)
-            h = self.te(ids, am).last_hidden_state
+            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+                h = self.te(ids, am).last_hidden_state
             self.cache[text] = (h * am[..., None].to(h.dtype))[0]
         return self.cache[text]
 
@@ -441,6 +485,7 @@ def dit_forward(transformer, state: TrainState, batch: Batch, conditioner: Capti
     tpf = TOKENS * TOKENS
     state.mask = batch.mask
     state.rotary = rope_for(transformer, *batch.rope)
+    conditioner.new_step()
     embeds = torch.stack([torch.cat([conditioner(c) for c in caps]) for caps in batch.captions])  # (B, (n+1)·Lt, d)
     Lt = embeds.shape[1] // (n + 1)
     blk_tok = caption_blocks(batch.groups, n).repeat_interleave(tpf)  # (N,)
@@ -499,7 +544,7 @@ CHECKPOINT = "checkpoint/state.pt"
 
 
 def save_checkpoint(out: Path, cfg: TrainConfig, res: TrainResult, budget: "_Budget", transformer, opt,
-                    rng: np.random.Generator, gen: torch.Generator, command: Optional[str]) -> Path:
+                    rng: np.random.Generator, gen: torch.Generator, command: Optional[str], text_encoder=None) -> Path:
     """Everything a run needs to continue step for step (one file, written atomically): the config,
     step count, losses, training seconds, transformer and optimiser state, and both random generators.
     Loaded with ``torch.load(weights_only=True)``: tensors and plain Python values only, no code."""
@@ -513,6 +558,7 @@ def save_checkpoint(out: Path, cfg: TrainConfig, res: TrainResult, budget: "_Bud
         "command": command or "", "rng": json.dumps(rng.bit_generator.state), "gen": gen.get_state(),
         "transformer": {k: v.detach().cpu() for k, v in transformer.state_dict().items()},
         "optimizer": opt.state_dict(),
+        **({"text_encoder": {k: v.detach().cpu() for k, v in text_encoder.state_dict().items()}} if cfg.train_text else {}),
     }
     with atomic_output(path) as tmp:
         torch.save(state, tmp)
@@ -570,7 +616,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     budget, loss)`` follows the steps (a progress bar). A run that completes removes its checkpoint."""
     from diffusers import AutoencoderKLWan
 
-    from slotgen.models.miniature import (TEXT_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, VOCABULARY, build_modules,
+    from slotgen.models.miniature import (SETTINGS, TEXT_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG, build_modules,
                                           build_tokenizer, make_exact_vae, write_miniature)
 
     ckpt = load_checkpoint(Path(out)) if resume else None
@@ -589,7 +635,10 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     out = Path(out)
     res = TrainResult(out=out)
 
-    tokenizer = build_tokenizer(VOCABULARY)
+    vocabulary = world_vocabulary(cfg.world)
+    tokenizer = build_tokenizer(vocabulary)
+    # one-step regression (σ = 1 always) samples in one Euler step
+    settings = {"settings": {**SETTINGS.to_dict(), "steps": 1}} if cfg.sigma_one_prob >= 1.0 else {}
     config = {"transformer": TRANSFORMER_CONFIG, "vae": VAE_CONFIG,
               "text_encoder": {**TEXT_CONFIG, "vocab_size": len(tokenizer.get_vocab())}}
     transformer, vae, text_encoder = build_modules(config)  # built on the CPU (same init on any device)
@@ -615,10 +664,14 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     log(f"data ready in {res.data_seconds:.0f} s (exact VAE: max |x - decode(encode(x))| {res.vae_max_error:.1e})")
 
     transformer, text_encoder = transformer.to(dev), text_encoder.to(dev)
-    conditioner = CaptionConditioner(text_encoder, tokenizer, 32)
+    conditioner = CaptionConditioner(text_encoder, tokenizer, 32, trainable=cfg.train_text)
     state = install_training_processors(transformer)
     transformer.train().requires_grad_(True)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    params = list(transformer.parameters())
+    if cfg.train_text:
+        text_encoder.train().requires_grad_(True)
+        params += list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     scale = min(1.0, cfg.minutes / DEFAULT_MINUTES)  # a short budget keeps back a share for the rest, not 320 s
     budget = _Budget(cfg.steps, cfg.minutes * 60.0 - res.data_seconds - (20.0 + SLOT_STAGE_SECONDS) * scale)
     warm = 50 if cfg.steps is None else max(1, min(50, cfg.steps // 5))
@@ -631,13 +684,15 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
 
     def snapshot() -> None:  # a loadable miniature folder of the weights now (no φ): a point of a learning curve
         folder = out / "snapshots" / f"step-{budget.done:06d}"
-        write_miniature(folder, modules=(transformer, vae, text_encoder), name="miniature",
-                        extra={"vae": vae_config, "training": {"config": cfg.to_dict(), "transformer_steps": budget.done,
+        write_miniature(folder, modules=(transformer, vae, text_encoder), name="miniature", vocabulary=vocabulary,
+                        extra={**settings, "vae": vae_config, "training": {"config": cfg.to_dict(), "transformer_steps": budget.done,
                                                                "seconds": budget.elapsed()}})
         log(f"snapshot {folder}")
 
     if ckpt is not None:
         transformer.load_state_dict(ckpt["transformer"])
+        if cfg.train_text:
+            text_encoder.load_state_dict(ckpt["text_encoder"])
         opt.load_state_dict(ckpt["optimizer"])
         rng.bit_generator.state = json.loads(ckpt["rng"])
         gen.set_state(ckpt["gen"])
@@ -669,7 +724,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
         if cfg.snapshot_every and budget.done % cfg.snapshot_every == 0:
             snapshot()
         if stopping or (cfg.checkpoint_every and budget.done % cfg.checkpoint_every == 0):
-            save_checkpoint(out, cfg, res, budget, transformer, opt, rng, gen, command)
+            save_checkpoint(out, cfg, res, budget, transformer, opt, rng, gen, command, text_encoder)
         if on_step is not None:
             on_step(budget.done, budget, res.losses[-1])
         debug_step_line(budget.done)
@@ -680,17 +735,21 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     res.steps, res.seconds = budget.done, time.perf_counter() - t0
     res.eval_loss = (res.eval_loss[0], evaluate())
     transformer.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
     transformer.set_attn_processor(WanAttnProcessor())  # the saved model carries no training state
     transformer, text_encoder = transformer.cpu(), text_encoder.cpu()
 
-    write_miniature(out, modules=(transformer, vae, text_encoder), name="miniature",
-                    extra={"vae": vae_config, "training": {"config": cfg.to_dict(), "transformer_steps": res.steps,
+    write_miniature(out, modules=(transformer, vae, text_encoder), name="miniature", vocabulary=vocabulary,
+                    extra={**settings, "vae": vae_config, "training": {"config": cfg.to_dict(), "transformer_steps": res.steps,
                                                            "eval_loss": list(res.eval_loss)}})
     write_loss_png(out / "loss.png", res)
     (out / "training_log.json").write_text(json.dumps({"steps": res.steps, "seconds": res.seconds,
                                                        "data_seconds": res.data_seconds, "losses": res.losses}) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card(cfg, res, command))
-    add_slot_phi(out, cfg.slots, log=log, command=command)  # SlotMemory's φ on the trained transformer's keys
+    if cfg.world == "sprites":  # φ is trained on the shape worlds' masks; the sprite world's slot policy uses its default φ
+        log("slots: no φ stage for the sprite world")
+    else:
+        add_slot_phi(out, cfg.slots, log=log, command=command)  # SlotMemory's φ on the trained transformer's keys
     shutil.rmtree(out / Path(CHECKPOINT).parent, ignore_errors=True)  # the run is complete: nothing to resume
     log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
     return res
@@ -738,6 +797,18 @@ def _tail(vals: list[float], k: int = 50) -> float:
     return float(np.mean(vals[-k:])) if vals else float("nan")
 
 
+def _data_text(cfg: TrainConfig) -> str:
+    if cfg.world == "sprites":
+        return (f"{cfg.episodes} seeded episodes of the sprite world (`slotgen.world.sprites.sprite_episode`, seeds "
+                f"`{cfg.seed}·100000 + i`; docs/MINIATURE.md): one sprite in one 16×16 cell, one cell a chunk, the "
+                "entrance caption naming side, row, colour, shape and dot, the dot never named after it; 0–8 empty "
+                "chunks of absence. The text encoder's word embeddings are trained with the transformer.")
+    return (f"{cfg.episodes} seeded episodes of the `{cfg.world}` shape world (`slotgen.world.exit_return_episode`, "
+            f"seeds `{cfg.seed}·100000 + i`; docs/WORLD.md): one entity per lane at most (35 % of multi-entity "
+            f"episodes with a same-kind \"similar\" companion), absence gaps 0–{cfg.max_gap} video frames, captions "
+            "from the world grammar.")
+
+
 def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> str:
     from slotgen.models.miniature import SETTINGS, TEXT_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
 
@@ -763,15 +834,13 @@ schedule then follows steps, so the numbers can differ slightly from a time-budg
   **constructed, not trained** (`make_exact_vae`: an exact code of each 4×4 pixel block); max |x − decode(encode(x))| on
   8 training clips (first 16 frames): {res.vae_max_error:.1e} on the [−1, 1] scale. Latent statistics of the data: mean
   {np.round(res.latents_mean, 4).tolist()}, std {np.round(res.latents_std, 4).tolist()}
-- text encoder: `UMT5EncoderModel` {json.dumps(TEXT_CONFIG)}, **random init, frozen** (seed {cfg.seed}):
-  each vocabulary word has its own random embedding and the transformer learns to read these features.
+- text encoder: `UMT5EncoderModel` {json.dumps(TEXT_CONFIG)}, {"**trained with the transformer** from a random init" if cfg.train_text else "**random init, frozen**"} (seed {cfg.seed}):
+  each vocabulary word has its own {"learned" if cfg.train_text else "random"} embedding, which the transformer learns to read.
 - 64×64 video at 16 fps; 3 latent frames = 3 video frames per chunk.
 
 ## Data
 
-{cfg.episodes} seeded episodes of the `{cfg.world}` shape world (`slotgen.world.exit_return_episode`, seeds
-`{cfg.seed}·100000 + i`; docs/WORLD.md): one entity per lane at most (35 % of multi-entity episodes with a
-same-kind "similar" companion), absence gaps 0–{cfg.max_gap} video frames, captions from the world grammar.
+{_data_text(cfg)}
 
 ## Training
 

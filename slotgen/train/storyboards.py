@@ -10,7 +10,14 @@
 * ``long_story.yaml`` – a ≥ 5-minute story: three entities (two of the same kind) take turns moving,
   leaving for 1–12 s and returning, with a prompt switch at every action.
 
-Captions come from :mod:`slotgen.world.grammar`, so every word is in the miniature's vocabulary, and
+and in ``sprites/`` (:func:`write_sprites`), for a model trained on the sprite world
+(``slotgen train-miniature --world sprites``; its captions use that world's words):
+
+* ``sprites/demo.yaml`` – a sprite enters (its caption names side, row, colour, shape and dot), crosses,
+  leaves, is away for 27 frames (3× the benchmark's 9-frame window) and returns; its dot is named only at
+  the entrance, so only memory (slot) can bring it back; every chunk is a prompt switch.
+
+Shape-world captions come from :mod:`slotgen.world.grammar`, so every word is in the miniature's vocabulary, and
 every switch falls on a chunk boundary (segment lengths 21, then multiples of 12 frames).
 """
 
@@ -70,4 +77,24 @@ def write_all(out: Path) -> list[Path]:
             assert not unknown_words(cue.text), cue.text
         (out / name).write_text(text)
         written.append(out / name)
-    return written
+    return written + write_sprites(out / "sprites")
+
+
+SPRITE_DEMO_SEED = 7  # a sprite with a dot (the trait memory must bring back)
+
+
+def write_sprites(out: Path) -> list[Path]:
+    from slotgen.train.miniature import world_vocabulary
+    from slotgen.world.grammar import caption_words
+    from slotgen.world.sprites import sprite_episode, storyboard_yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    ep = sprite_episode(SPRITE_DEMO_SEED, gap=8, lead=1)
+    assert ep.sprite.trait != "no" and ep.absent_frames() == 27
+    words = set(world_vocabulary("sprites"))
+    for text in ep.captions:
+        assert set(caption_words(text)) <= words, text
+    path = out / "demo.yaml"
+    path.write_text(storyboard_yaml(ep, seed=7, memory={"policy": "slot"},
+                                    title="sprite world: enter, cross, leave, 27 frames away, return with its dot"))
+    return [path]
