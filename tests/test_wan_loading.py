@@ -1,7 +1,7 @@
 """Wan2.1 loading: the random 1.3B build, diffusers folders, causal checkpoints, LoRA merging, refusals.
 
 Everything is tiny and offline: folders are written with ``save_pretrained`` from models built out of
-configs (REFERENCE §3), and checkpoints in the original Wan naming are produced by the inverse of
+configs, and checkpoints in the original Wan naming are produced by the inverse of
 diffusers' ``convert_wan_transformer_to_diffusers`` written out below.
 """
 
