@@ -5,9 +5,17 @@ Chromium (Debian's /usr/bin/chromium through Playwright) and reads what the page
 
 * latency: from submitting a typed prompt to drawing the first frame generated under it (the page's
   ``window.slotgenLive.latencies``), over ``--prompts`` prompts sent at random moments within a chunk;
+* latency without the page: from ``LiveSession.submit`` to the first frame under the prompt reaching
+  the server's broadcaster, in this process (the page's HTTP, WebSocket and drawing left out);
 * frames/s streamed: frames drawn per second of wall time over ``--seconds`` with --no-realtime;
 * `render` frames/s: the same storyboard rendered by :func:`slotgen.render.render` for as many frames
-  (model already loaded, so neither number counts the load), and the time of one chunk + its decode.
+  (model already loaded, so neither number counts the load), and its wall time per chunk (decode
+  overlapped with the next chunk's generation);
+* one chunk + its decode, the latency target: the median over 23 chunks (the first excluded) of one
+  chunk generated and then decoded on the same thread (a `Renderer` with ``overlap=False``), measured
+  just before and just after the latency run (the machine may be shared); and the same for a
+  *switch* chunk, whose prompt differs from the previous chunk's (its KV re-cache included), as the
+  first chunk under a typed prompt is.
 
     python scripts/live_bench.py [--story storyboards/demo.yaml] [--prompts 8] [--seconds 15] [--json out.json]
 """
@@ -57,6 +65,44 @@ def drive(story: str, out: Path, extra: list[str], fn):
             proc.kill()
 
 
+def session_latencies(story: str, out: Path, prompts: int, rng: random.Random, bundle) -> list[float]:
+    """Latency without the page: from ``LiveSession.submit`` to the first frame generated under the
+    prompt reaching the broadcaster (what the server sends), in real time, in this process."""
+    from slotgen.live import LiveSession
+    from slotgen.storyboard import load_storyboard
+
+    session = LiveSession(load_storyboard(story), out=out, bundle=bundle, realtime=True, snapshot_every=None)
+    written: list[tuple[float, int, int]] = []  # (time, first frame, frames) of every write to the page
+    write = session.broadcast.write
+
+    def timed(frames):
+        written.append((time.monotonic(), session.renderer.frames_emitted, len(frames)))
+        return write(frames)
+
+    session.broadcast.write = timed
+    session.start()
+    out_lat = []
+    try:
+        time.sleep(2.0)
+        for i in range(prompts):
+            time.sleep(0.5 + rng.random() * 0.7)
+            t = time.monotonic()
+            session.submit(PROMPTS[i % len(PROMPTS)])
+            deadline = t + 60
+            while time.monotonic() < deadline:
+                took = [e for e in session.entries if e.source == "typed" and e.submitted and e.submitted >= t]
+                first = session.geometry.first_frame(took[0].chunk) if took else None
+                hit = [w for w in list(written) if first is not None and w[0] >= t and w[1] + w[2] > first]
+                if hit:
+                    out_lat.append(hit[0][0] - t)
+                    break
+                time.sleep(0.002)
+    finally:
+        session.stop()
+        session.wait()
+    return out_lat
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--story", default=str(ROOT / "storyboards" / "demo.yaml"))
@@ -82,28 +128,44 @@ def main() -> None:
         return (f1 - f0) / (t1 - t0), f1 - f0
 
     with tempfile.TemporaryDirectory() as tmp:
-        lat = drive(args.story, Path(tmp) / "a", [], latencies)
-        fps_live, frames = drive(args.story, Path(tmp) / "b", ["--no-realtime"], throughput)
-
         from slotgen.engine.generator import ChunkGeometry
         from slotgen.models import load_model
-        from slotgen.render import render
+        from slotgen.render import Renderer, render, stream_to_files
         from slotgen.storyboard import load_storyboard
 
         sb = load_storyboard(args.story)
         bundle = load_model(sb.model)
         geo = ChunkGeometry(bundle.settings.chunk_frames, bundle.settings.vae_stride_t)
+
+        def chunk_plus_decode(name: str, switch: bool) -> float:  # one chunk generated, then decoded, on one thread
+            texts = [sb.prompts[0].text, PROMPTS[0]]  # switch: the prompt changes at every chunk (a re-cache each)
+            prompts = [{"at": geo.first_frame(c) / sb.fps, "prompt": texts[c % 2 if switch else 0]} for c in range(24)]
+            short = sb.with_overrides(duration=geo.first_frame(24) / sb.fps, prompts=prompts if switch else prompts[:1])
+            rep = stream_to_files(Renderer(short, bundle=bundle, overlap=False), Path(tmp) / name, snapshot_every=None)
+            return statistics.median(rep.chunk_seconds[1:])
+
+        # the machine may be shared: the targets are measured just before and just after the latency run
+        target = {"chunk_plus_decode_s": [chunk_plus_decode("a.mkv", False)],
+                  "switch_chunk_plus_decode_s": [chunk_plus_decode("b.mkv", True)]}
+        lat = drive(args.story, Path(tmp) / "a", [], latencies)
+        lat_session = session_latencies(args.story, Path(tmp) / "s", args.prompts, random.Random(args.seed), bundle)
+        target["chunk_plus_decode_s"].append(chunk_plus_decode("c.mkv", False))
+        target["switch_chunk_plus_decode_s"].append(chunk_plus_decode("d.mkv", True))
+        fps_live, frames = drive(args.story, Path(tmp) / "b", ["--no-realtime"], throughput)
+
         n = max(frames, geo.first_frame(4))
         long = sb.with_overrides(duration=n / sb.fps, prompts=[{"at": 0, "prompt": sb.prompts[0].text}])
         t = time.perf_counter()
         rep = render(long, Path(tmp) / "r.mkv", bundle=bundle, snapshot_every=None)
         seconds = time.perf_counter() - t
     fps_render = rep.frames / seconds
-    chunk = seconds / rep.chunks  # one chunk generated + decoded, as `render` streams it
+    chunk = seconds / rep.chunks  # the period of `render`: decode overlapped with generation
     out = {
         "story": args.story, "chunk_video_seconds": geo.video_frames(1) / sb.fps,
-        "latency_s": {"median": statistics.median(lat), "max": max(lat), "min": min(lat), "n": len(lat)},
-        "render_chunk_plus_decode_s": chunk,
+        **{name: {"median": statistics.median(x), "max": max(x), "min": min(x), "n": len(x)}
+           for name, x in (("latency_s", lat), ("latency_without_page_s", lat_session))},
+        "render_seconds_per_chunk": chunk,
+        **{k: {"before": v[0], "after": v[1]} for k, v in target.items()},
         "fps_streamed": fps_live, "fps_render": fps_render, "frames_streamed": frames,
     }
     print(json.dumps(out, indent=2))

@@ -1,8 +1,8 @@
 """Play a live session without a browser: type prompts at given chunks, stop after N chunks.
 
 The same session `slotgen live` serves (slotgen.live.LiveSession), driven from its chunk events, so
-the prompts land on exact chunks: a prompt typed after chunk C takes effect at chunk C + 2 (chunk
-C + 1 was already decided); likewise a stop after chunk C ends the video after chunk C + 1. Writes the live output folder (live.mp4, live.mkv, story.yaml,
+the prompts land on exact chunks: a prompt typed after chunk C takes effect at chunk C + 1 (it
+has not started yet, so it is decided again); a stop after chunk C ends the video after chunk C + 1. Writes the live output folder (live.mp4, live.mkv, story.yaml,
 snapshot.pt).
 
     python scripts/live_script.py [STORY.yaml] --out DIR --type "CHUNK:TEXT[:SECONDS[:linear|slerp]]" ... --chunks N

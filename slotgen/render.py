@@ -144,6 +144,9 @@ class Renderer:
         self.notes: list[str] = []  # warnings raised while rendering (a snapshot written elsewhere, ...)
         self.overlap = overlap  # decode + write on a worker thread while the next chunk generates
         self._worker: DecodeWorker | None = None  # the running stream's worker (see drain)
+        # retake(chunk) -> bool: asked between a chunk's denoising steps; True samples it again from the
+        # current storyboard (a live session's typed prompt; StreamingEngine.generate_chunk)
+        self.retake: Callable[[int], bool] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -207,7 +210,7 @@ class Renderer:
         last = t0
         try:
             res: ChunkResult
-            for res in self.engine.run(lambda: self.storyboard, decode=worker is None):
+            for res in self.engine.run(lambda: self.storyboard, decode=worker is None, retake=self.retake):
                 if worker is None:
                     emit(res.frames)
                 else:

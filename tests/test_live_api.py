@@ -226,7 +226,7 @@ def test_live_resume_continues_the_record_exactly(miniature, tmp_path):
     _play(b, {6: (YELLOW, 0.0, "linear")}, chunks=5)
     rec = b.record()
     assert [p.text for p in rec.prompts][1:] == [GREEN, YELLOW] and rec.prompts[1].transition == 0.25
-    assert [round(p.start * 16) for p in rec.prompts] == [0, 9, 24]  # chunks 3 and 8, 3 frames each
+    assert [round(p.start * 16) for p in rec.prompts] == [0, 6, 21]  # chunks 2 and 7 (retaken), 3 frames each
     render(rec, tmp_path / "whole.mkv", bundle=miniature)
     live = np.concatenate([read_video(tmp_path / "a" / "live.mkv"), read_video(tmp_path / "b" / "live.mkv")])
     assert len(live) == 30 and np.array_equal(read_video(tmp_path / "whole.mkv"), live)

@@ -24,7 +24,7 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -71,6 +71,11 @@ class ChunkResult:
     latents: torch.Tensor  # (1, C, F, h, w) clean latents
     seconds: float  # wall time for the chunk (sampling + commit, + decode when decoded inline)
     recached_frames: int = 0
+
+
+class ChunkRetaken(Exception):
+    """``generate_chunk`` gave up the chunk it was sampling because ``retake`` asked for it again; the
+    engine's state is as before the chunk began (see :meth:`StreamingEngine.generate_chunk`)."""
 
 
 @dataclass
@@ -270,7 +275,8 @@ class StreamingEngine:
     # -- the loop -------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_chunk(self, prompt_index: int, prompt: str, latents: torch.Tensor | None = None,
-                       decode: bool = True, blend: tuple[str, float, str] | None = None) -> ChunkResult:
+                       decode: bool = True, blend: tuple[str, float, str] | None = None,
+                       retake: Callable[[int], bool] | None = None) -> ChunkResult:
         """Generate, commit and decode the next chunk under ``prompt``.
 
         ``blend`` = (previous prompt, weight, "linear"|"slerp"): a prompt transition in progress; the
@@ -281,12 +287,29 @@ class StreamingEngine:
 
         ``latents`` (``(1, C, F, h, w)``, normalised): commit these instead of sampling (teacher forcing,
         e.g. the ground-truth past of ``bench identity --past truth``); everything else is as for a sampled chunk.
+
+        ``retake(chunk) -> bool`` is asked before every denoising step and before the commit pass (a live
+        session: a prompt typed while the chunk is sampled). True abandons the chunk: the memory policy
+        is restored from the ``state_dict()`` taken when the chunk began and :class:`ChunkRetaken` is
+        raised, so the engine is exactly as before the chunk (the caller generates it again, under the
+        new prompt). Nothing else is changed before the commit pass: the re-cache and the memory reads
+        (hit counts, relevance scores) touch only the policy, the chunk's noise comes from its own
+        generator seeded by (seed, chunk), the processors' per-chunk caches follow ``state.epoch``, the
+        text caches are pure, and the history, ``next_chunk``, ``prompt`` and the decoder move after it.
         """
         t0 = time.perf_counter()
         c = self.next_chunk
         F = self.geometry.chunk_frames
         frame_start = c * F
         recached = 0
+        saved = self.policy.state_dict() if retake is not None else None  # what a retake restores
+
+        def check() -> None:  # the chunk is not committed yet: give it up if asked
+            if retake is not None and retake(c):
+                self.policy.load_state_dict(saved, device=self.device)
+                self.state.epoch += 1  # processors rebuild their memory plan from the restored policy
+                raise ChunkRetaken(c)
+
         embeds = self.conditioning(prompt, blend)
         if self.prompt is not None and prompt != self.prompt:
             recached = self._recache(c, prompt_index, prompt, embeds)
@@ -299,13 +322,17 @@ class StreamingEngine:
             noise_device = self.options.noise_device or self.device
             noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c, self.schedule.noise_draws(),
                                                                          device=noise_device)]
-            predict = x0_predictor(lambda x, t: self._forward(x, t, frame_start, embeds, commit=False),
-                                   self.bundle.settings.prediction)
-            x0 = sample_chunk(predict, noises, self.schedule)
+
+            def step(x: torch.Tensor, t: float) -> torch.Tensor:  # one denoising forward, after a retake check
+                check()
+                return self._forward(x, t, frame_start, embeds, commit=False)
+
+            x0 = sample_chunk(x0_predictor(step, self.bundle.settings.prediction), noises, self.schedule)
         else:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"forced latents must have shape {shape}, got {tuple(latents.shape)}")
             x0 = latents.to(self.device, self.dtype)
+        check()  # the last moment a retake is possible: from here on the chunk is committed
         self._forward(x0, 0.0, frame_start, embeds, commit=True)  # commit pass: clean K/V → memory
         self.policy.end_chunk()
 
@@ -320,18 +347,28 @@ class StreamingEngine:
         return ChunkResult(c, prompt_index, prompt, self.geometry.first_frame(c), frames, x0,
                            time.perf_counter() - t0, recached)
 
-    def run(self, timeline, decode: bool = True) -> Iterator[ChunkResult]:
+    def run(self, timeline, decode: bool = True, retake: Callable[[int], bool] | None = None) -> Iterator[ChunkResult]:
         """Generate every remaining chunk of ``timeline`` (a Storyboard: prompts, fps, total frames).
 
         ``timeline`` may also be a callable returning the current Storyboard, asked again before each
-        chunk: a live session (``slotgen.live``) extends its timeline while the stream runs."""
+        chunk: a live session (``slotgen.live``) extends its timeline while the stream runs.
+
+        ``retake(chunk) -> bool``: asked before each chunk and between its denoising steps (see
+        :meth:`generate_chunk`); after it returns True the chunk is started again from the timeline as
+        it is then (the callable changed it)."""
         current = timeline if callable(timeline) else (lambda: timeline)
         while True:
+            if retake is not None:
+                retake(self.next_chunk)  # a change decided before the chunk starts costs nothing
             tl = current()
             if self.geometry.first_frame(self.next_chunk) >= tl.total_frames:
                 return
             idx, blend = tl.conditioning_at(self.geometry.first_frame(self.next_chunk) / tl.fps)
-            yield self.generate_chunk(idx, tl.prompts[idx].text, decode=decode, blend=blend)
+            try:
+                res = self.generate_chunk(idx, tl.prompts[idx].text, decode=decode, blend=blend, retake=retake)
+            except ChunkRetaken:
+                continue
+            yield res
 
     # -- persistence (snapshots) -----------------------------------------------------------------------
     def state_dict(self) -> dict:

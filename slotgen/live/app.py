@@ -101,7 +101,7 @@ def create_app(session: LiveSession, *, token: str | None = None, idle_stop: flo
         while not session.wait(0):
             await asyncio.sleep(0.2)
             n = session.broadcast.count()
-            seen = seen or n > 0
+            seen = seen or n > 0 or session.broadcast.joined > 0  # a page that left before this look counts
             if n or not seen or idle_stop is None:
                 alone_since = None
             elif alone_since is None:

@@ -97,11 +97,13 @@ class Broadcaster:
         self._lock = threading.Lock()
         self.closed = False
         self.frames_written = 0
+        self.joined = 0  # viewers ever added (one that came and went between two looks still counts)
 
     def add(self, loop: asyncio.AbstractEventLoop) -> Viewer:
         v = Viewer(loop, self.depth)
         with self._lock:
             self.viewers.add(v)
+            self.joined += 1
         if self.closed:
             v.close()
         return v

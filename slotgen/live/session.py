@@ -8,6 +8,10 @@ story so far is always a real :class:`~slotgen.storyboard.Storyboard` whose prom
 they took effect. That storyboard is what the render runs, what snapshots hold and what ``story.yaml``
 records: ``slotgen render story.yaml`` reproduces the live frames bit for bit.
 
+A prompt typed while a chunk is being sampled retakes that chunk (:meth:`LiveSession._retake`, asked by
+the engine between denoising steps): its decision is replaced, the engine restores its state and samples
+the chunk again, so the prompt takes effect one chunk sooner and the record still says where.
+
 The renderer's storyboard runs two chunks ahead of the chunk just generated (the next chunk, decided,
 and one more under the same prompt), so the crash-safety checkpoints of ``stream_to_files`` fire and a
 ``kill -9`` leaves a snapshot that resumes. A stop cuts the storyboard at the chunk just generated: the
@@ -90,7 +94,7 @@ class LiveState:
     fps: int
     seconds: float
     current: str | None
-    next: dict | None  # the typed prompt waiting for the next chunk boundary
+    next: dict | None  # the typed prompt waiting to take effect
     timeline: list[dict]
     memory: dict | None
     snapshots: list[str] = field(default_factory=list)  # file names in the output folder
@@ -159,6 +163,7 @@ class LiveSession:
         self._paused_for = 0.0
         self.thread: threading.Thread | None = None
         self.renderer.storyboard = self._timeline(self.first_chunk + 2)
+        self.renderer.retake = self._retake
         self.memory_view = self._memory_view()
 
     # -- the timeline -------------------------------------------------------------------------------
@@ -208,9 +213,35 @@ class LiveSession:
         self.entries.append(chosen)
         self._event("prompt", {"chunk": chunk, "start": t, "text": chosen.text})
 
+    def _retake(self, chunk: int) -> bool:
+        """Asked on the render thread before ``chunk`` starts and between its denoising steps, while
+        nothing of it is committed: a prompt typed since it was decided takes effect at ``chunk``
+        itself. The decision for ``chunk`` is replaced by the typed prompt (or withdrawn, when the
+        typed prompt is the one in force before it) and True is returned: the engine restores its state
+        and samples the chunk again under the new timeline, which is what the record then holds. The
+        session's first chunk stays as started; a typed prompt already in force waits for
+        :meth:`_decide` (which ignores it)."""
+        if self._typed is None or chunk <= self.first_chunk:  # the common case, without the lock
+            return False
+        with self._lock:
+            typed = self._typed
+            if typed is None or self._stop or typed.text == self.entries[-1].text:
+                return False
+            self._typed = None
+        kept = [e for e in self.entries if e.chunk is not None and e.chunk < chunk]
+        self.schedule.clear()  # typing takes over from the starting storyboard
+        if typed.text != kept[-1].text:
+            typed.start, typed.chunk = self._t(chunk), chunk
+            kept.append(typed)
+        self.entries = kept
+        self.renderer.storyboard = self._timeline(chunk + 2)  # the retaken chunk and one more
+        self._event("prompt", {"chunk": chunk, "start": self._t(chunk), "text": kept[-1].text})
+        return True
+
     # -- control (any thread) -------------------------------------------------------------------------
     def submit(self, text: object, transition: object = 0.0, blend: object = "linear") -> dict:
-        """Queue the next prompt: it takes effect at the next chunk boundary. Returns the vocabulary
+        """Queue the next prompt: it takes effect at the chunk being sampled, or at the next one when that
+        chunk is already committing (:meth:`_retake`). Returns the vocabulary
         warnings (words the model does not know are ignored by it)."""
         text = check_prompt(text)
         seconds, blend = check_transition(transition, blend)

@@ -11,6 +11,11 @@ ctx.imageSmoothingEnabled = false;
 // What tests and the latency benchmark read: frames drawn, and per typed prompt the time from
 // submitting it to drawing the first frame generated under it.
 const live = window.slotgenLive = { framesDrawn: 0, lastFrame: -1, state: null, pending: [], latencies: [] };
+const drawnAt = new Map();  // frame index -> performance.now() when drawn (the last 512 frames)
+
+function tookEffect(p, index, now) {  // the first frame under a typed prompt was drawn
+  p.drawn = now; live.latencies.push({ text: p.text, frame: p.frame, ms: now - p.sent });
+}
 
 async function post(path, body) {
   const r = await fetch(path + (token ? "?token=" + encodeURIComponent(token) : ""),
@@ -40,7 +45,11 @@ function showState(s) {
   }));
   for (const p of live.pending) {  // a typed prompt took effect: at which frame?
     const e = s.timeline.find((e) => e.source === "typed" && e.text === p.text && e.frame >= p.after);
-    if (e && p.frame === undefined) p.frame = e.frame;
+    if (e && p.frame === undefined) {
+      p.frame = e.frame;  // its frames may be drawn already: the state can arrive after them
+      const first = [...drawnAt.keys()].filter((i) => i >= p.frame).sort((a, b) => a - b)[0];
+      if (first !== undefined) tookEffect(p, first, drawnAt.get(first));
+    }
   }
   const m = s.memory;
   if (m) {
@@ -76,10 +85,10 @@ function drawFrame(buf) {
     bmp.close();
     const now = performance.now();
     live.framesDrawn += 1; live.lastFrame = index;
+    drawnAt.set(index, now);
+    if (drawnAt.size > 512) drawnAt.delete(drawnAt.keys().next().value);
     for (const p of live.pending) {
-      if (p.frame !== undefined && p.drawn === undefined && index >= p.frame) {
-        p.drawn = now; live.latencies.push({ text: p.text, frame: p.frame, ms: now - p.sent });
-      }
+      if (p.frame !== undefined && p.drawn === undefined && index >= p.frame) tookEffect(p, index, now);
     }
   }).catch(() => {});
 }
@@ -102,9 +111,10 @@ $("direct").addEventListener("submit", async (ev) => {
   const text = $("prompt").value;
   const after = live.state ? live.state.frames : 0;
   const entry = { text: text.trim(), sent: performance.now(), after };
+  live.pending.push(entry);  // before the answer: the state saying where it took effect may come first
   const r = await post("api/prompt", { text, transition: parseFloat($("transition").value) || 0,
                                        blend: $("blend").value });
-  if (!r.error) { live.pending.push(entry); $("prompt").value = ""; }
+  if (r.error) live.pending.splice(live.pending.indexOf(entry), 1); else $("prompt").value = "";
 });
 $("pause").onclick = () => post("api/pause");
 $("resume").onclick = () => post("api/resume");
