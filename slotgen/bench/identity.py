@@ -92,18 +92,22 @@ def memory_for(policy: str) -> dict:
 PASTS = ("generated", "truth")
 
 
-def _episode_renderer(episode, policy: str, bundle, storyboard_seed: int):
+def _episode_renderer(episode, policy: str, bundle, storyboard_seed: int, to_yaml=None, world: str = "identity"):
+    """A renderer of ``episode``'s storyboard under ``policy``; ``to_yaml(episode, seed=, memory=)`` writes
+    the storyboard (default: the shape world's :func:`~slotgen.world.episode_to_storyboard_yaml`)."""
     from slotgen.render import Renderer
     from slotgen.storyboard import parse_storyboard
-    from slotgen.world import episode_to_storyboard_yaml
 
-    text = episode_to_storyboard_yaml(episode, seed=storyboard_seed, memory=memory_for(policy))
-    return Renderer(parse_storyboard(text, f"<identity episode {episode.seed}>"), bundle=bundle)
+    if to_yaml is None:
+        from slotgen.world import episode_to_storyboard_yaml as to_yaml
+    text = to_yaml(episode, seed=storyboard_seed, memory=memory_for(policy))
+    return Renderer(parse_storyboard(text, f"<{world} episode {episode.seed}>"), bundle=bundle)
 
 
-def render_frames(episode, policy: str, bundle, storyboard_seed: int) -> np.ndarray:
+def render_frames(episode, policy: str, bundle, storyboard_seed: int, to_yaml=None, world: str = "identity") -> np.ndarray:
+    """Free-running render of an episode through the engine → uint8 ``(T, H, W, 3)``."""
     collector = FrameCollector()
-    _episode_renderer(episode, policy, bundle, storyboard_seed).stream([collector])
+    _episode_renderer(episode, policy, bundle, storyboard_seed, to_yaml, world).stream([collector])
     return collector.frames()
 
 

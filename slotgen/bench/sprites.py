@@ -53,22 +53,18 @@ def bench_sprite_episodes(gaps: list[int], episodes: int, seed: int, training: i
 
 
 def _renderer(ep, policy: str, bundle, storyboard_seed: int):
-    from slotgen.bench.identity import memory_for
-    from slotgen.render import Renderer
-    from slotgen.storyboard import parse_storyboard
+    from slotgen.bench.identity import _episode_renderer
     from slotgen.world.sprites import storyboard_yaml
 
-    text = storyboard_yaml(ep, seed=storyboard_seed, memory=memory_for(policy))
-    return Renderer(parse_storyboard(text, f"<sprite episode {ep.seed}>"), bundle=bundle)
+    return _episode_renderer(ep, policy, bundle, storyboard_seed, to_yaml=storyboard_yaml, world="sprite")
 
 
 def render_sprite_frames(ep, policy: str, bundle, storyboard_seed: int) -> np.ndarray:
     """Free-running render of a sprite episode through the engine → uint8 (T, 64, 64, 3)."""
-    from slotgen.bench.identity import FrameCollector
+    from slotgen.bench.identity import render_frames
+    from slotgen.world.sprites import storyboard_yaml
 
-    collector = FrameCollector()
-    _renderer(ep, policy, bundle, storyboard_seed).stream([collector])
-    return collector.frames()
+    return render_frames(ep, policy, bundle, storyboard_seed, to_yaml=storyboard_yaml, world="sprite")
 
 
 @torch.no_grad()
