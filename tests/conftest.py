@@ -14,6 +14,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Each test starts with one intra-op thread: a library call that sets torch's process-wide thread count
+    (training, render presets) must not leave a later test in the same xdist worker oversubscribed (the
+    live tests render on a worker thread beside the decode thread and time out when spinning)."""
+    torch.set_num_threads(1)
+    yield
+
+
 def tiny_bundle(rope_max_seq_len: int = 1024, num_layers: int = 2, seed: int = 0):
     """A ModelBundle whose modules are tiny, randomly initialised real Wan/UMT5 classes."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
