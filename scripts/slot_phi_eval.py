@@ -1,6 +1,6 @@
 """Slot purity and identity recall of slot projections φ on the miniature (docs/MEMORY.md, "Learning φ
-without labels"): unsupervised φ (reconstruction only; + temporal term), the shipped supervised φ and the
-training-free φ, on held-out `bench identity` episodes scored against the world's masks.
+without labels"): unsupervised φ (reconstruction only; + temporal term; + slot contrast; both), the
+shipped supervised φ and the training-free φ, on held-out `bench identity` episodes scored against the world's masks.
 
     python scripts/slot_phi_eval.py --videos CLIPS --steps 300 --json out.json
 

@@ -225,6 +225,10 @@ def _key_chunks(n_sources: int, per_source: int, seed: int = 3) -> list:
     return out
 
 
+def test_the_default_objective_is_reconstruction_only():
+    assert UnsupConfig().temporal_weight == 0.0 and UnsupConfig().contrast_weight == 0.0 and UnsupConfig().slots == 0
+
+
 def test_slot_contrast_pairs_consecutive_chunks_of_one_source_and_changes_what_is_learned(tmp_path):
     bundle = load_model("miniature")
     chunks = _key_chunks(2, 3)
@@ -239,6 +243,7 @@ def test_slot_contrast_pairs_consecutive_chunks_of_one_source_and_changes_what_i
     assert not torch.equal(plain.phi.weights[0], contrast.phi.weights[0])  # the term reaches φ
     assert contrast.losses[0] > plain.losses[0] + 0.5  # the InfoNCE of 8 slots is in the loss
     assert torch.equal(fit(chunks, contrast_weight=1.0).phi.weights[1], contrast.phi.weights[1])  # repeats
+    assert not torch.equal(fit(chunks, slots=3).phi.weights[0], plain.phi.weights[0])  # a training slot count
     lonely = [KeyChunk(c.keys, c.frames, c.cells, i) for i, c in enumerate(chunks)]  # no two of one source
     with pytest.raises(SlotgenError, match="consecutive chunks of one source"):
         fit(lonely, contrast_weight=1.0)

@@ -77,7 +77,7 @@ class UnsupConfig:
     steps: int = 400
     batch: int = 32  # chunks per step
     lr: float = 3e-3
-    temporal_weight: float = 1.0  # 0: reconstruction only
+    temporal_weight: float = 0.0  # 0: reconstruction only (the default: the term lowered purity on the selection set)
     temporal_tau: float = 0.1  # τ_t of the keys' affinity across frames
     contrast_weight: float = 0.0  # slot contrast across consecutive chunks (0: off)
     contrast_tau: float = 0.1  # τ_c of the slot InfoNCE
@@ -91,7 +91,7 @@ class UnsupConfig:
     def validate(self) -> None:
         for name, v, low in (("--dim", self.dim, 2), ("--steps", self.steps, 1), ("--batch", self.batch, 1),
                              ("--cells", self.cells, 2), ("--max-chunks", self.max_chunks, 1),
-                             ("--train-slots", self.slots, 0)):
+                             ("slots", self.slots, 0)):
             if v < low:
                 raise SlotgenError(f"{name} must be at least {low}, got {v}")
         if not self.contrast_tau > 0 or self.contrast_weight < 0:
