@@ -95,7 +95,7 @@ class UnsupConfig:
             if v < low:
                 raise SlotgenError(f"{name} must be at least {low}, got {v}")
         if not self.contrast_tau > 0 or self.contrast_weight < 0:
-            raise SlotgenError(f"--contrast-tau must be positive and --contrast-weight non-negative, got "
+            raise SlotgenError(f"the slot-contrast τ must be positive and --contrast-weight non-negative, got "
                                f"{self.contrast_tau}, {self.contrast_weight}")
         if not self.lr > 0 or not self.temporal_tau > 0 or self.temporal_weight < 0:
             raise SlotgenError(f"--lr and the temporal τ must be positive and --temporal-weight non-negative, got "
