@@ -29,7 +29,8 @@ def main() -> None:
     ap.add_argument("--recall-episodes", type=int, default=2, help="per gap, single and similar (0: skip)")
     ap.add_argument("--gaps", default="12,36")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--variant", action="append", default=None, metavar="NAME:TEMPORAL_WEIGHT:STEPS:DIM[:CONTRAST_WEIGHT[:SLOTS]]",
+    ap.add_argument("--variant", action="append", default=None,
+                    metavar="NAME:TEMPORAL_WEIGHT:STEPS:DIM[:CONTRAST_WEIGHT[:SLOTS]]",
                     help="an unsupervised variant to train (default: reconstruction only, + temporal, + slot "
                          "contrast, + both; weights 1)")
     ap.add_argument("--purity-seed", type=int, default=1000, help="first held-out episode seed (selection: 2000)")
@@ -66,7 +67,8 @@ def main() -> None:
 
         from slotgen.train.slots_unsup import KeyChunk
         if args.keys.is_file():
-            chunks = [KeyChunk(c["keys"], c["frames"], c["cells"], c.get("source", -1)) for c in torch.load(args.keys)]
+            chunks = [KeyChunk(c["keys"], c["frames"], c["cells"], c.get("source", -1))
+                      for c in torch.load(args.keys)]
         else:
             torch.save([{"keys": c.keys, "frames": c.frames, "cells": c.cells, "source": c.source} for c in chunks],
                        args.keys)

@@ -283,7 +283,8 @@ def contrast_loss(u_now: torch.Tensor, u_next: torch.Tensor, tau: float) -> torc
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def group(f: torch.Tensor, settings: SlotConfig, init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def group(f: torch.Tensor, settings: SlotConfig,
+          init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The policy's grouping of features f (B, N, D') → U (B, S, D'), A (B, S, N), differentiable through
     the iterations: from ``init`` (B, S, D') (temporal init: the previous chunk's slots) or, as on a first
     chunk, from farthest-point seeds (picks of f rows)."""
@@ -569,4 +570,5 @@ def train_slots(model: str, out: Optional[Path], cfg: UnsupConfig, *, storyboard
 
 
 __all__ = ["KeyChunk", "Stopped", "UnsupConfig", "checkpoint_path", "list_sources", "reconstruction_loss",
-           "spy_commits", "storyboard_chunks", "temporal_loss", "contrast_loss", "train_slots", "train_unsupervised", "video_chunks"]
+           "spy_commits", "storyboard_chunks", "temporal_loss", "contrast_loss", "train_slots", "train_unsupervised",
+           "video_chunks"]
