@@ -1,6 +1,6 @@
 """Slot purity and identity recall of slot projections φ on the miniature (docs/MEMORY.md, "Learning φ
-without labels"): unsupervised φ (reconstruction only; + temporal term), the shipped supervised φ and the
-training-free φ, on held-out `bench identity` episodes scored against the world's masks.
+without labels"): unsupervised φ (reconstruction only; + temporal term; + slot contrast; both), the
+shipped supervised φ and the training-free φ, on held-out `bench identity` episodes scored against the world's masks.
 
     python scripts/slot_phi_eval.py --videos CLIPS --steps 300 --json out.json
 
@@ -29,8 +29,10 @@ def main() -> None:
     ap.add_argument("--recall-episodes", type=int, default=2, help="per gap, single and similar (0: skip)")
     ap.add_argument("--gaps", default="12,36")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--variant", action="append", default=None, metavar="NAME:TEMPORAL_WEIGHT:STEPS:DIM",
-                    help="an unsupervised variant to train (default: reconstruction only and + temporal, 1.0)")
+    ap.add_argument("--variant", action="append", default=None,
+                    metavar="NAME:TEMPORAL_WEIGHT:STEPS:DIM[:CONTRAST_WEIGHT[:SLOTS]]",
+                    help="an unsupervised variant to train (default: reconstruction only, + temporal, + slot "
+                         "contrast, + both; weights 1)")
     ap.add_argument("--purity-seed", type=int, default=1000, help="first held-out episode seed (selection: 2000)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the training-free and supervised rows")
     ap.add_argument("--keys", type=Path, help="cache of the collected keys (written once, then read)")
@@ -53,20 +55,23 @@ def main() -> None:
     t0 = time.perf_counter()
     chunks = []
     base = UnsupConfig(seed=args.seed, steps=args.steps, batch=args.batch)
-    for p in sources if args.keys is None or not args.keys.is_file() else []:
+    for i, p in enumerate(sources if args.keys is None or not args.keys.is_file() else []):
         if args.videos is not None:
             from slotgen.train.slots_unsup import _caption
-            chunks += video_chunks(bundle, p, base, rng, _caption(p, ""), tuple(bundle.settings.resolution), print)
+            chunks += video_chunks(bundle, p, base, rng, _caption(p, ""), tuple(bundle.settings.resolution), print,
+                                   source=i)
         else:
-            chunks += storyboard_chunks(bundle, p, base, rng)
+            chunks += storyboard_chunks(bundle, p, base, rng, source=i)
     if args.keys is not None:  # the collected keys, reused by a later run with other objectives
         import torch
 
         from slotgen.train.slots_unsup import KeyChunk
         if args.keys.is_file():
-            chunks = [KeyChunk(c["keys"], c["frames"], c["cells"]) for c in torch.load(args.keys)]
+            chunks = [KeyChunk(c["keys"], c["frames"], c["cells"], c.get("source", -1))
+                      for c in torch.load(args.keys)]
         else:
-            torch.save([{"keys": c.keys, "frames": c.frames, "cells": c.cells} for c in chunks], args.keys)
+            torch.save([{"keys": c.keys, "frames": c.frames, "cells": c.cells, "source": c.source} for c in chunks],
+                       args.keys)
     print(f"{len(chunks)} chunks from {len(sources)} sources in {time.perf_counter() - t0:.0f} s", flush=True)
 
     gaps = [int(g) for g in args.gaps.split(",")]
@@ -74,11 +79,15 @@ def main() -> None:
     variants = {} if args.no_baselines else {"training-free": dataclasses.replace(bundle, slot_phi=None),
                                              "supervised (shipped)": bundle}
     specs = [v.split(":") for v in args.variant] if args.variant else \
-        [["unsupervised: reconstruction only", "0", str(args.steps), "32"],
-         ["unsupervised: reconstruction + temporal", "1", str(args.steps), "32"]]
-    for name, tw, steps, dim in specs:
+        [["unsupervised: reconstruction only", "0", str(args.steps), "32", "0"],
+         ["unsupervised: reconstruction + temporal", "1", str(args.steps), "32", "0"],
+         ["unsupervised: reconstruction + slot contrast", "0", str(args.steps), "32", "1"],
+         ["unsupervised: reconstruction + temporal + slot contrast", "1", str(args.steps), "32", "1"]]
+    for name, tw, steps, dim, *cw in specs:
         tw = float(tw)
-        cfg = dataclasses.replace(base, temporal_weight=tw, steps=int(steps), dim=int(dim))
+        cfg = dataclasses.replace(base, temporal_weight=tw, steps=int(steps), dim=int(dim),
+                                  contrast_weight=float(cw[0]) if cw else 0.0,
+                                  slots=int(cw[1]) if len(cw) > 1 else 0)
         out = (args.save_phi or Path("/tmp")) / f"phi_{len(variants)}.safetensors"
         res = train_unsupervised(bundle, sources, out, cfg, kind="videos" if args.videos else "storyboards",
                                  chunks=chunks, log=lambda m: None)

@@ -1027,7 +1027,8 @@ def train_slots_cmd(
     seed: int = typer.Option(0, "--seed", help="Seeds the cells kept, the init and the batches (and the episodes when supervised)."),
     steps: int = typer.Option(400, "--steps", min=1, help="Optimiser steps."),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Chunks per step (default 32; 64 supervised)."),
-    temporal_weight: float = typer.Option(1.0, "--temporal-weight", help="Weight of the temporal similarity term (0: reconstruction only)."),
+    temporal_weight: float = typer.Option(0.0, "--temporal-weight", help="Weight of the temporal similarity term (0, the default: reconstruction only)."),
+    contrast_weight: float = typer.Option(0.0, "--contrast-weight", help="Weight of the slot contrast across consecutive chunks (0: off)."),
     cells: int = typer.Option(256, "--cells", help="Grid cells kept per latent frame."),
     max_chunks: int = typer.Option(2000, "--max-chunks", help="Chunks collected at most."),
     width: Optional[int] = typer.Option(None, "--width", help="Clip width the model sees (default: the model's)."),
@@ -1041,7 +1042,7 @@ def train_slots_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train SlotMemory's slot projection φ for a model, without labels, on its own keys (slot attention,
-    key reconstruction and a temporal similarity term), and write slot_phi.safetensors. Ctrl-C, SIGTERM
+    key reconstruction; optional temporal and slot-contrast terms), and write slot_phi.safetensors. Ctrl-C, SIGTERM
     or a closed terminal write a checkpoint (exit 130/143; a second signal aborts, keeping the last
     periodic one); --resume continues it."""
     if threads < 1:
@@ -1073,7 +1074,7 @@ def train_slots_cmd(
     from slotgen.train.slots_unsup import Stopped, UnsupConfig, train_slots
 
     cfg = UnsupConfig(seed=seed, steps=steps, batch=batch or 32, temporal_weight=temporal_weight, cells=cells,
-                      max_chunks=max_chunks)
+                      max_chunks=max_chunks, contrast_weight=contrast_weight)
     cfg.validate()
     again = _command_line() + ("" if resume else " --resume")
     with stoppable(lambda sig: f"{sig}: finishing the current source or step, then writing the checkpoint (send it "

@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from slotgen.cli import app
+from slotgen.errors import SlotgenError
 from slotgen.memory.phi_file import PHI_FILE, attach_phi, phi_digest, read_phi, save_phi
 from slotgen.memory.slot import SlotConfig
 from slotgen.memory.slot_attention import LinearPhi
 from slotgen.models import load_model
 from slotgen.storyboard import parse_storyboard
-from slotgen.train.slots_unsup import reconstruction_loss, temporal_loss
+from slotgen.train.slots_unsup import (KeyChunk, UnsupConfig, contrast_loss, reconstruction_loss, temporal_loss,
+                                      train_unsupervised)
 
 ASSETS = Path(__file__).resolve().parents[1] / "slotgen" / "models" / "assets" / "miniature"
 SB = "prompts:\n  - {at: 0s, prompt: a red circle stays on a blue background}\nduration: %s\nmemory: {policy: slot}\n"
@@ -197,6 +199,54 @@ def test_the_temporal_term_rewards_slots_that_follow_key_correspondences():
     a_wrong = F.one_hot(torch.cat([slot0, 1 - slot0[order]]), 2).float().T[None]
     a_true, a_wrong = 0.9 * a_true + 0.05, 0.9 * a_wrong + 0.05  # soft, as slot attention gives
     assert float(temporal_loss(a_true, target, 2, 0.1)) < float(temporal_loss(a_wrong, target, 2, 0.1)) - 1.0
+
+
+def test_slot_contrast_rewards_slots_that_stay_themselves_and_differ_from_each_other():
+    g = torch.Generator().manual_seed(2)
+    u = F.normalize(torch.randn(2, 4, 8, generator=g), dim=-1)  # (B, S, D') slots of a chunk
+    kept = F.normalize(u + 0.05 * torch.randn(2, 4, 8, generator=g), dim=-1)  # the next chunk: the same slots
+    swapped = kept[:, [1, 0, 2, 3]]  # slots 0 and 1 traded their content
+    split = u.clone()
+    split[:, 1] = split[:, 0]  # one thing over two slots: indistinguishable
+    assert float(contrast_loss(u, kept, 0.1)) < 0.05
+    assert float(contrast_loss(u, swapped, 0.1)) > float(contrast_loss(u, kept, 0.1)) + 2.0
+    assert float(contrast_loss(split, split, 0.1)) > float(contrast_loss(u, u, 0.1)) + 0.3
+
+
+def _key_chunks(n_sources: int, per_source: int, seed: int = 3) -> list:
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(4, 32, generator=g), dim=-1)
+    out = []
+    for src in range(n_sources):
+        for _ in range(per_source):
+            y = torch.randint(0, 4, (2 * 8,), generator=g)  # F = 2 frames of 8 cells, four kinds of token
+            k = centres[y] + 0.3 * torch.randn(16, 32, generator=g)
+            out.append(KeyChunk([k.half(), k.flip(-1).half()], 2, 8, src))
+    return out
+
+
+def test_the_default_objective_is_reconstruction_only():
+    assert UnsupConfig().temporal_weight == 0.0 and UnsupConfig().contrast_weight == 0.0 and UnsupConfig().slots == 0
+
+
+def test_slot_contrast_pairs_consecutive_chunks_of_one_source_and_changes_what_is_learned(tmp_path):
+    bundle = load_model("miniature")
+    chunks = _key_chunks(2, 3)
+
+    def fit(data, **kw):
+        out = tmp_path / f"phi{len(list(tmp_path.iterdir()))}.safetensors"
+        cfg = UnsupConfig(seed=0, steps=3, batch=4, dim=8, temporal_weight=0.0, **kw)
+        return train_unsupervised(bundle, [Path("s")] * 2, out, cfg, kind="videos", chunks=data,
+                                  log=lambda m: None, checkpoint_every=0)
+
+    plain, contrast = fit(chunks), fit(chunks, contrast_weight=1.0)
+    assert not torch.equal(plain.phi.weights[0], contrast.phi.weights[0])  # the term reaches φ
+    assert contrast.losses[0] > plain.losses[0] + 0.5  # the InfoNCE of 8 slots is in the loss
+    assert torch.equal(fit(chunks, contrast_weight=1.0).phi.weights[1], contrast.phi.weights[1])  # repeats
+    assert not torch.equal(fit(chunks, slots=3).phi.weights[0], plain.phi.weights[0])  # a training slot count
+    lonely = [KeyChunk(c.keys, c.frames, c.cells, i) for i, c in enumerate(chunks)]  # no two of one source
+    with pytest.raises(SlotgenError, match="consecutive chunks of one source"):
+        fit(lonely, contrast_weight=1.0)
 
 
 def _clips(folder: Path, n: int, frames: int = 12, size=(64, 64), fps: int = 16) -> Path:

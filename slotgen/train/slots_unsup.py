@@ -16,8 +16,8 @@ keys are frozen features too, and they are what SlotMemory's slots route on. Our
   --past truth`` forces its ground-truth past). At most ``cells`` grid cells per latent frame are kept,
   the same cells in every frame of a chunk (seeded), so the temporal term compares like with like.
 * **φ_l(k) = normalise(W_l · flatten(k))** per layer (:class:`~slotgen.memory.slot_attention.LinearPhi`),
-  grouped by the policy's own slot attention (its slot count, iterations and temperature,
-  farthest-point init as on a first chunk): ``U, A = slot_attention(φ(k))``, A (S, N).
+  grouped by the policy's own slot attention (its iterations and temperature, farthest-point init as
+  on a first chunk; its slot count unless ``slots`` sets another): ``U, A = slot_attention(φ(k))``, A (S, N).
 * **Reconstruction** (DINOSAUR): decode every token's unit key from the slots, mixed by the assignment:
   ``k̂_n = Σ_s A[s, n] · (W_dec U_s + b)``; loss = mean over tokens of ‖k̂_n − k_n/‖k_n‖‖². The slots must
   carry what the keys say, and tokens may share a slot only where one vector explains their keys.
@@ -27,6 +27,13 @@ keys are frozen features too, and they are what SlotMemory's slots route on. Our
   by its slot, land on a token of the next frame in proportion to that slot's mass there); loss =
   cross-entropy −Σ_j P_ij log Q_ij, averaged over i. Tokens a key correspondence links across time are
   pushed into one slot.
+* **Slot contrast** (SlotContrast, weight ``contrast_weight``): pairs of consecutive chunks of one
+  source. The first is grouped from farthest-point seeds, the second from the first's slots (the
+  policy's temporal init), so slot s of both chunks is meant to be one thing. InfoNCE over the batch's
+  slots: ``logits = U¹ (U²)ᵀ / τ_c`` over all B·S slots of each chunk, the target of slot s of pair b
+  is slot s of the same pair's next chunk, symmetric (both directions averaged). Every other slot, of
+  this chunk and of the other pairs, is a negative: slots must stay what they were and differ from one
+  another, which an assignment that splits one thing over several slots cannot do.
 
 No ground-truth mask enters anything here. The supervised mode (``slotgen train-slots --supervised``,
 :mod:`slotgen.train.slots`) remains for the miniature's benchmark.
@@ -70,8 +77,11 @@ class UnsupConfig:
     steps: int = 400
     batch: int = 32  # chunks per step
     lr: float = 3e-3
-    temporal_weight: float = 1.0  # 0: reconstruction only
+    temporal_weight: float = 0.0  # 0: reconstruction only (the default: the term lowered purity on the selection set)
     temporal_tau: float = 0.1  # τ_t of the keys' affinity across frames
+    contrast_weight: float = 0.0  # slot contrast across consecutive chunks (0: off)
+    contrast_tau: float = 0.1  # τ_c of the slot InfoNCE
+    slots: int = 0  # slots while training (0: the policy's, 8); fewer make φ group coarser
     cells: int = 256  # grid cells kept per latent frame (all when the frame has fewer)
     max_chunks: int = 2000  # chunks collected at most (the keys stay in memory and in the checkpoint)
 
@@ -80,9 +90,13 @@ class UnsupConfig:
 
     def validate(self) -> None:
         for name, v, low in (("--dim", self.dim, 2), ("--steps", self.steps, 1), ("--batch", self.batch, 1),
-                             ("--cells", self.cells, 2), ("--max-chunks", self.max_chunks, 1)):
+                             ("--cells", self.cells, 2), ("--max-chunks", self.max_chunks, 1),
+                             ("slots", self.slots, 0)):
             if v < low:
                 raise SlotgenError(f"{name} must be at least {low}, got {v}")
+        if not self.contrast_tau > 0 or self.contrast_weight < 0:
+            raise SlotgenError(f"the slot-contrast τ must be positive and --contrast-weight non-negative, got "
+                               f"{self.contrast_tau}, {self.contrast_weight}")
         if not self.lr > 0 or not self.temporal_tau > 0 or self.temporal_weight < 0:
             raise SlotgenError(f"--lr and the temporal τ must be positive and --temporal-weight non-negative, got "
                                f"{self.lr}, {self.temporal_tau}, {self.temporal_weight}")
@@ -95,6 +109,7 @@ class KeyChunk:
     keys: list[torch.Tensor]
     frames: int  # F latent frames
     cells: int  # c cells per frame
+    source: int = -1  # index of the source it came from (consecutive chunks of one source pair up); -1 unknown
 
 
 class Stopped(Exception):
@@ -113,7 +128,8 @@ def _cell_pick(tokens_per_frame: int, cells: int, rng: np.random.Generator) -> t
     return torch.from_numpy(np.sort(rng.choice(tokens_per_frame, size=cells, replace=False)))
 
 
-def spy_commits(policy, tokens_per_frame: int, cells: int, rng: np.random.Generator, out: list[KeyChunk]) -> None:
+def spy_commits(policy, tokens_per_frame: int, cells: int, rng: np.random.Generator, out: list[KeyChunk],
+                source: int = -1) -> None:
     """Make ``policy`` hand a copy of every commit pass's keys to ``out`` (one :class:`KeyChunk` per chunk;
     re-cache passes are skipped). The policy itself behaves exactly as before."""
     write, end_chunk = policy.write, policy.end_chunk
@@ -131,7 +147,7 @@ def spy_commits(policy, tokens_per_frame: int, cells: int, rng: np.random.Genera
             pick = _cell_pick(tokens_per_frame, cells, rng)  # (c,) the same cells in every frame
             rows = (torch.arange(frames)[:, None] * tokens_per_frame + pick[None]).flatten()  # (F·c,)
             keys = [pending[layer][rows].flatten(1).to(torch.float16).cpu() for layer in sorted(pending)]
-            out.append(KeyChunk(keys, frames, len(pick)))
+            out.append(KeyChunk(keys, frames, len(pick), source))
             pending.clear()
         end_chunk()
 
@@ -139,7 +155,7 @@ def spy_commits(policy, tokens_per_frame: int, cells: int, rng: np.random.Genera
 
 
 def storyboard_chunks(bundle, path: Path, cfg: UnsupConfig, rng: np.random.Generator,
-                      limit: Optional[int] = None) -> list[KeyChunk]:
+                      limit: Optional[int] = None, source: int = -1) -> list[KeyChunk]:
     """Render ``path`` with ``bundle`` (its own memory section, seed and prompts; frames are not decoded) and
     return every committed chunk's keys (the first ``limit`` chunks only, when given)."""
     from slotgen.render import Renderer
@@ -149,7 +165,7 @@ def storyboard_chunks(bundle, path: Path, cfg: UnsupConfig, rng: np.random.Gener
     renderer = Renderer(sb, bundle=bundle)
     out: list[KeyChunk] = []
     th, tw = renderer.engine.token_hw
-    spy_commits(renderer.policy, th * tw, cfg.cells, rng, out)
+    spy_commits(renderer.policy, th * tw, cfg.cells, rng, out, source)
     for _ in renderer.engine.run(renderer.storyboard, decode=False):
         if limit is not None and len(out) >= limit:
             break
@@ -185,7 +201,7 @@ def read_clip(path: Path, size: tuple[int, int], fps: int, note: Callable[[str],
 
 @torch.no_grad()
 def video_chunks(bundle, path: Path, cfg: UnsupConfig, rng: np.random.Generator, prompt: str, size: tuple[int, int],
-                 note: Callable[[str], None], limit: Optional[int] = None) -> list[KeyChunk]:
+                 note: Callable[[str], None], limit: Optional[int] = None, source: int = -1) -> list[KeyChunk]:
     """Encode a clip with the model's VAE and commit it chunk by chunk through the engine (the render's
     commit pass, with ``prompt``); return every chunk's keys (the first ``limit`` only, when given). A
     clip too short for one chunk gives none."""
@@ -207,7 +223,7 @@ def video_chunks(bundle, path: Path, cfg: UnsupConfig, rng: np.random.Generator,
                                                            steps=s.steps, shift=s.shift, preset=memory.preset))
     th, tw = engine.token_hw
     out: list[KeyChunk] = []
-    spy_commits(policy, th * tw, cfg.cells, rng, out)
+    spy_commits(policy, th * tw, cfg.cells, rng, out, source)
     Fc = engine.geometry.chunk_frames
     for c in range(lat.shape[2] // Fc):
         if limit is not None and len(out) >= limit:
@@ -258,10 +274,22 @@ def temporal_loss(a: torch.Tensor, target: torch.Tensor, frames: int, tau: float
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
-def group(f: torch.Tensor, settings: SlotConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy's first-chunk grouping of features f (B, N, D') → U (B, S, D'), A (B, S, N), differentiable
-    through the iterations (the seeds are picks of f rows)."""
-    init = batched_farthest_point_init(f.detach(), settings.num_slots)  # (B, S, D')
+def contrast_loss(u_now: torch.Tensor, u_next: torch.Tensor, tau: float) -> torch.Tensor:
+    """SlotContrast-style slot InfoNCE (module docstring). u_now, u_next (B, S, D') unit slots of a chunk
+    and of the next chunk (grouped from u_now). Symmetric cross-entropy over all B·S slots."""
+    B, S, D = u_now.shape
+    logits = u_now.reshape(B * S, D) @ u_next.reshape(B * S, D).T / tau  # (B·S, B·S)
+    target = torch.arange(B * S)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def group(f: torch.Tensor, settings: SlotConfig,
+          init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's grouping of features f (B, N, D') → U (B, S, D'), A (B, S, N), differentiable through
+    the iterations: from ``init`` (B, S, D') (temporal init: the previous chunk's slots) or, as on a first
+    chunk, from farthest-point seeds (picks of f rows)."""
+    if init is None:
+        init = batched_farthest_point_init(f.detach(), settings.num_slots)  # (B, S, D')
     return batched_slot_attention(f, init, settings.iters, settings.temperature)
 
 
@@ -285,14 +313,15 @@ class UnsupState:
     def to_payload(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "chunks"}
         d["format"] = CHECKPOINT_FORMAT
-        d["chunks"] = [{"keys": c.keys, "frames": c.frames, "cells": c.cells} for c in self.chunks]
+        d["chunks"] = [{"keys": c.keys, "frames": c.frames, "cells": c.cells, "source": c.source} for c in self.chunks]
         return d
 
     @classmethod
     def from_payload(cls, d: dict) -> "UnsupState":
         d = dict(d)
         d.pop("format", None)
-        chunks = [KeyChunk(c["keys"], int(c["frames"]), int(c["cells"])) for c in d.pop("chunks")]
+        chunks = [KeyChunk(c["keys"], int(c["frames"]), int(c["cells"]), int(c.get("source", -1)))
+                  for c in d.pop("chunks")]
         return cls(**d, chunks=chunks)
 
 
@@ -403,11 +432,11 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
     while state.done < len(sources) and len(state.chunks) < cfg.max_chunks:
         path = sources[state.done]
         if kind == "storyboards":
-            got = storyboard_chunks(bundle, path, cfg, rng, limit=cfg.max_chunks - len(state.chunks))
+            got = storyboard_chunks(bundle, path, cfg, rng, limit=cfg.max_chunks - len(state.chunks), source=state.done)
         else:
             try:
                 got = video_chunks(bundle, path, cfg, rng, _caption(path, prompt), size, note,
-                                   limit=cfg.max_chunks - len(state.chunks))
+                                   limit=cfg.max_chunks - len(state.chunks), source=state.done)
             except SlotgenError as err:
                 note(f"skipped: {err}")
                 got = []
@@ -426,7 +455,7 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
     # -- stage 2: φ ------------------------------------------------------------------------------------
     data = state.chunks
     n_layers, width = len(data[0].keys), data[0].keys[0].shape[1]
-    settings = SlotConfig()
+    settings = SlotConfig(num_slots=cfg.slots) if cfg.slots else SlotConfig()  # the policy's iterations and τ
     if state.params is None:
         g = torch.Generator().manual_seed(cfg.seed * 1000 + 23)
         state.params = {"enc": [torch.randn(cfg.dim, width, generator=g) / width ** 0.5 for _ in range(n_layers)],
@@ -441,6 +470,15 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
     if state.rng is not None:
         batch_rng.bit_generator.state = state.rng
     shapes = sorted({(c.frames, c.cells) for c in data})  # chunks of one shape are batched together
+    pairs: dict = {}  # shape → [(i, i + 1)] consecutive chunks of one source (slot contrast)
+    if cfg.contrast_weight > 0:
+        for i in range(len(data) - 1):
+            a, b = data[i], data[i + 1]
+            if a.source >= 0 and a.source == b.source and (a.frames, a.cells) == (b.frames, b.cells):
+                pairs.setdefault((a.frames, a.cells), []).append((i, i + 1))
+        if not pairs:
+            raise SlotgenError("--contrast-weight needs two consecutive chunks of one source; no source gave two")
+        shapes = sorted(pairs)
 
     def sync_state() -> None:
         state.params = {k: [p.detach().clone() for p in v] for k, v in params.items()}
@@ -449,17 +487,28 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
 
     while state.step < cfg.steps:
         shape = shapes[int(batch_rng.integers(len(shapes)))] if len(shapes) > 1 else shapes[0]
-        pool = [i for i, c in enumerate(data) if (c.frames, c.cells) == shape]
-        idx = batch_rng.integers(0, len(pool), size=cfg.batch)
+        if cfg.contrast_weight > 0:  # batch/2 pairs of consecutive chunks: as many chunks per step
+            pp = pairs[shape]
+            pick = batch_rng.integers(0, len(pp), size=max(1, cfg.batch // 2))
+            rows = [[pp[i][0] for i in pick], [pp[i][1] for i in pick]]
+        else:
+            pool = [i for i, c in enumerate(data) if (c.frames, c.cells) == shape]
+            rows = [[pool[i] for i in batch_rng.integers(0, len(pool), size=cfg.batch)]]
         loss = torch.zeros(())
         for layer in range(n_layers):
-            k = torch.stack([data[pool[i]].keys[layer] for i in idx]).float()  # (B, N, W)
-            target = F.normalize(k, dim=-1)
-            f = F.normalize(k @ params["enc"][layer].T, dim=-1)  # (B, N, D')
-            u, a = group(f, settings)
-            loss = loss + reconstruction_loss(a, u, target, params["dec_w"][layer], params["dec_b"][layer])
-            if cfg.temporal_weight > 0 and shape[0] > 1:
-                loss = loss + cfg.temporal_weight * temporal_loss(a, target, shape[0], cfg.temporal_tau)
+            u_prev = None
+            for part in rows:  # one part, or a chunk part and its next-chunk part
+                k = torch.stack([data[i].keys[layer] for i in part]).float()  # (B, N, W)
+                target = F.normalize(k, dim=-1)
+                f = F.normalize(k @ params["enc"][layer].T, dim=-1)  # (B, N, D')
+                u, a = group(f, settings, init=u_prev)  # the next chunk starts from the chunk's slots
+                w = len(part) / sum(len(r) for r in rows)  # parts weighted by their chunks
+                loss = loss + w * reconstruction_loss(a, u, target, params["dec_w"][layer], params["dec_b"][layer])
+                if cfg.temporal_weight > 0 and shape[0] > 1:
+                    loss = loss + w * cfg.temporal_weight * temporal_loss(a, target, shape[0], cfg.temporal_tau)
+                if u_prev is not None:
+                    loss = loss + cfg.contrast_weight * contrast_loss(u_prev, u, cfg.contrast_tau)
+                u_prev = u
         loss = loss / n_layers
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -521,4 +570,5 @@ def train_slots(model: str, out: Optional[Path], cfg: UnsupConfig, *, storyboard
 
 
 __all__ = ["KeyChunk", "Stopped", "UnsupConfig", "checkpoint_path", "list_sources", "reconstruction_loss",
-           "spy_commits", "storyboard_chunks", "temporal_loss", "train_slots", "train_unsupervised", "video_chunks"]
+           "spy_commits", "storyboard_chunks", "temporal_loss", "contrast_loss", "train_slots", "train_unsupervised",
+           "video_chunks"]
