@@ -195,6 +195,24 @@ def test_sprite_training_repeats_and_resumes_step_for_step(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stopped_sprite_run_checkpoints_its_text_encoder_and_resumes(tmp_path):
+    """A signal (should_stop) stops a sprite run, whose text encoder is trained, with a checkpoint that
+    holds the text encoder, and --resume finishes it (the stop path once crashed on a missing encoder)."""
+    import torch
+
+    from slotgen.train.miniature import CHECKPOINT, TrainConfig, train_miniature
+
+    done: list[int] = []
+    cfg = TrainConfig.for_world("sprites", steps=3, episodes=3, batch=1, threads=1, checkpoint_every=0)
+    part = train_miniature(cfg, tmp_path, log=lambda m: None, should_stop=lambda: len(done) >= 2,
+                           on_step=lambda step, budget, loss: done.append(step))
+    assert part.interrupted and part.steps == 2
+    assert "text_encoder" in torch.load(tmp_path / CHECKPOINT, map_location="cpu", weights_only=True)
+    rest = train_miniature(TrainConfig(), tmp_path, log=lambda m: None, resume=True)
+    assert rest.steps == 3 and (tmp_path / "weights.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_sprite_identity_bench_scores_every_policy_on_the_same_episodes():
     from slotgen.bench.sprites import bench_sprite_episodes, run_sprite_identity_bench
     from slotgen.models.miniature import load_miniature

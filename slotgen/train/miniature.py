@@ -716,7 +716,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     t0 = budget.t0
     while budget.more():
         if should_stop is not None and should_stop():  # before a step: the checkpoint holds every step done
-            save_checkpoint(out, cfg, res, budget, transformer, opt, rng, gen, command)
+            save_checkpoint(out, cfg, res, budget, transformer, opt, rng, gen, command, text_encoder)
             res.steps, res.seconds, res.interrupted = budget.done, budget.elapsed(), True
             log(f"stopped after step {budget.done}; continue with --resume {out}")
             return res
