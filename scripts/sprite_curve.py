@@ -115,8 +115,11 @@ def write_png(result: dict, path: Path, size=(560, 300)) -> None:
     for v in (0, 0.5, 0.9, 1.0):
         d.line([px(math.exp(lo), v), px(math.exp(hi), v)], fill=(225, 225, 225))
         d.text((x0 - 30, px(1, v)[1] - 6), f"{v:.1f}", fill="black")
-    for s in (p["steps"] for p in pts):
-        d.text((px(s, 0)[0] - 10, y1 + 4), str(s), fill="black")
+    last = -1e9
+    for s in (p["steps"] for p in pts):  # step labels, skipping any that would overlap the previous one
+        if px(s, 0)[0] - last >= 30:
+            d.text((px(s, 0)[0] - 10, y1 + 4), str(s), fill="black")
+            last = px(s, 0)[0]
     bx = px(result["budget_steps"], 0)[0]
     d.line([(bx, y0), (bx, y1)], fill=(150, 150, 150))
     d.text((bx - 20, y1 + 18), f"B={result['budget_steps']}", fill="black")
