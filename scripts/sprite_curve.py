@@ -1,13 +1,15 @@
 """Score a sprite-world training run's snapshots and checkpoints free-running, and apply the kill rule.
 
     python scripts/sprite_curve.py --run RUN [--checkpoints FILE ...] [--episodes 12] [--seed 7]
-                                   [--budget-minutes 180] [--json curve.json] [--png curve.png]
+                                   [--budget-minutes 180] [--rule presence|compliance] [--json curve.json] [--png curve.png]
 
 Every ``RUN/snapshots/step-N`` folder (and every given copy of ``RUN/checkpoint/state.pt``, loaded into the
 first snapshot's folder) is scored on ``held_out_episodes(--episodes)`` of the sprite world, free-running
 with ``window`` memory and storyboard seed ``--seed`` (``slotgen.bench.sprites.score_free_running``). Then
 presence = a + b·ln(steps) is fitted over every point and evaluated at B, the steps ``--budget-minutes`` of
-training buy at the run's measured rate; the rule passes when b > 0 and the fit at B is ≥ 0.9.
+training buy at the run's measured rate; the rule passes when b > 0 and the fit at B is ≥ 0.9. With
+``--rule compliance`` the rule is ``slotgen.bench.sprites.compliance_rule``: at least 4 points, compliance
+fitted the same way reaching ≥ 0.9 at B, and the duplicate rate falling.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-minutes", type=float, default=180.0)
     ap.add_argument("--max-minutes", type=float, default=30.0, help="only points within this much training")
     ap.add_argument("--from-steps", type=int, default=0, help="only points at or after this step")
+    ap.add_argument("--rule", choices=("presence", "compliance"), default="presence",
+                    help="presence: the fit of presence decides; compliance: compliance and the duplicate rate decide")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path)
     args = ap.parse_args(argv)
@@ -35,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from slotgen.bench.sprites import fit_log_curve, score_free_running
+    from slotgen.bench.sprites import compliance_rule, fit_log_curve, score_free_running
     from slotgen.models.miniature import load_miniature
     from slotgen.world.sprites import held_out_episodes
 
@@ -75,8 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     B = rate * args.budget_minutes * 60
     fit = fit_log_curve([r["steps"] for r in rows], [r["presence"] for r in rows], [B, 2 * B])
     passed = fit["b"] > 0 and fit["at"][str(int(B))] >= 0.9
+    extra: dict = {}
+    if args.rule == "compliance":
+        extra = {"rule": compliance_rule(rows, B)}
+        passed = extra["rule"]["continue"]
+        fit = extra["rule"].get("compliance_fit", fit)
     result = {"episodes": args.episodes, "storyboard_seed": args.seed, "policy": "window", "steps_per_second": rate,
-              "budget_steps": int(B), "fit": fit, "continue": passed, "points": rows}
+              "budget_steps": int(B), "rule_metric": args.rule, "fit": fit, "continue": passed, **extra, "points": rows}
     print(json.dumps({k: v for k, v in result.items() if k != "points"}))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
@@ -106,8 +115,11 @@ def write_png(result: dict, path: Path, size=(560, 300)) -> None:
     for v in (0, 0.5, 0.9, 1.0):
         d.line([px(math.exp(lo), v), px(math.exp(hi), v)], fill=(225, 225, 225))
         d.text((x0 - 30, px(1, v)[1] - 6), f"{v:.1f}", fill="black")
-    for s in (p["steps"] for p in pts):
-        d.text((px(s, 0)[0] - 10, y1 + 4), str(s), fill="black")
+    last = -1e9
+    for s in (p["steps"] for p in pts):  # step labels, skipping any that would overlap the previous one
+        if px(s, 0)[0] - last >= 30:
+            d.text((px(s, 0)[0] - 10, y1 + 4), str(s), fill="black")
+            last = px(s, 0)[0]
     bx = px(result["budget_steps"], 0)[0]
     d.line([(bx, y0), (bx, y1)], fill=(150, 150, 150))
     d.text((bx - 20, y1 + 18), f"B={result['budget_steps']}", fill="black")

@@ -939,7 +939,8 @@ def train_miniature_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Exact transformer steps (reproducible) instead of the time budget."),
     episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="World episodes in the dataset (default 256; sprites 512)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Sequences per step (default 8)."),
-    clip_chunks: Optional[int] = typer.Option(None, "--clip-chunks", help="Noisy chunks per sequence (default 4; sprites 2)."),
+    clip_chunks: Optional[int] = typer.Option(None, "--clip-chunks", help="Noisy chunks per sequence (default 4; sprites 3)."),
+    placement_weight: Optional[float] = typer.Option(None, "--placement-weight", help="Loss weight of the chunks whose caption places the entity (default 1; sprites 4: entrance and return)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads (2 on an idle 2-core machine; 1 next to another job). "
                                 "It changes float rounding: bit-exact re-runs need the same value."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N. Batches and random draws stay on the CPU "
@@ -961,7 +962,7 @@ def train_miniature_cmd(
     check_device(device)
     cfg = TrainConfig.for_world(world, minutes=minutes, seed=seed, steps=steps, threads=threads, device=device)
     given = set()
-    for name, v in (("episodes", episodes), ("batch", batch), ("clip_chunks", clip_chunks),
+    for name, v in (("episodes", episodes), ("batch", batch), ("clip_chunks", clip_chunks), ("placement_weight", placement_weight),
                     ("checkpoint_every", checkpoint_every), ("snapshot_every", snapshot_every)):
         if v is not None:
             setattr(cfg, name, v)

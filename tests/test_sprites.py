@@ -117,6 +117,29 @@ def test_old_worlds_keep_their_recipe_and_vocabulary():
         assert world_vocabulary(world) == list(VOCABULARY)
     sprites = TrainConfig.for_world("sprites", steps=3)
     assert sprites.sigma_one_prob == 1.0 and sprites.train_text and sprites.steps == 3
+    assert sprites.clip_chunks == 3 and sprites.placement_weight == 4.0 and TrainConfig().placement_weight == 1.0
+
+
+def test_placement_weight_scales_the_entrance_and_return_chunks_only():
+    """The sprite recipe weights the chunks that name the row (entrance, return) ×placement_weight, whole
+    chunks (background cells included); the same draws with weight 1 give the unscaled weights."""
+    import torch
+
+    from slotgen.train.miniature import TrainConfig, sample_batch, sprite_clip
+    from slotgen.world.sprites import sprite_episode
+
+    ep = sprite_episode(3, gap=0, lead=0)
+    clip = sprite_clip(ep)
+    assert clip.placement_chunks == [ep.enter_chunk, ep.return_chunk]
+    clip.latents = torch.zeros(48, ep.total_frames, 16, 16).half()
+    weights = {}
+    for w in (1.0, 4.0):
+        cfg = TrainConfig.for_world("sprites", batch=16, placement_weight=w, return_prob=0.0, relocate_prob=0.0)
+        b = sample_batch([clip], np.random.default_rng(0), torch.Generator().manual_seed(0), cfg)
+        weights[w] = b.weight
+    ratio = (weights[4.0] / weights[1.0])[:, 0, :, 0, 0]  # (B, nF): 4 on placement frames, 1 elsewhere
+    assert set(ratio.unique().tolist()) == {1.0, 4.0}
+    assert torch.equal(weights[4.0] / weights[1.0], ratio[:, None, :, None, None].expand_as(weights[1.0]))
 
 
 @pytest.mark.slow
@@ -172,6 +195,24 @@ def test_sprite_training_repeats_and_resumes_step_for_step(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stopped_sprite_run_checkpoints_its_text_encoder_and_resumes(tmp_path):
+    """A signal (should_stop) stops a sprite run, whose text encoder is trained, with a checkpoint that
+    holds the text encoder, and --resume finishes it (the stop path once crashed on a missing encoder)."""
+    import torch
+
+    from slotgen.train.miniature import CHECKPOINT, TrainConfig, train_miniature
+
+    done: list[int] = []
+    cfg = TrainConfig.for_world("sprites", steps=3, episodes=3, batch=1, threads=1, checkpoint_every=0)
+    part = train_miniature(cfg, tmp_path, log=lambda m: None, should_stop=lambda: len(done) >= 2,
+                           on_step=lambda step, budget, loss: done.append(step))
+    assert part.interrupted and part.steps == 2
+    assert "text_encoder" in torch.load(tmp_path / CHECKPOINT, map_location="cpu", weights_only=True)
+    rest = train_miniature(TrainConfig(), tmp_path, log=lambda m: None, resume=True)
+    assert rest.steps == 3 and (tmp_path / "weights.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_sprite_identity_bench_scores_every_policy_on_the_same_episodes():
     from slotgen.bench.sprites import bench_sprite_episodes, run_sprite_identity_bench
     from slotgen.models.miniature import load_miniature
@@ -183,6 +224,19 @@ def test_sprite_identity_bench_scores_every_policy_on_the_same_episodes():
     assert [row["seed"] for row in res["rows"] if row["policy"] == "window"] == \
         [row["seed"] for row in res["rows"] if row["policy"] == "slot"]
     assert set(res["paired_vs_window"]) == {"slot"}
+
+
+def test_compliance_rule_needs_compliance_rising_to_target_and_duplicates_falling():
+    from slotgen.bench.sprites import compliance_rule
+
+    def pts(comp, dup):
+        return [{"steps": s, "compliance": c, "duplicate_rate": d} for s, c, d in zip((200, 400, 600, 800), comp, dup)]
+
+    good = compliance_rule(pts((0.3, 0.5, 0.62, 0.7), (0.6, 0.45, 0.4, 0.3)), 10_000)
+    assert good["continue"] and good["compliance_fit"]["b"] > 0
+    assert not compliance_rule(pts((0.3, 0.5, 0.62, 0.7), (0.6, 0.65, 0.6, 0.62)), 10_000)["continue"]  # duplicates flat
+    assert not compliance_rule(pts((0.5, 0.52, 0.55, 0.56), (0.6, 0.45, 0.4, 0.3)), 10_000)["continue"]  # too slow
+    assert not compliance_rule(pts((0.3, 0.5, 0.62, 0.7), (0.6, 0.45, 0.4, 0.3))[:3], 10_000)["continue"]  # 3 points
 
 
 def test_sprite_bench_rejects_gaps_that_are_not_whole_chunks():

@@ -206,3 +206,26 @@ def fit_log_curve(steps: list[float], values: list[float], at: list[float]) -> d
     b, a = np.polyfit(x, y, 1)
     return {"a": float(a), "b": float(b), "at": {str(int(s)): float(a + b * np.log(s)) for s in at},
             "steps_to_0.9": float(np.exp((0.9 - a) / b)) if b > 0 else None}
+
+
+RULE_MIN_POINTS = 4
+
+
+def compliance_rule(points: list[dict], budget_steps: float) -> dict:
+    """The sprite world's kill rule on scored points (each with ``steps``, ``compliance``, ``duplicate_rate``):
+    continue only if there are at least :data:`RULE_MIN_POINTS` points, the fit compliance = a + b·ln(steps)
+    has b > 0 and reaches ≥ 0.9 at ``budget_steps``, and the duplicate rate falls (the fit of duplicate rate
+    against ln(steps) has a negative slope and the last point is below the first). Presence alone does not
+    decide: it counts any sprite in the expected cell, which drawing every row of a column also earns."""
+    steps = [p["steps"] for p in points]
+    if len(points) < RULE_MIN_POINTS:
+        return {"continue": False, "reason": f"{len(points)} points, the rule needs {RULE_MIN_POINTS}"}
+    comp = fit_log_curve(steps, [p["compliance"] for p in points], [budget_steps])
+    dup = fit_log_curve(steps, [p["duplicate_rate"] for p in points], [budget_steps])
+    at_b = comp["at"][str(int(budget_steps))]
+    falls = dup["b"] < 0 and points[-1]["duplicate_rate"] < points[0]["duplicate_rate"]
+    reasons = [r for r, bad in ((f"compliance slope {comp['b']:+.3f} ≤ 0", comp["b"] <= 0),
+                                (f"compliance fit at {int(budget_steps)} steps {at_b:.2f} < 0.9", at_b < 0.9),
+                                ("the duplicate rate does not fall", not falls)) if bad]
+    return {"continue": not reasons, "reason": "; ".join(reasons) or "every condition met",
+            "compliance_fit": comp, "duplicate_fit": dup}

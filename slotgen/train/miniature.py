@@ -91,6 +91,8 @@ class TrainConfig:
     context_noise: float = 0.1  # half the samples get N(0, s²) noise with s ~ U(0, this) on the clean context
     # (still at timestep 0): the committed past the engine feeds back is the model's own, imperfect output
     entity_weight: float = 4.0  # extra loss weight on latent cells with a pixel within 2 px of an entity
+    placement_weight: float = 1.0  # loss weight ×this on every frame of a chunk whose caption places the entity
+    # (the sprite world's entrance and return, the only chunks naming its row; the shape worlds have none marked)
     slots: SlotTrainConfig = field(default_factory=SlotTrainConfig)  # the last stage: SlotMemory's φ (train/slots.py)
     threads: int = 1  # 1 thread: on a shared 2-core machine OpenMP spin contention makes 2 threads slower
     checkpoint_every: int = 250  # steps between resumable checkpoints (DIR/checkpoint/; `--resume DIR`); 0: none
@@ -111,9 +113,12 @@ class TrainConfig:
     def for_world(cls, world: str, **kw) -> "TrainConfig":
         """The recipe for ``world``: the shape worlds' defaults, or for ``sprites`` the one-step x0
         regression (σ = 1 for every noisy chunk: with a deterministic world the conditional mean is the
-        answer) with a trained text encoder (attribute words the text path can tell apart)."""
+        answer) with a trained text encoder (attribute words the text path can tell apart), clips of 3
+        chunks (the 9-frame window the engine's context holds) and the entrance and return chunks, the
+        only ones that name the sprite's row, weighted ×4 in the loss."""
         if world == "sprites":
-            kw = {"sigma_one_prob": 1.0, "train_text": True, "episodes": 512, "clip_chunks": 2, **kw}
+            kw = {"sigma_one_prob": 1.0, "train_text": True, "episodes": 512, "clip_chunks": 3, "placement_weight": 4.0,
+                  **kw}
         return cls(world=world, **kw)
 
     def validate(self) -> None:
@@ -121,6 +126,8 @@ class TrainConfig:
         self.slots.validate()
         if self.threads < 1:
             raise SlotgenError(f"--threads must be at least 1, got {self.threads}")
+        if not self.placement_weight > 0:
+            raise SlotgenError(f"--placement-weight must be positive, got {self.placement_weight}")
         if not self.minutes > 0:
             raise SlotgenError(f"--minutes must be positive, got {self.minutes}")
         if self.world not in ALL_WORLDS:
@@ -169,6 +176,7 @@ class WorldClip:
     return_chunk: Optional[int] = None  # chunk holding the protagonist's return start (chunk-aligned)
     before_chunks: list[int] = field(default_factory=list)  # chunks before its leave with it fully inside
     latents: Optional[torch.Tensor] = None  # (C, T, h, w) normalised latents, filled after encoding
+    placement_chunks: list[int] = field(default_factory=list)  # chunks whose caption places the entity (row, side)
 
 
 def chunk_first_frame(chunk: int) -> int:
@@ -240,7 +248,8 @@ def sprite_clip(ep) -> WorldClip:
     ent = torch.from_numpy(labels).float()[:, None]  # (T, 1, H, W)
     near = F.max_pool2d(F.max_pool2d(ent, 5, 1, 2), STRIDE_S)[:, 0] > 0
     before = [c for c in range(ep.leave_chunk) if ep.cells[c] is not None]
-    return WorldClip(video, list(ep.captions), near, ep.return_chunk, before)
+    return WorldClip(video, list(ep.captions), near, ep.return_chunk, before,
+                     placement_chunks=[ep.enter_chunk, ep.return_chunk])
 
 
 def build_dataset(n: int, seed: int, max_gap: int, world: str = "standard") -> list[WorldClip]:
@@ -434,6 +443,9 @@ def sample_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torch.Ge
         x0[b] = clean
         sigma[b, 0, :, 0, 0] = sig
         weight[b, 0] += cfg.entity_weight * clip.near_entity[s * CHUNK : (s + n) * CHUNK].float()
+        for c in clip.placement_chunks:  # the whole chunk: drawing in a row the caption did not name costs too
+            if s <= c < s + n:
+                weight[b, 0, (c - s) * CHUNK : (c - s + 1) * CHUNK] *= cfg.placement_weight
         ts[b, (R + nF) * tpf :] = sig.repeat_interleave(tpf) * 1000.0
         mask[b, 0] = m
         captions.append([clip.chunk_captions[reloc if reloc is not None else s]]
@@ -704,7 +716,7 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
     t0 = budget.t0
     while budget.more():
         if should_stop is not None and should_stop():  # before a step: the checkpoint holds every step done
-            save_checkpoint(out, cfg, res, budget, transformer, opt, rng, gen, command)
+            save_checkpoint(out, cfg, res, budget, transformer, opt, rng, gen, command, text_encoder)
             res.steps, res.seconds, res.interrupted = budget.done, budget.elapsed(), True
             log(f"stopped after step {budget.done}; continue with --resume {out}")
             return res
@@ -814,8 +826,8 @@ def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> st
 
     cmd = command or "slotgen train-miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     defaults = TrainConfig()
-    flags = "".join(f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("world", "episodes", "batch", "clip_chunks")
-                    if getattr(cfg, k) != getattr(defaults, k))
+    named = ("world", "episodes", "batch", "clip_chunks", "placement_weight")
+    flags = "".join(f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in named if getattr(cfg, k) != getattr(defaults, k))
     repro = (f"slotgen train-miniature --out DIR --seed {cfg.seed} --steps {res.steps} --threads {cfg.threads}{flags}"
              + (f" --device {cfg.device}" if cfg.device != "cpu" else ""))
     return f"""# Model card: slotgen miniature (trained on the shape world)
@@ -853,7 +865,8 @@ schedule then follows steps, so the numbers can differ slightly from a time-budg
   positions of clean chunk j), per-token timesteps (0 for clean); σ per chunk 1 with probability
   {cfg.sigma_one_prob:g}, else {cfg.sigma_shift:g}u/(1 + {cfg.sigma_shift - 1:g}u), u ~ U(0, 1); loss
   ‖x̂0 − x0‖²/max(σ, {cfg.min_sigma_weight:g})², latent cells within 2 px of an entity weighted ×{1 + cfg.entity_weight:g};
-  half the samples get N(0, s²), s ~ U(0, {cfg.context_noise:g}), on their clean context.
+  half the samples get N(0, s²), s ~ U(0, {cfg.context_noise:g}), on their clean context; chunks whose caption
+  places the entity (entrance, return) weighted ×{cfg.placement_weight:g}.
 - Memory: with probability {cfg.return_prob:g} the clip covers the protagonist's return and the relocated chunk is
   one from before it left (it is fully inside); otherwise, with probability {cfg.relocate_prob:g}, a random
   earlier chunk. Up to {cfg.token_drop:.0%} of the relocated tokens are masked out.
