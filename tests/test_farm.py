@@ -43,21 +43,15 @@ def story(duration: float = 3, seed: int = 5, policy: str = "{policy: window, wi
 # one Ray instance per module: under pytest-xdist these tests share a worker (--dist loadgroup)
 pytestmark = pytest.mark.xdist_group("ray")
 
+from tests.ray_cluster import local_cluster  # noqa: E402
+
 BAD = "fps: 16\nduration: 2\nprompts:\n  - prompt: a red circle\n    at: soon\n"
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local Ray instance for the module: 2 CPUs, no dashboard, a small object store."""
-    os.environ["OMP_NUM_THREADS"] = "1"  # the workers inherit it
-    import logging
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=96 * 2**20,
-             log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+    """One local Ray instance for the module (tests/ray_cluster.py)."""
+    yield from local_cluster()
 
 
 @pytest.fixture(scope="module")

@@ -24,20 +24,9 @@ import pytest
 
 from slotgen.snapshot import load_snapshot
 from slotgen.video.writer import probe_video, read_video
+from tests.ray_cluster import local_cluster
+from tests.test_interrupt import STORY, TOTAL  # the same 4-second, two-prompt story
 
-STORY = """\
-fps: 16
-resolution: 32x32
-sampler: {steps: 2}
-seed: 3
-memory: {policy: sink, sink: 2, window: 4}
-duration: 4
-prompts:
-  - prompt: a red circle moves right on a blue background
-  - at: 2
-    prompt: a green square enters from the left on a white background
-"""
-TOTAL = 64
 STOPS = ["SIGINT", "SIGINT-twice", "SIGTERM", "SIGHUP", "SIGKILL"]
 COMMANDS = ["render", "resume", "render-many", "train-miniature", "train-slots"]
 CAUGHT = 130
@@ -98,16 +87,8 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray instance (2 CPUs) the render-many rows join with --ray, started on first use."""
-    ray = pytest.importorskip("ray")
-    import logging
-
-    os.environ["OMP_NUM_THREADS"] = "1"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=96 * 2**20,
-             log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+    pytest.importorskip("ray")
+    yield from local_cluster()
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
