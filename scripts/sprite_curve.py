@@ -1,7 +1,7 @@
 """Score a sprite-world training run's snapshots and checkpoints free-running, and apply the kill rule.
 
     python scripts/sprite_curve.py --run RUN [--checkpoints FILE ...] [--episodes 12] [--seed 7]
-                                   [--budget-minutes 180] [--rule presence|compliance] [--json curve.json] [--png curve.png]
+                                   [--budget-minutes 180] [--rule presence|compliance|trait] [--json curve.json] [--png curve.png]
 
 Every ``RUN/snapshots/step-N`` folder (and every given copy of ``RUN/checkpoint/state.pt``, loaded into the
 first snapshot's folder) is scored on ``held_out_episodes(--episodes)`` of the sprite world, free-running
@@ -9,7 +9,8 @@ with ``window`` memory and storyboard seed ``--seed`` (``slotgen.bench.sprites.s
 presence = a + b·ln(steps) is fitted over every point and evaluated at B, the steps ``--budget-minutes`` of
 training buy at the run's measured rate; the rule passes when b > 0 and the fit at B is ≥ 0.9. With
 ``--rule compliance`` the rule is ``slotgen.bench.sprites.compliance_rule``: at least 4 points, compliance
-fitted the same way reaching ≥ 0.9 at B, and the duplicate rate falling.
+fitted the same way reaching ≥ 0.9 at B, and the duplicate rate falling; ``--rule trait``
+(``slotgen.bench.sprites.trait_rule``) adds trait accuracy fitted the same way reaching ≥ 0.9 at B.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-minutes", type=float, default=180.0)
     ap.add_argument("--max-minutes", type=float, default=30.0, help="only points within this much training")
     ap.add_argument("--from-steps", type=int, default=0, help="only points at or after this step")
-    ap.add_argument("--rule", choices=("presence", "compliance"), default="presence",
-                    help="presence: the fit of presence decides; compliance: compliance and the duplicate rate decide")
+    ap.add_argument("--rule", choices=("presence", "compliance", "trait"), default="presence",
+                    help="presence: the fit of presence decides; compliance: compliance and the duplicate rate decide; trait: those and trait accuracy")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path)
     args = ap.parse_args(argv)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from slotgen.bench.sprites import compliance_rule, fit_log_curve, score_free_running
+    from slotgen.bench.sprites import compliance_rule, fit_log_curve, trait_rule, score_free_running
     from slotgen.models.miniature import load_miniature
     from slotgen.world.sprites import held_out_episodes
 
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     fit = fit_log_curve([r["steps"] for r in rows], [r["presence"] for r in rows], [B, 2 * B])
     passed = fit["b"] > 0 and fit["at"][str(int(B))] >= 0.9
     extra: dict = {}
-    if args.rule == "compliance":
-        extra = {"rule": compliance_rule(rows, B)}
+    if args.rule in ("compliance", "trait"):
+        extra = {"rule": (compliance_rule if args.rule == "compliance" else trait_rule)(rows, B)}
         passed = extra["rule"]["continue"]
         fit = extra["rule"].get("compliance_fit", fit)
     result = {"episodes": args.episodes, "storyboard_seed": args.seed, "policy": "window", "steps_per_second": rate,

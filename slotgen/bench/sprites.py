@@ -229,3 +229,21 @@ def compliance_rule(points: list[dict], budget_steps: float) -> dict:
                                 ("the duplicate rate does not fall", not falls)) if bad]
     return {"continue": not reasons, "reason": "; ".join(reasons) or "every condition met",
             "compliance_fit": comp, "duplicate_fit": dup}
+
+
+def trait_rule(points: list[dict], budget_steps: float) -> dict:
+    """The kill rule of a run that must learn the sprite's trait (its dot) as well as the layout: every
+    condition of :func:`compliance_rule`, and trait accuracy fitted as a + b·ln(steps) over every point with
+    b > 0 and the fit ≥ 0.9 at ``budget_steps``. Without the trait there is nothing for a memory to bring
+    back, so a run that learns the layout alone does not continue."""
+    layout = compliance_rule(points, budget_steps)
+    if len(points) < RULE_MIN_POINTS:
+        return layout
+    trait = fit_log_curve([p["steps"] for p in points], [p["trait_accuracy"] for p in points], [budget_steps])
+    at_b = trait["at"][str(int(budget_steps))]
+    reasons = [r for r, bad in ((f"trait accuracy slope {trait['b']:+.3f} ≤ 0", trait["b"] <= 0),
+                                (f"trait accuracy fit at {int(budget_steps)} steps {at_b:.2f} < 0.9", at_b < 0.9)) if bad]
+    if not layout["continue"]:
+        reasons = [layout["reason"], *reasons]
+    return {**layout, "continue": not reasons, "reason": "; ".join(reasons) or "every condition met", "trait_fit": trait}
+

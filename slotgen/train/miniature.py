@@ -93,6 +93,8 @@ class TrainConfig:
     entity_weight: float = 4.0  # extra loss weight on latent cells with a pixel within 2 px of an entity
     placement_weight: float = 1.0  # loss weight ×this on every frame of a chunk whose caption places the entity
     # (the sprite world's entrance and return, the only chunks naming its row; the shape worlds have none marked)
+    trait_weight: float = 1.0  # loss weight ×this on the latent cells that hold a drawn sprite's trait (the sprite
+    # world's dot, 4×4 of a cell's 16×16 pixels: without it the dot's error is ~1/16 of the sprite's)
     slots: SlotTrainConfig = field(default_factory=SlotTrainConfig)  # the last stage: SlotMemory's φ (train/slots.py)
     threads: int = 1  # 1 thread: on a shared 2-core machine OpenMP spin contention makes 2 threads slower
     checkpoint_every: int = 250  # steps between resumable checkpoints (DIR/checkpoint/; `--resume DIR`); 0: none
@@ -114,11 +116,12 @@ class TrainConfig:
         """The recipe for ``world``: the shape worlds' defaults, or for ``sprites`` the one-step x0
         regression (σ = 1 for every noisy chunk: with a deterministic world the conditional mean is the
         answer) with a trained text encoder (attribute words the text path can tell apart), clips of 3
-        chunks (the 9-frame window the engine's context holds) and the entrance and return chunks, the
-        only ones that name the sprite's row, weighted ×4 in the loss."""
+        chunks (the 9-frame window the engine's context holds), the entrance and return chunks, the
+        only ones that name the sprite's row, weighted ×4 in the loss, and the latent cells holding the
+        sprite's dot (its trait) weighted ×8."""
         if world == "sprites":
             kw = {"sigma_one_prob": 1.0, "train_text": True, "episodes": 512, "clip_chunks": 3, "placement_weight": 4.0,
-                  **kw}
+                  "trait_weight": 8.0, **kw}
         return cls(world=world, **kw)
 
     def validate(self) -> None:
@@ -128,6 +131,8 @@ class TrainConfig:
             raise SlotgenError(f"--threads must be at least 1, got {self.threads}")
         if not self.placement_weight > 0:
             raise SlotgenError(f"--placement-weight must be positive, got {self.placement_weight}")
+        if not self.trait_weight > 0:
+            raise SlotgenError(f"--trait-weight must be positive, got {self.trait_weight}")
         if not self.minutes > 0:
             raise SlotgenError(f"--minutes must be positive, got {self.minutes}")
         if self.world not in ALL_WORLDS:
@@ -177,6 +182,7 @@ class WorldClip:
     before_chunks: list[int] = field(default_factory=list)  # chunks before its leave with it fully inside
     latents: Optional[torch.Tensor] = None  # (C, T, h, w) normalised latents, filled after encoding
     placement_chunks: list[int] = field(default_factory=list)  # chunks whose caption places the entity (row, side)
+    trait_cells: Optional[torch.Tensor] = None  # (T, h, w) bool: latent cells holding a drawn sprite's trait (dot)
 
 
 def chunk_first_frame(chunk: int) -> int:
@@ -249,7 +255,22 @@ def sprite_clip(ep) -> WorldClip:
     near = F.max_pool2d(F.max_pool2d(ent, 5, 1, 2), STRIDE_S)[:, 0] > 0
     before = [c for c in range(ep.leave_chunk) if ep.cells[c] is not None]
     return WorldClip(video, list(ep.captions), near, ep.return_chunk, before,
-                     placement_chunks=[ep.enter_chunk, ep.return_chunk])
+                     placement_chunks=[ep.enter_chunk, ep.return_chunk], trait_cells=sprite_trait_cells(ep))
+
+
+def sprite_trait_cells(ep) -> torch.Tensor:
+    """(T, h, w) bool: the latent cells (STRIDE_S × STRIDE_S pixels) that overlap the trait's pixels (the dot's
+    4×4 square) of every cell the sprite is drawn in, whether or not it has a dot (no dot must be drawn too)."""
+    from slotgen.world.sprites import CELL, DOT, SIZE
+
+    region = torch.zeros(ep.total_frames, 1, SIZE, SIZE)  # (T, 1, H, W) pixels of the dot square
+    for c, where in enumerate(ep.cells):
+        if where is not None:
+            r, q = where
+            rows, cols = DOT
+            region[c * CHUNK : (c + 1) * CHUNK, 0, r * CELL + rows.start : r * CELL + rows.stop,
+                   q * CELL + cols.start : q * CELL + cols.stop] = 1.0
+    return F.max_pool2d(region, STRIDE_S)[:, 0] > 0  # (T, h, w)
 
 
 def build_dataset(n: int, seed: int, max_gap: int, world: str = "standard") -> list[WorldClip]:
@@ -446,6 +467,8 @@ def sample_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torch.Ge
         for c in clip.placement_chunks:  # the whole chunk: drawing in a row the caption did not name costs too
             if s <= c < s + n:
                 weight[b, 0, (c - s) * CHUNK : (c - s + 1) * CHUNK] *= cfg.placement_weight
+        if clip.trait_cells is not None and cfg.trait_weight != 1.0:  # (nF, h, w): the dot's cells ×trait_weight
+            weight[b, 0] *= 1.0 + (cfg.trait_weight - 1.0) * clip.trait_cells[s * CHUNK : (s + n) * CHUNK].float()
         ts[b, (R + nF) * tpf :] = sig.repeat_interleave(tpf) * 1000.0
         mask[b, 0] = m
         captions.append([clip.chunk_captions[reloc if reloc is not None else s]]
@@ -826,7 +849,7 @@ def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> st
 
     cmd = command or "slotgen train-miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     defaults = TrainConfig()
-    named = ("world", "episodes", "batch", "clip_chunks", "placement_weight")
+    named = ("world", "episodes", "batch", "clip_chunks", "placement_weight", "trait_weight")
     flags = "".join(f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in named if getattr(cfg, k) != getattr(defaults, k))
     repro = (f"slotgen train-miniature --out DIR --seed {cfg.seed} --steps {res.steps} --threads {cfg.threads}{flags}"
              + (f" --device {cfg.device}" if cfg.device != "cpu" else ""))
@@ -866,7 +889,8 @@ schedule then follows steps, so the numbers can differ slightly from a time-budg
   {cfg.sigma_one_prob:g}, else {cfg.sigma_shift:g}u/(1 + {cfg.sigma_shift - 1:g}u), u ~ U(0, 1); loss
   ‖x̂0 − x0‖²/max(σ, {cfg.min_sigma_weight:g})², latent cells within 2 px of an entity weighted ×{1 + cfg.entity_weight:g};
   half the samples get N(0, s²), s ~ U(0, {cfg.context_noise:g}), on their clean context; chunks whose caption
-  places the entity (entrance, return) weighted ×{cfg.placement_weight:g}.
+  places the entity (entrance, return) weighted ×{cfg.placement_weight:g}; the latent cells of a drawn sprite's trait
+  (the sprite world's dot) weighted ×{cfg.trait_weight:g}.
 - Memory: with probability {cfg.return_prob:g} the clip covers the protagonist's return and the relocated chunk is
   one from before it left (it is fully inside); otherwise, with probability {cfg.relocate_prob:g}, a random
   earlier chunk. Up to {cfg.token_drop:.0%} of the relocated tokens are masked out.
