@@ -142,6 +142,36 @@ def test_placement_weight_scales_the_entrance_and_return_chunks_only():
     assert torch.equal(weights[4.0] / weights[1.0], ratio[:, None, :, None, None].expand_as(weights[1.0]))
 
 
+def test_trait_weight_scales_the_dot_cells_of_every_drawn_sprite():
+    """The sprite recipe weights the latent cells that overlap the dot's square of every drawn sprite
+    ×trait_weight (no-dot sprites too), nothing else; the dot's pixels all lie inside those cells."""
+    import torch
+
+    from slotgen.train.miniature import STRIDE_S, TrainConfig, sample_batch, sprite_clip, sprite_trait_cells
+    from slotgen.world.sprites import DOT_COLOURS, render_sprites, sprite_episode
+
+    assert TrainConfig.for_world("sprites").trait_weight == 8.0 and TrainConfig().trait_weight == 1.0
+    ep = next(e for e in (sprite_episode(k, gap=0, lead=0) for k in range(20)) if e.sprite.trait != "no")
+    cells = sprite_trait_cells(ep)  # (T, 16, 16)
+    frames, _ = render_sprites(ep)
+    for t in range(ep.total_frames):
+        drawn = ep.cells[t // 3] is not None
+        assert int(cells[t].sum()) == (2 if drawn else 0)  # the 4×4 dot spans 2 latent cells of 4×4 px
+        if drawn:
+            dot = np.all(frames[t] == np.array(DOT_COLOURS[ep.sprite.trait], np.uint8), axis=-1)  # (64, 64)
+            ys, xs = np.nonzero(dot)
+            assert len(ys) == 16 and cells[t][ys // STRIDE_S, xs // STRIDE_S].all()
+    clip = sprite_clip(ep)
+    clip.latents = torch.zeros(48, ep.total_frames, 16, 16).half()
+    weights = {}
+    for w in (1.0, 8.0):
+        cfg = TrainConfig.for_world("sprites", batch=16, trait_weight=w, return_prob=0.0, relocate_prob=0.0)
+        weights[w] = sample_batch([clip], np.random.default_rng(0), torch.Generator().manual_seed(0), cfg).weight
+    ratio = weights[8.0] / weights[1.0]  # (B, 1, nF, 16, 16): 8 on the dot's cells, 1 elsewhere
+    assert set(ratio.unique().tolist()) == {1.0, 8.0}
+    assert int((ratio == 8.0).sum()) > 0 and (ratio == 8.0).sum(dim=(3, 4)).max() == 2
+
+
 @pytest.mark.slow
 def test_sprite_training_repeats_and_resumes_step_for_step(tmp_path):
     """`train-miniature --world sprites --steps N` repeats step for step (text encoder included), a resumed
