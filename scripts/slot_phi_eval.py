@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--no-baselines", action="store_true", help="skip the training-free and supervised rows")
     ap.add_argument("--keys", type=Path, help="cache of the collected keys (written once, then read)")
     ap.add_argument("--save-phi", type=Path, help="folder for the unsupervised φ files")
-    ap.add_argument("--collect-only", action="store_true", help="collect the keys into --keys and stop (no φ, no scores)")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="collect the keys into --keys and stop (no φ, no scores)")
     args = ap.parse_args()
 
     import numpy as np

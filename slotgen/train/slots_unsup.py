@@ -35,6 +35,11 @@ keys are frozen features too, and they are what SlotMemory's slots route on. Our
   this chunk and of the other pairs, is a negative: slots must stay what they were and differ from one
   another, which an assignment that splits one thing over several slots cannot do.
 
+* **Other targets** (``target``, :data:`TARGETS`): ``standardised`` has φ read every key channel over its
+  standard deviation (folded into W when φ is returned) and the slots reconstruct z-scored keys;
+  ``similarity`` replaces the reconstruction by :func:`similarity_loss` (VideoSAUR's feature-similarity
+  target within a chunk, τ ``temporal_tau``).
+
 No ground-truth mask enters anything here. The supervised mode (``slotgen train-slots --supervised``,
 :mod:`slotgen.train.slots`) remains for the miniature's benchmark.
 
@@ -613,5 +618,5 @@ def train_slots(model: str, out: Optional[Path], cfg: UnsupConfig, *, storyboard
 
 
 __all__ = ["KeyChunk", "Stopped", "TARGETS", "UnsupConfig", "channel_stats", "checkpoint_path", "list_sources",
-           "reconstruction_loss", "similarity_loss", "spy_commits", "storyboard_chunks", "temporal_loss", "contrast_loss",
-           "train_slots", "train_unsupervised", "video_chunks"]
+           "reconstruction_loss", "similarity_loss", "spy_commits", "storyboard_chunks", "temporal_loss",
+           "contrast_loss", "train_slots", "train_unsupervised", "video_chunks"]
