@@ -30,13 +30,18 @@ def main() -> None:
     ap.add_argument("--gaps", default="12,36")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--variant", action="append", default=None,
-                    metavar="NAME:TEMPORAL_WEIGHT:STEPS:DIM[:CONTRAST_WEIGHT[:SLOTS]]",
+                    metavar="NAME:TEMPORAL_WEIGHT:STEPS:DIM[:CONTRAST_WEIGHT[:SLOTS]][:FIELD=VALUE...]",
                     help="an unsupervised variant to train (default: reconstruction only, + temporal, + slot "
-                         "contrast, + both; weights 1)")
-    ap.add_argument("--purity-seed", type=int, default=1000, help="first held-out episode seed (selection: 2000)")
+                         "contrast, + both; weights 1); FIELD=VALUE sets any other UnsupConfig field, e.g. "
+                         "batch=32 or target=standardised")
+    ap.add_argument("--purity-seed", default="1000",
+                    help="first held-out episode seed (selection: 2000); several, comma-separated, score every φ on "
+                         "each set (the rows' 'purity' by seed)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the training-free and supervised rows")
     ap.add_argument("--keys", type=Path, help="cache of the collected keys (written once, then read)")
     ap.add_argument("--save-phi", type=Path, help="folder for the unsupervised φ files")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="collect the keys into --keys and stop (no φ, no scores)")
     args = ap.parse_args()
 
     import numpy as np
@@ -73,9 +78,15 @@ def main() -> None:
             torch.save([{"keys": c.keys, "frames": c.frames, "cells": c.cells, "source": c.source} for c in chunks],
                        args.keys)
     print(f"{len(chunks)} chunks from {len(sources)} sources in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.collect_only:
+        if args.keys is None:
+            ap.error("--collect-only needs --keys FILE")
+        return
 
     gaps = [int(g) for g in args.gaps.split(",")]
-    held_out = [d["episode"] for d in bench_episodes(gaps, args.purity_episodes, args.purity_seed, True)]
+    purity_seeds = [int(x) for x in str(args.purity_seed).split(",")]
+    held_out = {seed: [d["episode"] for d in bench_episodes(gaps, args.purity_episodes, seed, True)]
+                for seed in purity_seeds}
     variants = {} if args.no_baselines else {"training-free": dataclasses.replace(bundle, slot_phi=None),
                                              "supervised (shipped)": bundle}
     specs = [v.split(":") for v in args.variant] if args.variant else \
@@ -83,11 +94,18 @@ def main() -> None:
          ["unsupervised: reconstruction + temporal", "1", str(args.steps), "32", "0"],
          ["unsupervised: reconstruction + slot contrast", "0", str(args.steps), "32", "1"],
          ["unsupervised: reconstruction + temporal + slot contrast", "1", str(args.steps), "32", "1"]]
-    for name, tw, steps, dim, *cw in specs:
-        tw = float(tw)
-        cfg = dataclasses.replace(base, temporal_weight=tw, steps=int(steps), dim=int(dim),
+    fields = {f.name: f.type for f in dataclasses.fields(UnsupConfig)}
+    for spec in specs:
+        extra = dict(x.split("=", 1) for x in spec if "=" in x)
+        name, tw, steps, dim, *cw = [x for x in spec if "=" not in x]
+        unknown = sorted(set(extra) - set(fields))
+        if unknown:
+            ap.error(f"--variant {name}: no UnsupConfig field {', '.join(unknown)}")
+        typed = {k: (v if fields[k] in (str, "str") else (float(v) if fields[k] in (float, "float") else int(v)))
+                 for k, v in extra.items()}
+        cfg = dataclasses.replace(base, temporal_weight=float(tw), steps=int(steps), dim=int(dim),
                                   contrast_weight=float(cw[0]) if cw else 0.0,
-                                  slots=int(cw[1]) if len(cw) > 1 else 0)
+                                  slots=int(cw[1]) if len(cw) > 1 else 0, **typed)
         out = (args.save_phi or Path("/tmp")) / f"phi_{len(variants)}.safetensors"
         res = train_unsupervised(bundle, sources, out, cfg, kind="videos" if args.videos else "storyboards",
                                  chunks=chunks, log=lambda m: None)
@@ -98,8 +116,12 @@ def main() -> None:
         variants[name] = dataclasses.replace(bundle, slot_phi=res.phi)
     result = {"chunks": len(chunks), "sources": len(sources), "steps": args.steps, "seed": args.seed, "rows": {}}
     for name, b in variants.items():
-        pur = slot_purity(b, held_out)
-        row = {"purity_mean": pur["mean_ari"], "purity_layers": [x["ari"] for x in pur["layers"]]}
+        by_seed = {}
+        for seed, eps in held_out.items():
+            pur = slot_purity(b, eps)
+            by_seed[seed] = {"mean": pur["mean_ari"], "layers": [x["ari"] for x in pur["layers"]]}
+        first = by_seed[purity_seeds[0]]
+        row = {"purity_mean": first["mean"], "purity_layers": first["layers"], "purity": by_seed}
         if args.recall_episodes > 0 and "reconstruction only" not in name:
             r = run_identity_bench(["slot"], gaps, args.recall_episodes, seed=1000, similar=True, purity=False, bundle=b,
                                    past="truth")

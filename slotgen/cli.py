@@ -1032,6 +1032,8 @@ def train_slots_cmd(
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Chunks per step (default 32; 64 supervised)."),
     temporal_weight: float = typer.Option(0.0, "--temporal-weight", help="Weight of the temporal similarity term (0, the default: reconstruction only)."),
     contrast_weight: float = typer.Option(0.0, "--contrast-weight", help="Weight of the slot contrast across consecutive chunks (0: off)."),
+    target: str = typer.Option("keys", "--target", help="What the slots explain: 'keys' (unit keys), 'standardised' (per-channel standardised keys, φ reading them scaled) or 'similarity' (each token's key affinity within its chunk)."),
+    dim: int = typer.Option(32, "--dim", help="D', the size of φ's output (slot features)."),
     cells: int = typer.Option(256, "--cells", help="Grid cells kept per latent frame."),
     max_chunks: int = typer.Option(2000, "--max-chunks", help="Chunks collected at most."),
     width: Optional[int] = typer.Option(None, "--width", help="Clip width the model sees (default: the model's)."),
@@ -1077,7 +1079,7 @@ def train_slots_cmd(
     from slotgen.train.slots_unsup import Stopped, UnsupConfig, train_slots
 
     cfg = UnsupConfig(seed=seed, steps=steps, batch=batch or 32, temporal_weight=temporal_weight, cells=cells,
-                      max_chunks=max_chunks, contrast_weight=contrast_weight)
+                      max_chunks=max_chunks, contrast_weight=contrast_weight, target=target, dim=dim)
     cfg.validate()
     again = _command_line() + ("" if resume else " --resume")
     with stoppable(lambda sig: f"{sig}: finishing the current source or step, then writing the checkpoint (send it "

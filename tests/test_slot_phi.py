@@ -23,8 +23,8 @@ from slotgen.memory.slot import SlotConfig
 from slotgen.memory.slot_attention import LinearPhi
 from slotgen.models import load_model
 from slotgen.storyboard import parse_storyboard
-from slotgen.train.slots_unsup import (KeyChunk, UnsupConfig, contrast_loss, reconstruction_loss, temporal_loss,
-                                      train_unsupervised)
+from slotgen.train.slots_unsup import (KeyChunk, UnsupConfig, contrast_loss, reconstruction_loss, similarity_loss,
+                                      temporal_loss, train_unsupervised)
 
 ASSETS = Path(__file__).resolve().parents[1] / "slotgen" / "models" / "assets" / "miniature"
 SB = "prompts:\n  - {at: 0s, prompt: a red circle stays on a blue background}\nduration: %s\nmemory: {policy: slot}\n"
@@ -211,6 +211,47 @@ def test_slot_contrast_rewards_slots_that_stay_themselves_and_differ_from_each_o
     assert float(contrast_loss(u, kept, 0.1)) < 0.05
     assert float(contrast_loss(u, swapped, 0.1)) > float(contrast_loss(u, kept, 0.1)) + 2.0
     assert float(contrast_loss(split, split, 0.1)) > float(contrast_loss(u, u, 0.1)) + 0.3
+
+
+def test_the_similarity_target_rewards_slots_that_hold_tokens_with_similar_keys():
+    g = torch.Generator().manual_seed(4)
+    centres = F.normalize(torch.randn(3, 16, generator=g), dim=-1)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    target = F.normalize(centres[y] + 0.05 * torch.randn(8, 16, generator=g), dim=-1)[None]  # (1, N, W)
+    follows = 0.9 * F.one_hot(y, 3).float().T[None] + 0.05  # (1, S, N) soft, as slot attention gives
+    crossed = 0.9 * F.one_hot(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), 3).float().T[None] + 0.05
+    one = torch.ones(1, 3, 8) / 3  # every token in every slot alike: no grouping
+    good = float(similarity_loss(follows, target, 0.1))
+    assert good < float(similarity_loss(crossed, target, 0.1)) - 0.5
+    assert good < float(similarity_loss(one, target, 0.1)) - 0.3
+
+
+def test_standardised_features_make_phi_blind_to_each_key_channels_scale(tmp_path):
+    bundle = load_model("miniature")
+    chunks = _key_chunks(2, 3)
+    scale = torch.ones(32)
+    scale[::3] = 4.0  # a power of two: the float16 keys scale exactly
+    scaled = [KeyChunk([k * scale.half() for k in c.keys], c.frames, c.cells, c.source) for c in chunks]
+
+    def fit(data, target):
+        out = tmp_path / f"phi{len(list(tmp_path.iterdir()))}.safetensors"
+        cfg = UnsupConfig(seed=0, steps=5, batch=4, dim=8, target=target)
+        return train_unsupervised(bundle, [Path("s")] * 2, out, cfg, kind="videos", chunks=data,
+                                  log=lambda m: None, checkpoint_every=0).phi
+
+    k = chunks[0].keys[0].float()
+    for target, blind in (("standardised", True), ("keys", False)):
+        a, b = fit(chunks, target)(0, k), fit(scaled, target)(0, k * scale)
+        assert torch.allclose(a, b, atol=1e-3) == blind, target  # W · diag(1/σ) is what the file holds
+    assert not torch.equal(fit(chunks, "similarity").weights[0], fit(chunks, "keys").weights[0])
+    with pytest.raises(SlotgenError, match="--target: expected one of keys, standardised, similarity"):
+        UnsupConfig(target="pixels").validate()
+
+
+def test_train_slots_cli_names_a_bad_target_in_one_line(tmp_path):
+    r = CliRunner().invoke(app, ["train-slots", "--model", "miniature", "--videos", str(tmp_path), "--out",
+                                 str(tmp_path / "phi.safetensors"), "--target", "pixels"])
+    assert r.exit_code != 0 and "--target: expected one of" in _out(r) and "Traceback" not in _out(r)
 
 
 def _key_chunks(n_sources: int, per_source: int, seed: int = 3) -> list:

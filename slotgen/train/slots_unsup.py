@@ -35,6 +35,11 @@ keys are frozen features too, and they are what SlotMemory's slots route on. Our
   this chunk and of the other pairs, is a negative: slots must stay what they were and differ from one
   another, which an assignment that splits one thing over several slots cannot do.
 
+* **Other targets** (``target``, :data:`TARGETS`): ``standardised`` has φ read every key channel over its
+  standard deviation (folded into W when φ is returned) and the slots reconstruct z-scored keys;
+  ``similarity`` replaces the reconstruction by :func:`similarity_loss` (VideoSAUR's feature-similarity
+  target within a chunk, τ ``temporal_tau``).
+
 No ground-truth mask enters anything here. The supervised mode (``slotgen train-slots --supervised``,
 :mod:`slotgen.train.slots`) remains for the miniature's benchmark.
 
@@ -66,6 +71,10 @@ from slotgen.memory.slot import SlotConfig
 from slotgen.memory.slot_attention import LinearPhi, batched_farthest_point_init, batched_slot_attention
 
 CHECKPOINT_FORMAT = "slotgen-train-slots-checkpoint"
+#: What the slots are trained to explain: ``keys`` (unit keys, linear decoder), ``standardised`` (each key
+#: channel standardised over the collected keys, for φ's input as a per-channel scale folded into W at the
+#: end, for the target as a z-score), ``similarity`` (each token's key-affinity row within its chunk).
+TARGETS = ("keys", "standardised", "similarity")
 
 
 @dataclass
@@ -82,6 +91,7 @@ class UnsupConfig:
     contrast_weight: float = 0.0  # slot contrast across consecutive chunks (0: off)
     contrast_tau: float = 0.1  # τ_c of the slot InfoNCE
     slots: int = 0  # slots while training (0: the policy's, 8); fewer make φ group coarser
+    target: str = "keys"  # what the slots must explain (TARGETS)
     cells: int = 256  # grid cells kept per latent frame (all when the frame has fewer)
     max_chunks: int = 2000  # chunks collected at most (the keys stay in memory and in the checkpoint)
 
@@ -89,6 +99,8 @@ class UnsupConfig:
         return asdict(self)
 
     def validate(self) -> None:
+        if self.target not in TARGETS:
+            raise SlotgenError(f"--target: expected one of {', '.join(TARGETS)}, got {self.target!r}")
         for name, v, low in (("--dim", self.dim, 2), ("--steps", self.steps, 1), ("--batch", self.batch, 1),
                              ("--cells", self.cells, 2), ("--max-chunks", self.max_chunks, 1),
                              ("slots", self.slots, 0)):
@@ -283,6 +295,26 @@ def contrast_loss(u_now: torch.Tensor, u_next: torch.Tensor, tau: float) -> torc
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def similarity_loss(a: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """VideoSAUR's feature-similarity target within a chunk: a (B, S, N) assignments, target (B, N, W) unit
+    keys. For every token i the keys' affinity ``P_ij = softmax_{j≠i}(cos(k_i, k_j) / τ)`` is the target of
+    the move the slots imply, ``Q_ij ∝ Σ_s A[s, i] · A[s, j] / Σ_j' A[s, j']`` (j ≠ i, renormalised);
+    cross-entropy −Σ_j P_ij log Q_ij, averaged over tokens."""
+    N = a.shape[2]
+    eye = torch.eye(N, dtype=torch.bool)
+    p = torch.softmax((target @ target.transpose(1, 2) / tau).masked_fill(eye, float("-inf")), dim=-1)  # (B, N, N)
+    a_to = a / a.sum(-1, keepdim=True).clamp_min(1e-8)  # (B, S, N) each slot's mass over tokens
+    q = (a.transpose(1, 2) @ a_to).masked_fill(eye, 0.0)  # (B, N, N)
+    q = q / q.sum(-1, keepdim=True).clamp_min(1e-8)
+    return -(p * torch.log(q.clamp_min(1e-8))).sum(-1).mean()
+
+
+def channel_stats(data: list[KeyChunk], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (W,) of every key channel of ``layer`` over all collected tokens."""
+    k = torch.cat([c.keys[layer] for c in data]).float()  # (T, W)
+    return k.mean(0), k.std(0).clamp_min(1e-6)
+
+
 def group(f: torch.Tensor, settings: SlotConfig,
           init: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The policy's grouping of features f (B, N, D') → U (B, S, D'), A (B, S, N), differentiable through
@@ -401,7 +433,8 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
         state = load_checkpoint(ckpt)
         if state.model_digest != bundle.digest:
             raise SlotgenError(f"checkpoint {ckpt} belongs to another model (digest {state.model_digest[:12]})")
-        if state.config != cfg.to_dict() or state.sources != [str(p) for p in sources]:
+        stored = {**{k: v for k, v in UnsupConfig().to_dict().items() if k not in state.config}, **state.config}
+        if stored != cfg.to_dict() or state.sources != [str(p) for p in sources]:
             raise SlotgenError(f"checkpoint {ckpt} was made with other settings or sources; rerun without --resume "
                                f"to start over")
         log(f"slots: resuming at source {state.done}/{len(sources)}, step {state.step}/{cfg.steps}")
@@ -462,6 +495,8 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
                         "dec_w": [torch.zeros(width, cfg.dim) for _ in range(n_layers)],
                         "dec_b": [torch.zeros(width) for _ in range(n_layers)]}
     params = {k: [torch.nn.Parameter(t.clone()) for t in v] for k, v in state.params.items()}
+    # standardised: φ reads k / σ (W_l · diag(1/σ) is what the φ file holds), the target is (k − μ) / σ
+    stats = [channel_stats(data, layer) for layer in range(n_layers)] if cfg.target == "standardised" else None
     flat = params["enc"] + params["dec_w"] + params["dec_b"]
     opt = torch.optim.Adam(flat, lr=cfg.lr)
     if state.opt is not None:
@@ -500,10 +535,20 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
             for part in rows:  # one part, or a chunk part and its next-chunk part
                 k = torch.stack([data[i].keys[layer] for i in part]).float()  # (B, N, W)
                 target = F.normalize(k, dim=-1)
-                f = F.normalize(k @ params["enc"][layer].T, dim=-1)  # (B, N, D')
+                if stats is not None:
+                    mu, sd = stats[layer]
+                    f = F.normalize((k / sd) @ params["enc"][layer].T, dim=-1)  # (B, N, D')
+                    recon_target = (k - mu) / sd / width ** 0.5  # z-scores, about unit length per token
+                else:
+                    f = F.normalize(k @ params["enc"][layer].T, dim=-1)  # (B, N, D')
+                    recon_target = target
                 u, a = group(f, settings, init=u_prev)  # the next chunk starts from the chunk's slots
                 w = len(part) / sum(len(r) for r in rows)  # parts weighted by their chunks
-                loss = loss + w * reconstruction_loss(a, u, target, params["dec_w"][layer], params["dec_b"][layer])
+                if cfg.target == "similarity":
+                    loss = loss + w * similarity_loss(a, target, cfg.temporal_tau)
+                else:
+                    loss = loss + w * reconstruction_loss(a, u, recon_target, params["dec_w"][layer],
+                                                          params["dec_b"][layer])
                 if cfg.temporal_weight > 0 and shape[0] > 1:
                     loss = loss + w * cfg.temporal_weight * temporal_loss(a, target, shape[0], cfg.temporal_tau)
                 if u_prev is not None:
@@ -526,7 +571,10 @@ def train_unsupervised(bundle, sources: list[Path], out: Path, cfg: UnsupConfig,
             stop_here()
     sync_state()
     save_checkpoint(ckpt, state)  # a crash while the φ file is written loses nothing
-    phi = LinearPhi([w.detach().clone() for w in params["enc"]])
+    enc = [w.detach().clone() for w in params["enc"]]
+    if stats is not None:  # fold the per-channel input scale into W: φ(k) = normalise(W · diag(1/σ) · k)
+        enc = [w / stats[layer][1][None] for layer, w in enumerate(enc)]
+    phi = LinearPhi(enc)
     return UnsupResult(phi, list(state.losses), len(data), time.perf_counter() - t0, list(state.notes))
 
 
@@ -569,6 +617,6 @@ def train_slots(model: str, out: Optional[Path], cfg: UnsupConfig, *, storyboard
     return out
 
 
-__all__ = ["KeyChunk", "Stopped", "UnsupConfig", "checkpoint_path", "list_sources", "reconstruction_loss",
-           "spy_commits", "storyboard_chunks", "temporal_loss", "contrast_loss", "train_slots", "train_unsupervised",
-           "video_chunks"]
+__all__ = ["KeyChunk", "Stopped", "TARGETS", "UnsupConfig", "channel_stats", "checkpoint_path", "list_sources",
+           "reconstruction_loss", "similarity_loss", "spy_commits", "storyboard_chunks", "temporal_loss",
+           "contrast_loss", "train_slots", "train_unsupervised", "video_chunks"]
