@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-steps", type=int, default=0, help="only points at or after this step")
     ap.add_argument("--rule", choices=("presence", "compliance", "trait"), default="presence",
                     help="presence: the fit of presence decides; compliance: compliance and the duplicate rate decide; trait: those and trait accuracy")
+    ap.add_argument("--trait-from", type=int, default=0,
+                    help="with --rule trait: the step the run starts weighting the trait (slotgen.bench.sprites.trait_rule)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path)
     args = ap.parse_args(argv)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     passed = fit["b"] > 0 and fit["at"][str(int(B))] >= 0.9
     extra: dict = {}
     if args.rule in ("compliance", "trait"):
-        extra = {"rule": (compliance_rule if args.rule == "compliance" else trait_rule)(rows, B)}
+        extra = {"rule": compliance_rule(rows, B) if args.rule == "compliance" else trait_rule(rows, B, args.trait_from)}
         passed = extra["rule"]["continue"]
         fit = extra["rule"].get("compliance_fit", fit)
     result = {"episodes": args.episodes, "storyboard_seed": args.seed, "policy": "window", "steps_per_second": rate,

@@ -942,6 +942,7 @@ def train_miniature_cmd(
     clip_chunks: Optional[int] = typer.Option(None, "--clip-chunks", help="Noisy chunks per sequence (default 4; sprites 3)."),
     placement_weight: Optional[float] = typer.Option(None, "--placement-weight", help="Loss weight of the chunks whose caption places the entity (default 1; sprites 4: entrance and return)."),
     trait_weight: Optional[float] = typer.Option(None, "--trait-weight", help="Loss weight of the latent cells holding a sprite's trait, its dot (default 1; sprites 8)."),
+    trait_from: Optional[int] = typer.Option(None, "--trait-from", help="Step from which --trait-weight applies (default 0; ×1 before it: the layout first)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads (2 on an idle 2-core machine; 1 next to another job). "
                                 "It changes float rounding: bit-exact re-runs need the same value."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N. Batches and random draws stay on the CPU "
@@ -964,7 +965,7 @@ def train_miniature_cmd(
     cfg = TrainConfig.for_world(world, minutes=minutes, seed=seed, steps=steps, threads=threads, device=device)
     given = set()
     for name, v in (("episodes", episodes), ("batch", batch), ("clip_chunks", clip_chunks), ("placement_weight", placement_weight),
-                    ("trait_weight", trait_weight),
+                    ("trait_weight", trait_weight), ("trait_from", trait_from),
                     ("checkpoint_every", checkpoint_every), ("snapshot_every", snapshot_every)):
         if v is not None:
             setattr(cfg, name, v)

@@ -151,6 +151,7 @@ def test_trait_weight_scales_the_dot_cells_of_every_drawn_sprite():
     from slotgen.world.sprites import DOT_COLOURS, render_sprites, sprite_episode
 
     assert TrainConfig.for_world("sprites").trait_weight == 8.0 and TrainConfig().trait_weight == 1.0
+    assert TrainConfig.for_world("sprites").trait_from == 2250 and TrainConfig().trait_from == 0
     ep = next(e for e in (sprite_episode(k, gap=0, lead=0) for k in range(20)) if e.sprite.trait != "no")
     cells = sprite_trait_cells(ep)  # (T, 16, 16)
     frames, _ = render_sprites(ep)

@@ -231,19 +231,35 @@ def compliance_rule(points: list[dict], budget_steps: float) -> dict:
             "compliance_fit": comp, "duplicate_fit": dup}
 
 
-def trait_rule(points: list[dict], budget_steps: float) -> dict:
-    """The kill rule of a run that must learn the sprite's trait (its dot) as well as the layout: every
-    condition of :func:`compliance_rule`, and trait accuracy fitted as a + b·ln(steps) over every point with
-    b > 0 and the fit ≥ 0.9 at ``budget_steps``. Without the trait there is nothing for a memory to bring
-    back, so a run that learns the layout alone does not continue."""
-    layout = compliance_rule(points, budget_steps)
-    if len(points) < RULE_MIN_POINTS:
-        return layout
-    trait = fit_log_curve([p["steps"] for p in points], [p["trait_accuracy"] for p in points], [budget_steps])
-    at_b = trait["at"][str(int(budget_steps))]
+def trait_rule(points: list[dict], budget_steps: float, from_step: int = 0) -> dict:
+    """The kill rule of a run that must learn the sprite's trait (its dot) as well as the layout. Without
+    the trait there is nothing for a memory to bring back, so a run that learns the layout alone does not
+    continue.
+
+    ``from_step = 0`` (the trait weighted from the start): every condition of :func:`compliance_rule`, and
+    trait accuracy fitted as a + b·ln(steps) over every point with b > 0 and the fit ≥ 0.9 at
+    ``budget_steps``. ``from_step > 0`` (a run that learnt the layout first and weights the trait from
+    that step on; ``points`` are the ones at or after it): the layout must hold (mean compliance of the
+    last 3 points ≥ 0.9 and mean duplicate rate ≤ 0.1), and trait accuracy fitted against ln(steps −
+    from_step) over the points after ``from_step`` must have b > 0 and reach ≥ 0.9 at ``budget_steps``."""
+    stage = [p for p in points if p["steps"] > from_step]
+    if len(stage) < RULE_MIN_POINTS:
+        return {"continue": False, "reason": f"{len(stage)} points, the rule needs {RULE_MIN_POINTS}"}
+    trait = fit_log_curve([p["steps"] - from_step for p in stage], [p["trait_accuracy"] for p in stage],
+                          [budget_steps - from_step])
+    at_b = trait["at"][str(int(budget_steps - from_step))]
     reasons = [r for r, bad in ((f"trait accuracy slope {trait['b']:+.3f} ≤ 0", trait["b"] <= 0),
                                 (f"trait accuracy fit at {int(budget_steps)} steps {at_b:.2f} < 0.9", at_b < 0.9)) if bad]
-    if not layout["continue"]:
-        reasons = [layout["reason"], *reasons]
-    return {**layout, "continue": not reasons, "reason": "; ".join(reasons) or "every condition met", "trait_fit": trait}
-
+    if from_step == 0:
+        layout = compliance_rule(points, budget_steps)
+        if not layout["continue"]:
+            reasons = [layout["reason"], *reasons]
+        return {**layout, "continue": not reasons, "reason": "; ".join(reasons) or "every condition met", "trait_fit": trait}
+    last = stage[-3:]
+    comp = float(np.mean([p["compliance"] for p in last]))
+    dup = float(np.mean([p["duplicate_rate"] for p in last]))
+    reasons = [r for r, bad in ((f"compliance of the last 3 points {comp:.2f} < 0.9", comp < 0.9),
+                                (f"duplicate rate of the last 3 points {dup:.2f} > 0.1", dup > 0.1))
+               if bad] + reasons
+    return {"continue": not reasons, "reason": "; ".join(reasons) or "every condition met", "trait_fit": trait,
+            "layout": {"compliance_last3": comp, "duplicate_rate_last3": dup}, "from_step": from_step}

@@ -95,6 +95,7 @@ class TrainConfig:
     # (the sprite world's entrance and return, the only chunks naming its row; the shape worlds have none marked)
     trait_weight: float = 1.0  # loss weight ×this on the latent cells that hold a drawn sprite's trait (the sprite
     # world's dot, 4×4 of a cell's 16×16 pixels: without it the dot's error is ~1/16 of the sprite's)
+    trait_from: int = 0  # the step from which trait_weight applies (before it: 1), so the layout is learnt first
     slots: SlotTrainConfig = field(default_factory=SlotTrainConfig)  # the last stage: SlotMemory's φ (train/slots.py)
     threads: int = 1  # 1 thread: on a shared 2-core machine OpenMP spin contention makes 2 threads slower
     checkpoint_every: int = 250  # steps between resumable checkpoints (DIR/checkpoint/; `--resume DIR`); 0: none
@@ -117,11 +118,11 @@ class TrainConfig:
         regression (σ = 1 for every noisy chunk: with a deterministic world the conditional mean is the
         answer) with a trained text encoder (attribute words the text path can tell apart), clips of 3
         chunks (the 9-frame window the engine's context holds), the entrance and return chunks, the
-        only ones that name the sprite's row, weighted ×4 in the loss, and the latent cells holding the
-        sprite's dot (its trait) weighted ×8."""
+        only ones that name the sprite's row, weighted ×4 in the loss, and from step 2250 on (when the
+        layout is learnt) the latent cells holding the sprite's dot (its trait) weighted ×8."""
         if world == "sprites":
             kw = {"sigma_one_prob": 1.0, "train_text": True, "episodes": 512, "clip_chunks": 3, "placement_weight": 4.0,
-                  "trait_weight": 8.0, **kw}
+                  "trait_weight": 8.0, "trait_from": 2250, **kw}
         return cls(world=world, **kw)
 
     def validate(self) -> None:
@@ -133,6 +134,8 @@ class TrainConfig:
             raise SlotgenError(f"--placement-weight must be positive, got {self.placement_weight}")
         if not self.trait_weight > 0:
             raise SlotgenError(f"--trait-weight must be positive, got {self.trait_weight}")
+        if self.trait_from < 0:
+            raise SlotgenError(f"--trait-from must be at least 0, got {self.trait_from}")
         if not self.minutes > 0:
             raise SlotgenError(f"--minutes must be positive, got {self.minutes}")
         if self.world not in ALL_WORLDS:
@@ -415,8 +418,12 @@ def sample_sigma(rng: np.random.Generator, cfg: TrainConfig) -> float:
     return cfg.sigma_shift * u / (1.0 + (cfg.sigma_shift - 1.0) * u)
 
 
-def sample_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig) -> Batch:
-    """One seeded batch of training sequences (see the module docstring)."""
+def sample_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig,
+                 trait_weight: Optional[float] = None) -> Batch:
+    """One seeded batch of training sequences (see the module docstring); ``trait_weight`` overrides
+    ``cfg.trait_weight`` (the training loop passes 1 before ``cfg.trait_from``). The weight draws nothing
+    from ``rng`` or ``gen``, so the same seeds give the same sequences whatever it is."""
+    trait_weight = cfg.trait_weight if trait_weight is None else trait_weight
     n, B, R = cfg.clip_chunks, cfg.batch, CHUNK
     C, _, H, W = clips[0].latents.shape
     tpf = TOKENS * TOKENS  # tokens per latent frame
@@ -467,8 +474,8 @@ def sample_batch(clips: list[WorldClip], rng: np.random.Generator, gen: torch.Ge
         for c in clip.placement_chunks:  # the whole chunk: drawing in a row the caption did not name costs too
             if s <= c < s + n:
                 weight[b, 0, (c - s) * CHUNK : (c - s + 1) * CHUNK] *= cfg.placement_weight
-        if clip.trait_cells is not None and cfg.trait_weight != 1.0:  # (nF, h, w): the dot's cells ×trait_weight
-            weight[b, 0] *= 1.0 + (cfg.trait_weight - 1.0) * clip.trait_cells[s * CHUNK : (s + n) * CHUNK].float()
+        if clip.trait_cells is not None and trait_weight != 1.0:  # (nF, h, w): the dot's cells ×trait_weight
+            weight[b, 0] *= 1.0 + (trait_weight - 1.0) * clip.trait_cells[s * CHUNK : (s + n) * CHUNK].float()
         ts[b, (R + nF) * tpf :] = sig.repeat_interleave(tpf) * 1000.0
         mask[b, 0] = m
         captions.append([clip.chunk_captions[reloc if reloc is not None else s]]
@@ -745,7 +752,8 @@ def train_miniature(cfg: TrainConfig, out: str | Path, log: Callable[[str], None
             return res
         for g in opt.param_groups:
             g["lr"] = _lr(cfg.lr, budget.done, budget.progress(), warm)
-        batch = sample_batch(clips, rng, gen, cfg).to(dev)
+        trait_weight = cfg.trait_weight if budget.done >= cfg.trait_from else 1.0
+        batch = sample_batch(clips, rng, gen, cfg, trait_weight=trait_weight).to(dev)
         loss = x0_loss(dit_forward(transformer, state, batch, conditioner, n), batch, cfg.min_sigma_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -849,7 +857,7 @@ def model_card(cfg: TrainConfig, res: TrainResult, command: Optional[str]) -> st
 
     cmd = command or "slotgen train-miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     defaults = TrainConfig()
-    named = ("world", "episodes", "batch", "clip_chunks", "placement_weight", "trait_weight")
+    named = ("world", "episodes", "batch", "clip_chunks", "placement_weight", "trait_weight", "trait_from")
     flags = "".join(f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in named if getattr(cfg, k) != getattr(defaults, k))
     repro = (f"slotgen train-miniature --out DIR --seed {cfg.seed} --steps {res.steps} --threads {cfg.threads}{flags}"
              + (f" --device {cfg.device}" if cfg.device != "cpu" else ""))
@@ -890,7 +898,7 @@ schedule then follows steps, so the numbers can differ slightly from a time-budg
   ‖x̂0 − x0‖²/max(σ, {cfg.min_sigma_weight:g})², latent cells within 2 px of an entity weighted ×{1 + cfg.entity_weight:g};
   half the samples get N(0, s²), s ~ U(0, {cfg.context_noise:g}), on their clean context; chunks whose caption
   places the entity (entrance, return) weighted ×{cfg.placement_weight:g}; the latent cells of a drawn sprite's trait
-  (the sprite world's dot) weighted ×{cfg.trait_weight:g}.
+  (the sprite world's dot) weighted ×{cfg.trait_weight:g}{f' from step {cfg.trait_from} on (×1 before)' if cfg.trait_from else ''}.
 - Memory: with probability {cfg.return_prob:g} the clip covers the protagonist's return and the relocated chunk is
   one from before it left (it is fully inside); otherwise, with probability {cfg.relocate_prob:g}, a random
   earlier chunk. Up to {cfg.token_drop:.0%} of the relocated tokens are masked out.
