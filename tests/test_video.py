@@ -75,6 +75,23 @@ def test_streaming_decode_is_bit_identical_to_one_shot(base_dim: int, h: int, w:
     assert dec.latent_frames_decoded == T_LATENT
 
 
+@pytest.mark.parametrize("chunks", CHUNKINGS, ids=lambda c: "-".join(map(str, c)))
+def test_decode_frames_yields_each_latent_frame_bit_identically(chunks: list[int]) -> None:
+    """``decode_frames`` (a live page's first frame before the rest of the chunk) yields one latent
+    frame's frames at a time, equal to ``decode_chunk``'s, and leaves the same state."""
+    latents, ref = _case(3, 4, 6)
+    whole, pieces = StreamingDecoder(_vae(3)), StreamingDecoder(_vae(3))
+    start = 0
+    for c in chunks:
+        part = list(pieces.decode_frames(latents[:, :, start : start + c]))
+        assert len(part) == c and all(p.dtype == np.uint8 for p in part)
+        assert np.array_equal(np.concatenate(part), whole.decode_chunk(latents[:, :, start : start + c]))
+        assert (pieces.frames_decoded, pieces.latent_frames_decoded) == (whole.frames_decoded,
+                                                                          whole.latent_frames_decoded)
+        start += c
+    assert whole.frames_decoded == ref.shape[2]
+
+
 def test_fresh_cache_per_chunk_would_not_match() -> None:
     """Guard that the test case is sensitive to the carried cache (so bit-exactness means something)."""
     latents, ref = _case(3, 4, 6)
