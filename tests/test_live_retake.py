@@ -20,8 +20,6 @@ from tests.live_helpers import GREEN, RED, YELLOW
 HEAD = "fps: 16\nresolution: 32x32\nsampler: {steps: 2}\nseed: 7\nmemory: {policy: slot, window: 2, top_k: 4}\n"
 
 
-# in-process live sessions run each in a fresh process (tests/conftest.py, marker "isolated")
-pytestmark = pytest.mark.isolated
 
 @pytest.fixture(scope="module")
 def miniature():
