@@ -147,9 +147,9 @@ class Renderer:
         # retake(chunk) -> bool: asked while a chunk is made (before every block until its commit pass); True
         # makes it again from the current storyboard (a live session's typed prompt; StreamingEngine.generate_chunk)
         self.retake: Callable[[int], bool] | None = None
-        # show_first(chunk) -> bool: with overlap, that chunk's frames are decoded one latent frame at a time
-        # and its first ones handed to the writers before its commit pass starts (a live session: the
-        # first chunk under a typed prompt); frames are unchanged, only the order of the work moves
+        # show_first(chunk) -> bool: with overlap, that chunk is decoded one latent frame at a time and its
+        # first frames are handed to the writers before its commit pass starts (a live session: the first
+        # chunk under a typed prompt); frames are unchanged, only the order of the work moves
         self.show_first: Callable[[int], bool] | None = None
 
     @property
@@ -210,9 +210,8 @@ class Renderer:
         # frames_done counts the chunk's frames as handed over (written by the time stream returns).
         # The worker gets each chunk's latents as soon as they are final, before the commit pass.
         decoder, show_first = self.engine.decoder, self.show_first
-        worker = DecodeWorker(decoder.decode_frames if show_first else decoder.decode_chunk,
-                              lambda chunk, frames: emit(frames), depth=1, device=self.bundle.device,
-                              pieces=show_first is not None) if self.overlap else None
+        worker = DecodeWorker(decoder.decode_chunk, lambda chunk, frames: emit(frames), depth=1,
+                              device=self.bundle.device, pieces=decoder.decode_frames) if self.overlap else None
         self._worker = worker
 
         def on_sampled(chunk: int, latents: torch.Tensor) -> None:  # blocks while the previous chunk is written

@@ -12,10 +12,11 @@ copies the frames to the host and hands them to ``emit`` (the writers). Guarante
   emitted, so after it the decoder state, the writers and the engine agree exactly as without overlap
   (``Renderer.stream`` drains before it returns; a snapshot is only taken after that);
 * **errors**: an exception in the worker is raised again in the caller at the next ``put``/``drain``;
-* **pieces**: with ``pieces=True`` ``decode`` yields the chunk's frames in pieces (one latent frame's
-  frames each, :meth:`~slotgen.video.decoder.StreamingDecoder.decode_frames`) and each is emitted as soon
-  as it is decoded; ``put(..., wait_first=True)`` returns only once the chunk's first piece is emitted
-  (a live page's first frame under a new prompt goes out before the caller's next transformer pass).
+* **first frames first**: ``put(..., wait_first=True)`` decodes that chunk with ``pieces`` (which yields
+  its frames in pieces, one latent frame's each: :meth:`~slotgen.video.decoder.StreamingDecoder.decode_frames`),
+  emits each piece as soon as it is decoded and returns once the first is emitted (a live page's first
+  frame under a new prompt goes out before the caller's next transformer pass); other chunks are
+  decoded whole.
 
 On CUDA the worker runs on its own stream, ordered after the generating stream with an event, so the
 decode and its device → host copy overlap the next chunk's transformer passes.
@@ -34,9 +35,10 @@ _STOP = object()
 
 class DecodeWorker:
     def __init__(self, decode: Callable[[torch.Tensor], object], emit: Callable[[object, object], None],
-                 depth: int = 1, device: torch.device | str = "cpu", pieces: bool = False):
-        """decode(latents) → frames (``pieces``: an iterable of frame batches), run on the worker;
-        emit(item, frames), run on the worker in order."""
+                 depth: int = 1, device: torch.device | str = "cpu",
+                 pieces: Callable[[torch.Tensor], object] | None = None):
+        """decode(latents) → frames, pieces(latents) → an iterable of frame batches (for ``wait_first``),
+        run on the worker; emit(item, frames), run on the worker in order."""
         self.decode, self.emit, self.pieces = decode, emit, pieces
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -68,10 +70,10 @@ class DecodeWorker:
                 self.queue.task_done()
 
     def _decode_emit(self, item: object, latents: torch.Tensor, first: threading.Event | None) -> None:
-        if not self.pieces:
+        if first is None or self.pieces is None:
             self.emit(item, self.decode(latents))
             return
-        for frames in self.decode(latents):
+        for frames in self.pieces(latents):
             self.emit(item, frames)
             if first is not None:
                 first.set()
