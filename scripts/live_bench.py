@@ -66,7 +66,8 @@ def drive(story: str, out: Path, extra: list[str], fn):
             proc.kill()
 
 
-def session_latencies(story: str, out: Path, prompts: int, rng: random.Random, bundle) -> tuple[list[float], list[dict]]:
+def session_latencies(story: str, out: Path, prompts: int, rng: random.Random,
+                      bundle) -> tuple[list[float], list[dict]]:
     """Latency without the page: from ``LiveSession.submit`` to the first frame generated under the
     prompt reaching the broadcaster (what the server sends), in real time, in this process. Also its
     breakdown per prompt (seconds): ``start`` from the submit to the start of the attempt at the chunk

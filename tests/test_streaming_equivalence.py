@@ -169,7 +169,12 @@ def test_a_commit_pass_ends_after_the_last_layers_kv():
     full, ran_full = commit_two_chunks(True)
     assert ran_early == ["ffn0"] * 2 and ran_full == ["ffn0", "q_last", "ffn_last", "head"] * 2
     assert early.keys() == full.keys()
-    flat = lambda x: [x] if isinstance(x, torch.Tensor) else ([t for v in (x.values() if isinstance(x, dict) else x)
-                                                                 for t in flat(v)] if isinstance(x, (dict, list, tuple)) else [])
-    a, b = flat(early), flat(full)
+    def tensors(x) -> list[torch.Tensor]:  # every tensor of a nested state, in order
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if isinstance(x, dict):
+            x = list(x.values())
+        return [t for v in x for t in tensors(v)] if isinstance(x, (list, tuple)) else []
+
+    a, b = tensors(early), tensors(full)
     assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b))
