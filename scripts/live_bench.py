@@ -6,7 +6,8 @@ Chromium (Debian's /usr/bin/chromium through Playwright) and reads what the page
 * latency: from submitting a typed prompt to drawing the first frame generated under it (the page's
   ``window.slotgenLive.latencies``), over ``--prompts`` prompts sent at random moments within a chunk;
 * latency without the page: from ``LiveSession.submit`` to the first frame under the prompt reaching
-  the server's broadcaster, in this process (the page's HTTP, WebSocket and drawing left out);
+  the server's broadcaster, in this process (the page's HTTP, WebSocket and drawing left out), and the
+  medians of its parts (:func:`session_latencies`);
 * frames/s streamed: frames drawn per second of wall time over ``--seconds`` with --no-realtime;
 * `render` frames/s: the same storyboard rendered by :func:`slotgen.render.render` for as many frames
   (model already loaded, so neither number counts the load), and its wall time per chunk (decode
@@ -65,23 +66,54 @@ def drive(story: str, out: Path, extra: list[str], fn):
             proc.kill()
 
 
-def session_latencies(story: str, out: Path, prompts: int, rng: random.Random, bundle) -> list[float]:
+def session_latencies(story: str, out: Path, prompts: int, rng: random.Random,
+                      bundle) -> tuple[list[float], list[dict]]:
     """Latency without the page: from ``LiveSession.submit`` to the first frame generated under the
-    prompt reaching the broadcaster (what the server sends), in real time, in this process."""
+    prompt reaching the broadcaster (what the server sends), in real time, in this process. Also its
+    breakdown per prompt (seconds): ``start`` from the submit to the start of the attempt at the chunk
+    under the prompt that is kept (a retake restores the memory first; at a chunk boundary the render
+    may be finishing a chunk or waiting for the clock), ``recache`` the KV re-cache of that attempt,
+    ``denoise`` from there to the chunk's latents being final (the sampler's steps; with an engine that
+    decodes before the commit pass, to the hand-over to the decoder, else to the end of the commit
+    pass), ``first_frame`` from there to the first frame under the prompt reaching the broadcaster
+    (decoding, and the previous chunk's frames still queued)."""
     from slotgen.live import LiveSession
     from slotgen.storyboard import load_storyboard
 
     session = LiveSession(load_storyboard(story), out=out, bundle=bundle, realtime=True, snapshot_every=None)
+    engine = session.renderer.engine
     written: list[tuple[float, int, int]] = []  # (time, first frame, frames) of every write to the page
-    write = session.broadcast.write
+    attempts: list[dict] = []  # per generate_chunk call: chunk, start, recache (t0, t1), latents final
+    write, generate, recache = session.broadcast.write, engine.generate_chunk, engine._recache
 
     def timed(frames):
         written.append((time.monotonic(), session.renderer.frames_emitted, len(frames)))
         return write(frames)
 
-    session.broadcast.write = timed
+    def timed_generate(*args, **kwargs):
+        a = {"chunk": engine.next_chunk, "start": time.monotonic(), "recache": None, "final": None}
+        attempts.append(a)
+        sampled = kwargs.get("on_sampled")
+        if sampled is not None:
+            def on_sampled(chunk, latents):
+                a["final"] = time.monotonic()
+                return sampled(chunk, latents)
+            kwargs["on_sampled"] = on_sampled
+        res = generate(*args, **kwargs)
+        if a["final"] is None:
+            a["final"] = time.monotonic()
+        return res
+
+    def timed_recache(*args, **kwargs):
+        t0 = time.monotonic()
+        try:
+            return recache(*args, **kwargs)
+        finally:
+            attempts[-1]["recache"] = (t0, time.monotonic())
+
+    session.broadcast.write, engine.generate_chunk, engine._recache = timed, timed_generate, timed_recache
     session.start()
-    out_lat = []
+    out_lat, parts = [], []
     try:
         time.sleep(2.0)
         for i in range(prompts):
@@ -95,12 +127,18 @@ def session_latencies(story: str, out: Path, prompts: int, rng: random.Random, b
                 hit = [w for w in list(written) if first is not None and w[0] >= t and w[1] + w[2] > first]
                 if hit:
                     out_lat.append(hit[0][0] - t)
+                    kept = [a for a in attempts if a["chunk"] == took[0].chunk and a["final"] is not None]
+                    if kept:
+                        a = kept[-1]
+                        r0, r1 = a["recache"] or (a["start"], a["start"])
+                        parts.append({"start": a["start"] - t, "recache": r1 - r0, "denoise": a["final"] - r1,
+                                      "first_frame": hit[0][0] - a["final"]})
                     break
                 time.sleep(0.002)
     finally:
         session.stop()
         session.wait()
-    return out_lat
+    return out_lat, parts
 
 
 def main() -> None:
@@ -112,6 +150,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rng = random.Random(args.seed)
+    load_start = os.getloadavg()
 
     def latencies(page):
         for i in range(args.prompts):
@@ -148,7 +187,8 @@ def main() -> None:
         target = {"chunk_plus_decode_s": [chunk_plus_decode("a.mkv", False)],
                   "switch_chunk_plus_decode_s": [chunk_plus_decode("b.mkv", True)]}
         lat = drive(args.story, Path(tmp) / "a", [], latencies)
-        lat_session = session_latencies(args.story, Path(tmp) / "s", args.prompts, random.Random(args.seed), bundle)
+        lat_session, parts = session_latencies(args.story, Path(tmp) / "s", args.prompts, random.Random(args.seed),
+                                               bundle)
         target["chunk_plus_decode_s"].append(chunk_plus_decode("c.mkv", False))
         target["switch_chunk_plus_decode_s"].append(chunk_plus_decode("d.mkv", True))
         fps_live, frames = drive(args.story, Path(tmp) / "b", ["--no-realtime"], throughput)
@@ -164,9 +204,12 @@ def main() -> None:
         "story": args.story, "chunk_video_seconds": geo.video_frames(1) / sb.fps,
         **{name: {"median": statistics.median(x), "max": max(x), "min": min(x), "n": len(x)}
            for name, x in (("latency_s", lat), ("latency_without_page_s", lat_session))},
+        "latency_without_page_breakdown_s": {k: statistics.median(p[k] for p in parts) for k in parts[0]} if parts
+        else None,
         "render_seconds_per_chunk": chunk,
         **{k: {"before": v[0], "after": v[1]} for k, v in target.items()},
         "fps_streamed": fps_live, "fps_render": fps_render, "frames_streamed": frames,
+        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
     }
     print(json.dumps(out, indent=2))
     if args.json:

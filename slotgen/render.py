@@ -144,9 +144,13 @@ class Renderer:
         self.notes: list[str] = []  # warnings raised while rendering (a snapshot written elsewhere, ...)
         self.overlap = overlap  # decode + write on a worker thread while the next chunk generates
         self._worker: DecodeWorker | None = None  # the running stream's worker (see drain)
-        # retake(chunk) -> bool: asked between a chunk's denoising steps; True samples it again from the
-        # current storyboard (a live session's typed prompt; StreamingEngine.generate_chunk)
+        # retake(chunk) -> bool: asked while a chunk is made (before every block until its commit pass); True
+        # makes it again from the current storyboard (a live session's typed prompt; StreamingEngine.generate_chunk)
         self.retake: Callable[[int], bool] | None = None
+        # show_first(chunk) -> bool: with overlap, that chunk is decoded one latent frame at a time and its
+        # first frames are handed to the writers before its commit pass starts (a live session: the first
+        # chunk under a typed prompt); frames are unchanged, only the order of the work moves
+        self.show_first: Callable[[int], bool] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -204,17 +208,22 @@ class Renderer:
         # Overlapped, the worker decodes and writes chunk c while the engine generates chunk c + 1.
         # Events, timings and should_stop stay on this thread, in generation order: an event's
         # frames_done counts the chunk's frames as handed over (written by the time stream returns).
-        worker = DecodeWorker(self.engine.decoder.decode_chunk, lambda res, frames: emit(frames), depth=1,
-                              device=self.bundle.device) if self.overlap else None
+        # The worker gets each chunk's latents as soon as they are final, before the commit pass.
+        decoder, show_first = self.engine.decoder, self.show_first
+        worker = DecodeWorker(decoder.decode_chunk, lambda chunk, frames: emit(frames), depth=1,
+                              device=self.bundle.device, pieces=decoder.decode_frames) if self.overlap else None
         self._worker = worker
+
+        def on_sampled(chunk: int, latents: torch.Tensor) -> None:  # blocks while the previous chunk is written
+            worker.put(chunk, latents, wait_first=show_first is not None and show_first(chunk))
+
         last = t0
         try:
             res: ChunkResult
-            for res in self.engine.run(lambda: self.storyboard, decode=worker is None, retake=self.retake):
+            for res in self.engine.run(lambda: self.storyboard, decode=worker is None, retake=self.retake,
+                                       on_sampled=on_sampled if worker is not None else None):
                 if worker is None:
                     emit(res.frames)
-                else:
-                    worker.put(res, res.latents)  # blocks while the previous chunk is still being written
                 now = time.perf_counter()
                 seconds, last = now - last, now  # the stream's period, chunk to chunk
                 chunk_seconds.append(seconds)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -51,32 +49,3 @@ def tiny_bundle(rope_max_seq_len: int = 1024, num_layers: int = 2, seed: int = 0
 @pytest.fixture
 def bundle():
     return tiny_bundle()
-
-
-ISOLATED_ENV = "SLOTGEN_TEST_ISOLATED"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "isolated: the test runs in a fresh Python process (its own pytest), not in "
-                                       "the long-lived xdist worker")
-
-
-def _run_isolated(item) -> None:
-    """Run ``item`` alone in a new interpreter; its failure output becomes this test's failure."""
-    env = dict(os.environ, **{ISOLATED_ENV: "1"})
-    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", item.nodeid]
-    res = subprocess.run(cmd, cwd=item.config.rootpath, env=env, capture_output=True, text=True, timeout=850)
-    if res.returncode != 0:
-        pytest.fail(f"{item.nodeid} failed in its own process:\n{res.stdout[-6000:]}\n{res.stderr[-2000:]}",
-                    pytrace=False)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``isolated`` run in a process of their own: the in-process live sessions (a render on a
-    worker thread beside a server thread) stall in an xdist worker that already ran hundreds of other tests,
-    while they pass alone, in any order within their modules, and under CPU load."""
-    if os.environ.get(ISOLATED_ENV):
-        return
-    for item in items:
-        if item.get_closest_marker("isolated") is not None:
-            item.runtest = (lambda it: (lambda: _run_isolated(it)))(item)

@@ -22,8 +22,6 @@ from slotgen.live.server import check_bind
 from slotgen.live.session import MAX_PROMPT_CHARS, LiveSession, check_prompt
 from tests.live_helpers import GREEN, STORY, ServerThread, story, wait_for
 
-# in-process live sessions run each in a fresh process (tests/conftest.py, marker "isolated")
-pytestmark = pytest.mark.isolated
 
 runner = CliRunner()
 

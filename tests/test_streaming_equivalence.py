@@ -132,3 +132,49 @@ def test_positions_stay_inside_a_tiny_rope_table():
         res = engine.generate_chunk(0, embeds_prompt)
         assert torch.isfinite(res.latents).all()
     assert engine.next_chunk * F > 8
+
+
+def test_a_commit_pass_ends_after_the_last_layers_kv():
+    """A commit pass is run for its K/V only: it ends once the last block's K/V are in the memory (that
+    block's query, cross-attention and FFN and the output head never run), and the memory then holds
+    exactly what a commit pass run to the end writes."""
+    torch.manual_seed(3)
+    bundle = tiny_bundle(num_layers=3)
+    tr = bundle.transformer
+    latents = torch.randn(1, 16, 2 * F, 4, 6)
+    embeds = torch.randn(1, 8, tr.config.text_dim)
+    from slotgen.memory.base import ChunkContext
+
+    def commit_two_chunks(to_the_end: bool):
+        engine = StreamingEngine(bundle, WindowMemory(3, window=6),
+                                 EngineOptions(seed=0, fps=16, width=48, height=32, steps=2, shift=5.0))
+        engine._processors[-1].last = not to_the_end
+        ran = []
+        hooks = [m.register_forward_hook(lambda m, i, o, name=name: ran.append(name))
+                 for name, m in (("ffn0", tr.blocks[0].ffn), ("q_last", tr.blocks[-1].attn1.to_q),
+                                 ("ffn_last", tr.blocks[-1].ffn), ("head", tr.proj_out))]
+        try:
+            for c in range(2):
+                engine.policy.begin_chunk(ChunkContext(c, c * F, F, 0, "p"))
+                engine.state.epoch += 1
+                out = engine._forward(latents[:, :, c * F : (c + 1) * F], 0.0, c * F, embeds, commit=True)
+                engine.policy.end_chunk()
+                assert (out is None) != to_the_end and not engine.state.commit
+        finally:
+            for h in hooks:
+                h.remove()
+        return engine.policy.state_dict(), ran
+
+    early, ran_early = commit_two_chunks(False)
+    full, ran_full = commit_two_chunks(True)
+    assert ran_early == ["ffn0"] * 2 and ran_full == ["ffn0", "q_last", "ffn_last", "head"] * 2
+    assert early.keys() == full.keys()
+    def tensors(x) -> list[torch.Tensor]:  # every tensor of a nested state, in order
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if isinstance(x, dict):
+            x = list(x.values())
+        return [t for v in x for t in tensors(v)] if isinstance(x, (list, tuple)) else []
+
+    a, b = tensors(early), tensors(full)
+    assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b))

@@ -75,6 +75,23 @@ def test_streaming_decode_is_bit_identical_to_one_shot(base_dim: int, h: int, w:
     assert dec.latent_frames_decoded == T_LATENT
 
 
+@pytest.mark.parametrize("chunks", CHUNKINGS, ids=lambda c: "-".join(map(str, c)))
+def test_decode_frames_yields_each_latent_frame_bit_identically(chunks: list[int]) -> None:
+    """``decode_frames`` (a live page's first frame before the rest of the chunk) yields one latent
+    frame's frames at a time, equal to ``decode_chunk``'s, and leaves the same state."""
+    latents, ref = _case(3, 4, 6)
+    whole, pieces = StreamingDecoder(_vae(3)), StreamingDecoder(_vae(3))
+    start = 0
+    for c in chunks:
+        part = list(pieces.decode_frames(latents[:, :, start : start + c]))
+        assert len(part) == c and all(p.dtype == np.uint8 for p in part)
+        assert np.array_equal(np.concatenate(part), whole.decode_chunk(latents[:, :, start : start + c]))
+        assert (pieces.frames_decoded, pieces.latent_frames_decoded) == (whole.frames_decoded,
+                                                                          whole.latent_frames_decoded)
+        start += c
+    assert whole.frames_decoded == ref.shape[2]
+
+
 def test_fresh_cache_per_chunk_would_not_match() -> None:
     """Guard that the test case is sensitive to the carried cache (so bit-exactness means something)."""
     latents, ref = _case(3, 4, 6)
@@ -431,3 +448,45 @@ def test_append_videos(tmp_path: Path) -> None:
     with pytest.raises(SlotgenError, match="does not exist"):
         append_videos(b, tmp_path / "missing.mp4", tmp_path / "bad.mp4")
     assert not (tmp_path / "bad.mp4").exists() and partial_files(tmp_path) == []
+
+
+def test_starting_ffmpeg_while_another_thread_holds_pyav_objects_does_not_hang(tmp_path) -> None:
+    """ffmpeg starts with no Python code in the forked child: one run there (imageio-ffmpeg's
+    ``preexec_fn``) frees the other threads' objects, and a PyAV frame reformatter among them waits
+    forever for codec threads the fork did not copy; the writer then hangs in ``Popen`` (the live
+    tests stalled so in long test runs, after ``read_video``). ffmpeg leads a session of its own, so a
+    Ctrl-C at the terminal reaches slotgen only."""
+    import os
+    import threading
+
+    import av
+
+    from slotgen.video.writer import MP4Writer, open_writer
+
+    src = tmp_path / "src.mkv"
+    with open_writer(src, 16, (64, 64)) as w:
+        w.write(np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8))
+    ready, done, result = threading.Event(), threading.Event(), {}
+
+    def hold():  # a reformatter (with its slice threads) referenced only from this thread's frame
+        with av.open(str(src)) as container:
+            frame = next(container.decode(video=0))
+            scaled = frame.reformat(width=48, height=48, format="rgb24")  # noqa: F841
+        ready.set()
+        done.wait()
+
+    def write():
+        with MP4Writer(tmp_path / "out.mp4", 16, (64, 64)) as w:
+            result["own session"] = os.getsid(w._proc.pid) == w._proc.pid
+            w.write(np.zeros((2, 64, 64, 3), np.uint8))
+        result["written"] = True
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    ready.wait(30)
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    writer.join(60)
+    done.set()
+    holder.join(30)
+    assert result == {"own session": True, "written": True}

@@ -28,6 +28,7 @@ as in the reference code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ class StreamState:
     trace: list | None = None  # when a list: layer 0 appends what each pass attends to (tests, inspection)
     runs: tuple | None = None  # host mirror of ``frames``: ((frame, tokens), ...) (see KVBlock.runs)
     text: object = None  # the prompt's embeddings tensor of this call: cross-attention K/V are cached per it
+    check: Callable[[], None] | None = None  # called before every block's self-attention (a live retake check)
 
 
 class RopeTable:
@@ -125,11 +127,17 @@ def assign_positions(mem_frames: torch.Tensor | None, chunk_frames: torch.Tensor
     return mem_rank, offsets + num_distinct
 
 
+class CommitDone(Exception):
+    """Raised by the last layer's processor in a commit pass once its K/V are in the memory: the rest of
+    the forward (that layer's attention, cross-attention and FFN, the output head) is never used."""
+
+
 class StreamingAttnProcessor:
     """Self-attention over [memory ; chunk] with engine-assigned RoPE positions (one per layer)."""
 
-    def __init__(self, layer: int, state: StreamState, rope: RopeTable):
+    def __init__(self, layer: int, state: StreamState, rope: RopeTable, last: bool = False):
         self.layer = layer
+        self.last = last  # the model's last block: a commit pass ends after its K/V (CommitDone)
         self.state = state
         self.rope = rope
         self._cache_epoch = -1
@@ -198,14 +206,21 @@ class StreamingAttnProcessor:
     @torch.compiler.disable  # per-chunk Python state: dynamo would guard on it and recompile every chunk
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         st = self.state
+        if st.check is not None:  # may raise, abandoning the forward before this block changes anything
+            st.check()
         x = hidden_states  # (B, N, C)
-        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
         k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))  # (B, N, H, D) un-roped
         v = attn.to_v(x).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
 
         K, V, (cos, sin), m = self._memory(st.frames, st.hw, k)
         if st.trace is not None and self.layer == 0:
             self._trace(self._cache_chunk_pos)
+        if st.commit and self.last and st.memory is not None:
+            # a commit pass (the chunk's, or a re-cache's) is run for its K/V only: after the last layer's
+            # are written nothing of the forward is used, so it ends here (the engine catches CommitDone)
+            st.memory.write(self.layer, KVBlock(k.detach(), v.detach(), st.frames, st.hw, st.runs))
+            raise CommitDone
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
         q_r = apply_rope(q, cos, sin)
         K[:, m:] = apply_rope(k, cos, sin)  # (B, M + N, H, D): [memory ; chunk]
         V[:, m:] = v
@@ -272,7 +287,7 @@ def install_streaming_processors(transformer, state: StreamState) -> list[Stream
     processors: dict[str, object] = {}
     streaming = []
     for i in range(len(transformer.blocks)):
-        p = StreamingAttnProcessor(i, state, rope)
+        p = StreamingAttnProcessor(i, state, rope, last=i == len(transformer.blocks) - 1)
         streaming.append(p)
         processors[f"blocks.{i}.attn1.processor"] = p
         processors[f"blocks.{i}.attn2.processor"] = CachedCrossAttnProcessor(state)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from slotgen.engine.blend import blend_embeddings
-from slotgen.engine.attention import RopeTable, StreamState, apply_rope, install_streaming_processors
+from slotgen.engine.attention import CommitDone, RopeTable, StreamState, apply_rope, install_streaming_processors
 from slotgen.engine.presets import get_preset
 from slotgen.engine.sampler import FlowSchedule, chunk_noise, sample_chunk, x0_predictor
 from slotgen.memory.base import ChunkContext, MemoryPolicy
@@ -208,7 +208,10 @@ class StreamingEngine:
         return out
 
     @torch.no_grad()
-    def _forward(self, latents: torch.Tensor, timestep: float, frame_start: int, embeds: torch.Tensor, commit: bool) -> torch.Tensor:
+    def _forward(self, latents: torch.Tensor, timestep: float, frame_start: int, embeds: torch.Tensor,
+                 commit: bool) -> torch.Tensor | None:
+        """One transformer pass over the chunk's latents; the model output, or None for a commit pass
+        (``commit``: its K/V go to the memory, and it ends after the last layer's)."""
         st = self.state
         tr = self.bundle.transformer
         if tr.blocks[0].attn1.processor is not self._processors[0]:  # another engine shares this model
@@ -217,8 +220,13 @@ class StreamingEngine:
         st.commit = commit
         st.text = embeds  # cross-attention K/V are cached per embeddings tensor (one per prompt)
         t = torch.full((latents.shape[0],), float(timestep), device=self.device, dtype=torch.float32)
-        out = self.bundle.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
-        st.commit = False
+        try:
+            out = self.bundle.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=embeds,
+                                          return_dict=False)[0]
+        except CommitDone:  # a commit pass ends once the last layer's K/V are written (engine/attention.py)
+            out = None
+        finally:
+            st.commit = False
         return out
 
     def _context(self, chunk: int, frame_start: int, num_frames: int, prompt_index: int, prompt: str, recache: bool) -> ChunkContext:
@@ -276,7 +284,8 @@ class StreamingEngine:
     @torch.no_grad()
     def generate_chunk(self, prompt_index: int, prompt: str, latents: torch.Tensor | None = None,
                        decode: bool = True, blend: tuple[str, float, str] | None = None,
-                       retake: Callable[[int], bool] | None = None) -> ChunkResult:
+                       retake: Callable[[int], bool] | None = None,
+                       on_sampled: Callable[[int, torch.Tensor], None] | None = None) -> ChunkResult:
         """Generate, commit and decode the next chunk under ``prompt``.
 
         ``blend`` = (previous prompt, weight, "linear"|"slerp"): a prompt transition in progress; the
@@ -284,18 +293,24 @@ class StreamingEngine:
 
         ``decode=False`` leaves ``frames`` None: the caller decodes ``latents`` with ``self.decoder``
         itself, in chunk order (``Renderer.stream`` does it on a worker thread, overlapped).
+        ``on_sampled(chunk, latents)``: called with the clean latents as soon as they are final, before
+        the commit pass (which only feeds the memory for later chunks), so a caller that decodes them
+        elsewhere can show the chunk one transformer pass sooner; ``latents`` are never written after.
 
         ``latents`` (``(1, C, F, h, w)``, normalised): commit these instead of sampling (teacher forcing,
         e.g. the ground-truth past of ``bench identity --past truth``); everything else is as for a sampled chunk.
 
-        ``retake(chunk) -> bool`` is asked before every denoising step and before the commit pass (a live
-        session: a prompt typed while the chunk is sampled). True abandons the chunk: the memory policy
-        is restored from the ``state_dict()`` taken when the chunk began and :class:`ChunkRetaken` is
-        raised, so the engine is exactly as before the chunk (the caller generates it again, under the
-        new prompt). Nothing else is changed before the commit pass: the re-cache and the memory reads
-        (hit counts, relevance scores) touch only the policy, the chunk's noise comes from its own
-        generator seeded by (seed, chunk), the processors' per-chunk caches follow ``state.epoch``, the
-        text caches are pure, and the history, ``next_chunk``, ``prompt`` and the decoder move after it.
+        ``retake(chunk) -> bool`` is asked before every transformer block of every forward until the
+        commit pass (the re-cache passes of a prompt switch and the denoising steps) and once before the
+        commit pass (a live session: a prompt typed while the chunk is made). True abandons the chunk at
+        once, mid-forward included: the memory policy is restored from the ``state_dict()`` taken when
+        the chunk began and :class:`ChunkRetaken` is raised, so the engine is exactly as before the chunk
+        (the caller generates it again, under the new prompt). Nothing else is changed before the commit
+        pass: the re-cache and the memory reads (hit counts, relevance scores) touch only the policy
+        (a re-cache pass cut short has written some layers' K/V to it: the restore drops them), the
+        chunk's noise comes from its own generator seeded by (seed, chunk), the processors' per-chunk
+        caches follow ``state.epoch``, the text caches are pure, and the history, ``next_chunk``,
+        ``prompt`` and the decoder move after it.
         """
         t0 = time.perf_counter()
         c = self.next_chunk
@@ -305,34 +320,43 @@ class StreamingEngine:
         saved = self.policy.state_dict() if retake is not None else None  # what a retake restores
 
         def check() -> None:  # the chunk is not committed yet: give it up if asked
-            if retake is not None and retake(c):
+            if retake(c):
+                st = self.state
+                st.check, st.commit, st.recache = None, False, False
                 self.policy.load_state_dict(saved, device=self.device)
-                self.state.epoch += 1  # processors rebuild their memory plan from the restored policy
+                st.epoch += 1  # processors rebuild their memory plan from the restored policy
                 raise ChunkRetaken(c)
 
-        embeds = self.conditioning(prompt, blend)
-        if self.prompt is not None and prompt != self.prompt:
-            recached = self._recache(c, prompt_index, prompt, embeds)
+        self.state.check = check if retake is not None else None  # asked by every block (engine/attention.py)
+        try:
+            embeds = self.conditioning(prompt, blend)
+            if self.prompt is not None and prompt != self.prompt:
+                recached = self._recache(c, prompt_index, prompt, embeds)
 
-        ctx = self._context(c, frame_start, F, prompt_index, prompt, False)
-        self.policy.begin_chunk(ctx)
-        self.state.epoch += 1
-        shape = (1, self.bundle.transformer.config.in_channels, F, *self.latent_hw)
-        if latents is None:
-            noise_device = self.options.noise_device or self.device
-            noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c, self.schedule.noise_draws(),
-                                                                         device=noise_device)]
+            ctx = self._context(c, frame_start, F, prompt_index, prompt, False)
+            self.policy.begin_chunk(ctx)
+            self.state.epoch += 1
+            shape = (1, self.bundle.transformer.config.in_channels, F, *self.latent_hw)
+            if latents is None:
+                noise_device = self.options.noise_device or self.device
+                noises = [n.to(self.device, self.dtype) for n in chunk_noise(shape, self.options.seed, c,
+                                                                             self.schedule.noise_draws(),
+                                                                             device=noise_device)]
 
-            def step(x: torch.Tensor, t: float) -> torch.Tensor:  # one denoising forward, after a retake check
-                check()
-                return self._forward(x, t, frame_start, embeds, commit=False)
+                def step(x: torch.Tensor, t: float) -> torch.Tensor:  # one denoising forward
+                    return self._forward(x, t, frame_start, embeds, commit=False)
 
-            x0 = sample_chunk(x0_predictor(step, self.bundle.settings.prediction), noises, self.schedule)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"forced latents must have shape {shape}, got {tuple(latents.shape)}")
-            x0 = latents.to(self.device, self.dtype)
-        check()  # the last moment a retake is possible: from here on the chunk is committed
+                x0 = sample_chunk(x0_predictor(step, self.bundle.settings.prediction), noises, self.schedule)
+            else:
+                if tuple(latents.shape) != shape:
+                    raise ValueError(f"forced latents must have shape {shape}, got {tuple(latents.shape)}")
+                x0 = latents.to(self.device, self.dtype)
+            if retake is not None:
+                check()  # the last moment a retake is possible: from here on the chunk is committed
+        finally:
+            self.state.check = None
+        if on_sampled is not None:
+            on_sampled(c, x0)
         self._forward(x0, 0.0, frame_start, embeds, commit=True)  # commit pass: clean K/V → memory
         self.policy.end_chunk()
 
@@ -347,15 +371,16 @@ class StreamingEngine:
         return ChunkResult(c, prompt_index, prompt, self.geometry.first_frame(c), frames, x0,
                            time.perf_counter() - t0, recached)
 
-    def run(self, timeline, decode: bool = True, retake: Callable[[int], bool] | None = None) -> Iterator[ChunkResult]:
+    def run(self, timeline, decode: bool = True, retake: Callable[[int], bool] | None = None,
+            on_sampled: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[ChunkResult]:
         """Generate every remaining chunk of ``timeline`` (a Storyboard: prompts, fps, total frames).
 
         ``timeline`` may also be a callable returning the current Storyboard, asked again before each
         chunk: a live session (``slotgen.live``) extends its timeline while the stream runs.
 
-        ``retake(chunk) -> bool``: asked before each chunk and between its denoising steps (see
-        :meth:`generate_chunk`); after it returns True the chunk is started again from the timeline as
-        it is then (the callable changed it)."""
+        ``retake(chunk) -> bool``: asked before each chunk and while it is made (see
+        :meth:`generate_chunk`, as ``on_sampled``); after it returns True the chunk is started again from
+        the timeline as it is then (the callable changed it)."""
         current = timeline if callable(timeline) else (lambda: timeline)
         while True:
             if retake is not None:
@@ -365,7 +390,8 @@ class StreamingEngine:
                 return
             idx, blend = tl.conditioning_at(self.geometry.first_frame(self.next_chunk) / tl.fps)
             try:
-                res = self.generate_chunk(idx, tl.prompts[idx].text, decode=decode, blend=blend, retake=retake)
+                res = self.generate_chunk(idx, tl.prompts[idx].text, decode=decode, blend=blend, retake=retake,
+                                          on_sampled=on_sampled)
             except ChunkRetaken:
                 continue
             yield res

@@ -8,9 +8,11 @@ story so far is always a real :class:`~slotgen.storyboard.Storyboard` whose prom
 they took effect. That storyboard is what the render runs, what snapshots hold and what ``story.yaml``
 records: ``slotgen render story.yaml`` reproduces the live frames bit for bit.
 
-A prompt typed while a chunk is being sampled retakes that chunk (:meth:`LiveSession._retake`, asked by
-the engine between denoising steps): its decision is replaced, the engine restores its state and samples
-the chunk again, so the prompt takes effect one chunk sooner and the record still says where.
+A prompt typed while a chunk is being made retakes that chunk (:meth:`LiveSession._retake`, asked by
+the engine before every transformer block until the chunk's commit pass, the re-cache passes included):
+its decision is replaced, the engine restores its state and makes the chunk again, so the prompt takes
+effect one chunk sooner and the record still says where. The first chunk under a typed prompt is
+decoded a latent frame at a time and its first frame is sent before its commit pass.
 
 The renderer's storyboard runs two chunks ahead of the chunk just generated (the next chunk, decided,
 and one more under the same prompt), so the crash-safety checkpoints of ``stream_to_files`` fire and a
@@ -164,6 +166,7 @@ class LiveSession:
         self.thread: threading.Thread | None = None
         self.renderer.storyboard = self._timeline(self.first_chunk + 2)
         self.renderer.retake = self._retake
+        self.renderer.show_first = self._typed_at
         self.memory_view = self._memory_view()
 
     # -- the timeline -------------------------------------------------------------------------------
@@ -214,8 +217,8 @@ class LiveSession:
         self._event("prompt", {"chunk": chunk, "start": t, "text": chosen.text})
 
     def _retake(self, chunk: int) -> bool:
-        """Asked on the render thread before ``chunk`` starts and between its denoising steps, while
-        nothing of it is committed: a prompt typed since it was decided takes effect at ``chunk``
+        """Asked on the render thread before ``chunk`` starts and before every transformer block until its
+        commit pass, while nothing of it is committed: a prompt typed since it was decided takes effect at ``chunk``
         itself. The decision for ``chunk`` is replaced by the typed prompt (or withdrawn, when the
         typed prompt is the one in force before it) and True is returned: the engine restores its state
         and samples the chunk again under the new timeline, which is what the record then holds. The
@@ -237,6 +240,11 @@ class LiveSession:
         self.renderer.storyboard = self._timeline(chunk + 2)  # the retaken chunk and one more
         self._event("prompt", {"chunk": chunk, "start": self._t(chunk), "text": kept[-1].text})
         return True
+
+    def _typed_at(self, chunk: int) -> bool:
+        """Whether a typed prompt takes effect at ``chunk`` (render thread): its first frame is decoded and
+        sent before the chunk's commit pass (``Renderer.show_first``), as the latency is to that frame."""
+        return any(e.chunk == chunk and e.source == "typed" for e in reversed(self.entries[-2:]))
 
     # -- control (any thread) -------------------------------------------------------------------------
     def submit(self, text: object, transition: object = 0.0, blend: object = "linear") -> dict:
@@ -387,9 +395,9 @@ class LiveSession:
         """Real time: do not start a chunk more than one chunk's duration ahead of the wall clock."""
         ahead = self.geometry.first_frame(nxt) / self.fps - (time.monotonic() - self._t0 - self._paused_for)
         lead = self.geometry.video_frames(1) / self.fps
-        with self._lock:
-            if ahead > lead and not self._stop:
-                self._wake.wait(ahead - lead)
+        with self._lock:  # a prompt typed (or a stop) ends the wait: the next chunk starts at once
+            if ahead > lead:
+                self._wake.wait_for(lambda: self._stop or self._typed is not None, ahead - lead)
 
     def _write_snapshot(self, requests: list[threading.Event], nxt: int) -> None:
         """A finished snapshot of the story through the chunk just generated (the frames so far)."""

@@ -287,13 +287,7 @@ class StreamingDecoder:
         _, _, mean, inv_std = self._stats_cache
         return latents / inv_std + mean
 
-    def decode_chunk_float(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode the next chunk of normalised latents ``(1, z, T, h, w)`` to video ``(1, 3, N, H, W)``.
-
-        The result is clamped to [-1, 1] (as ``vae.decode`` does), in the VAE's dtype and on its
-        device. ``N = 1 + s * (T - 1)`` for the first chunk and ``s * T`` afterwards. The decoder's
-        state is only updated if the whole chunk decodes (an exception leaves it unchanged).
-        """
+    def _check_latents(self, latents: torch.Tensor) -> None:
         if latents.ndim != 5:
             raise ValueError(f"expected latents of shape (1, z, T, h, w), got {tuple(latents.shape)}")
         b, c, t, h, w = latents.shape
@@ -308,34 +302,59 @@ class StreamingDecoder:
                 f"latent size changed mid-video: {self._latent_hw} before, {(h, w)} now (call reset() first)"
             )
 
+    def _frames(self, latents: torch.Tensor, cache: list[CacheEntry]):
+        """Decode ``latents`` (checked) frame by frame into ``cache`` (the decoder's working copy): yields
+        each latent frame's video ``(1, 3, 1 or s, H, W)``, clamped to [-1, 1]. The state's counters are
+        the caller's to advance."""
         vae = self.vae
         hook = getattr(vae, "_hf_hook", None)
         if hook is not None and hasattr(hook, "pre_forward"):
             hook.pre_forward(vae)  # what diffusers' @apply_forward_hook does around vae.decode
-
-        # Work on a shallow copy: the decoder replaces list entries (never mutates cached tensors in
-        # place), so committing the copy at the end makes the update all-or-nothing.
-        cache = list(self._feat_cache)
+        start = self.latent_frames_decoded
         with torch.no_grad():
             z = self.denormalize(latents)  # (1, z, T, h, w)
             x = vae.post_quant_conv(z)  # (1, z, T, h, w)
-            outs: list[torch.Tensor] = []
-            for i in range(t):
-                first = self.latent_frames_decoded + i == 0
+            for i in range(latents.shape[2]):
+                first = start + i == 0
                 # (1, z, 1, h, w) -> (1, 3 * p * p, 1 or s, H / p, W / p)
-                outs.append(self._decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first))
-            out = torch.cat(outs, dim=2)  # (1, 3 * p * p, N, H / p, W / p)
-            if self.patch_size is not None:
-                from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+                out = self._decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first)
+                if self.patch_size is not None:
+                    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
-                out = unpatchify(out, patch_size=self.patch_size)  # (1, 3, N, H, W)
-            out = torch.clamp(out, min=-1.0, max=1.0)
+                    out = unpatchify(out, patch_size=self.patch_size)  # (1, 3, 1 or s, H, W)
+                yield torch.clamp(out, min=-1.0, max=1.0)
 
+    def decode_chunk_float(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode the next chunk of normalised latents ``(1, z, T, h, w)`` to video ``(1, 3, N, H, W)``.
+
+        The result is clamped to [-1, 1] (as ``vae.decode`` does), in the VAE's dtype and on its
+        device. ``N = 1 + s * (T - 1)`` for the first chunk and ``s * T`` afterwards. The decoder's
+        state is only updated if the whole chunk decodes (an exception leaves it unchanged).
+        """
+        self._check_latents(latents)
+        # Work on a shallow copy: the decoder replaces list entries (never mutates cached tensors in
+        # place), so committing the copy at the end makes the update all-or-nothing.
+        cache = list(self._feat_cache)
+        out = torch.cat(list(self._frames(latents, cache)), dim=2)  # (1, 3, N, H, W)
         self._feat_cache = cache
-        self._latent_hw = (h, w)
-        self.latent_frames_decoded += t
+        self._latent_hw = tuple(latents.shape[3:])
+        self.latent_frames_decoded += latents.shape[2]
         self.frames_decoded += out.shape[2]
         return out
+
+    def decode_frames(self, latents: torch.Tensor):
+        """Decode the next chunk like :meth:`decode_chunk`, yielding the uint8 frames of each latent frame
+        ``(1 or s, H, W, 3)`` as soon as it is decoded (a live page shows the chunk's first frame before
+        the rest are decoded). The frames are bit-identical to :meth:`decode_chunk`'s; the state moves
+        one latent frame at a time (an exception leaves it after the last frame yielded)."""
+        self._check_latents(latents)
+        cache = list(self._feat_cache)
+        for video in self._frames(latents, cache):
+            self._feat_cache = list(cache)
+            self._latent_hw = tuple(latents.shape[3:])
+            self.latent_frames_decoded += 1
+            self.frames_decoded += video.shape[2]
+            yield frames_to_uint8(video)
 
     def decode_chunk(self, latents: torch.Tensor) -> np.ndarray:
         """Decode the next chunk of normalised latents ``(1, z, T, h, w)`` to uint8 frames ``(N, H, W, 3)``.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from fractions import Fraction
@@ -78,28 +79,17 @@ class _FFmpegWriter:
         self._closed = False
         # ffmpeg's messages go to a log file (read for the cause of a failure), not to our stderr
         self._log = tempfile.TemporaryFile(prefix="slotgen-ffmpeg-")
-        self._gen = imageio_ffmpeg.write_frames(
-            str(self._partial.tmp),
-            self.size,
-            pix_fmt_in="rgb24",
-            pix_fmt_out=self.pix_fmt_out,
-            fps=self.fps,
-            quality=None,  # rate control is passed explicitly in output_params
-            codec=self.codec,
-            macro_block_size=1,  # never rescale; sizes are validated instead
-            ffmpeg_log_level="error",
-            output_params=self._output_params(),
-        )
-        saved = os.dup(2)
-        try:
-            os.dup2(self._log.fileno(), 2)  # the child inherits it as its stderr
-            self._gen.send(None)  # starts ffmpeg
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        # The ffmpeg process, to check its exit status (imageio_ffmpeg does not); best effort.
-        frame = self._gen.gi_frame
-        self._proc: subprocess.Popen[bytes] | None = frame.f_locals.get("p") if frame is not None else None
+        self._gen = _ffmpeg_pipe(self._command(), self._log)
+        self._proc: subprocess.Popen[bytes] | None = self._gen.send(None)  # starts ffmpeg
+
+    def _command(self) -> list[str]:
+        """ffmpeg reading raw RGB frames from its stdin (the command imageio-ffmpeg's ``write_frames``
+        builds for these settings)."""
+        w, h = self.size
+        fps = self.fps if isinstance(self.fps, Fraction) else Fraction(self.fps).limit_denominator()
+        return [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}",
+                "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an", "-vcodec", self.codec,
+                "-pix_fmt", self.pix_fmt_out, "-v", "error", *self._output_params(), str(self._partial.tmp)]
 
     def _ffmpeg_log(self) -> str:
         try:
@@ -290,6 +280,40 @@ class LosslessWriter(_FFmpegWriter):
 
 
 VideoWriter = MP4Writer | LosslessWriter
+
+
+def _ffmpeg_pipe(cmd: list[str], log):
+    """A generator that owns one ffmpeg process: ``send(None)`` starts it and returns the ``Popen``,
+    ``send(frames)`` writes a uint8 array to its stdin, ``close()`` closes stdin and waits for it to
+    exit (killed instead when the generator ends by another BaseException than GeneratorExit).
+
+    ffmpeg starts in a session of its own (``start_new_session``, done in C between fork and exec), so
+    a Ctrl-C at the terminal reaches slotgen, which finishes the video, and not ffmpeg. No Python code
+    runs in the forked child: ``preexec_fn`` (imageio-ffmpeg's ``os.setpgrp``) runs the interpreter
+    there, which frees objects of the parent's other threads, and one holding a PyAV frame
+    reformatter (``read_video``) waits forever in the child for codec threads that fork did not copy:
+    the render thread then hangs in ``Popen``. ffmpeg's messages go to ``log``."""
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    kill = False
+    try:
+        frames = yield p
+        while True:
+            p.stdin.write(frames)  # a C-contiguous uint8 array: one pipe write, no copy
+            frames = yield
+    except (GeneratorExit, Exception):  # closed, or a failed write: ffmpeg exits once stdin is closed
+        if not isinstance(sys.exc_info()[1], GeneratorExit):
+            raise
+    except BaseException:  # KeyboardInterrupt, SystemExit: do not wait for ffmpeg to finish the file
+        kill = True
+        raise
+    finally:
+        if kill and p.poll() is None:
+            p.kill()
+        try:
+            p.stdin.close()
+        except OSError:  # ffmpeg already gone: the buffered bytes have nowhere to go
+            pass
+        p.wait()
 
 
 def open_writer(
