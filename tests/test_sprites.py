@@ -270,6 +270,42 @@ def test_compliance_rule_needs_compliance_rising_to_target_and_duplicates_fallin
     assert not compliance_rule(pts((0.3, 0.5, 0.62, 0.7), (0.6, 0.45, 0.4, 0.3))[:3], 10_000)["continue"]  # 3 points
 
 
+def test_trait_rule_needs_the_trait_rising_to_target_and_the_layout():
+    from slotgen.bench.sprites import trait_rule
+
+    def pts(comp, dup, trait, steps=(200, 400, 600, 800)):
+        return [{"steps": s, "compliance": c, "duplicate_rate": d, "trait_accuracy": t}
+                for s, c, d, t in zip(steps, comp, dup, trait)]
+
+    layout = ((0.3, 0.5, 0.62, 0.7), (0.6, 0.45, 0.4, 0.3))
+    assert trait_rule(pts(*layout, (0.2, 0.4, 0.5, 0.58)), 10_000)["continue"]
+    assert not trait_rule(pts(*layout, (0.25, 0.26, 0.24, 0.25)), 10_000)["continue"]  # the trait stays at chance
+    assert not trait_rule(pts((0.5, 0.52, 0.55, 0.56), layout[1], (0.2, 0.4, 0.5, 0.58)), 10_000)["continue"]  # layout
+    # weighted from a later step: the layout must hold and the trait is fitted on the steps since that step
+    late = (2400, 2550, 2700, 2850)
+    held = ((0.95, 0.96, 0.94, 0.97), (0.05, 0.04, 0.06, 0.05))
+    ok = trait_rule(pts(*held, (0.2, 0.4, 0.5, 0.58), late), 15_000, from_step=2250)
+    assert ok["continue"] and ok["trait_fit"]["b"] > 0
+    assert not trait_rule(pts(*held, (0.2, 0.22, 0.19, 0.21), late), 15_000, from_step=2250)["continue"]
+    lost = ((0.95, 0.8, 0.7, 0.75), (0.05, 0.2, 0.3, 0.25))
+    assert "compliance of the last 3" in trait_rule(pts(*lost, (0.2, 0.4, 0.5, 0.58), late), 15_000, from_step=2250)["reason"]
+    assert not trait_rule(pts(*held, (0.2, 0.4, 0.5, 0.58), late)[:3], 15_000, from_step=2250)["continue"]
+
+
+@pytest.mark.slow
+def test_trait_weight_starts_at_trait_from(tmp_path):
+    """Before ``trait_from`` a run trains exactly as with the dot unweighted; from it on the weight acts."""
+    from slotgen.train.miniature import TrainConfig, train_miniature
+
+    cfg = dict(steps=3, episodes=3, batch=2, threads=1, checkpoint_every=0)
+    runs = {name: train_miniature(TrainConfig.for_world("sprites", **cfg, **kw), tmp_path / name, log=lambda m: None).losses
+            for name, kw in (("unweighted", {"trait_weight": 1.0}), ("later", {"trait_weight": 8.0, "trait_from": 3}),
+                             ("from_0", {"trait_weight": 8.0, "trait_from": 0}))}
+    assert runs["later"] == runs["unweighted"]
+    assert (tmp_path / "later" / "weights.safetensors").read_bytes() == (tmp_path / "unweighted" / "weights.safetensors").read_bytes()
+    assert runs["from_0"][0] != runs["unweighted"][0]
+
+
 def test_sprite_bench_rejects_gaps_that_are_not_whole_chunks():
     r = CliRunner().invoke(app, ["bench", "identity", "--world", "sprites", "--gaps", "4", "--policies", "window"])
     assert r.exit_code == 2 and "multiples of 3" in r.output and "Traceback" not in r.output
