@@ -49,3 +49,11 @@ def tiny_bundle(rope_max_seq_len: int = 1024, num_layers: int = 2, seed: int = 0
 @pytest.fixture
 def bundle():
     return tiny_bundle()
+
+
+@pytest.fixture(scope="module")
+def miniature():
+    """The embedded miniature, loaded once per test module."""
+    from slotgen.models import load_model
+
+    return load_model("miniature")

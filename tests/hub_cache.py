@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tests.test_wan_loading import (TINY_TEXT, TINY_VAE, diffusers_to_original, lora_tensors, tiny_transformer)
+from tests.test_wan_loading import diffusers_to_original, lora_tensors, tiny_transformer, write_tiny_wan
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -57,20 +57,8 @@ def build_hub_cache(cache: Path, work: Path) -> dict:
     """Wan2.1 (tiny: transformer sharded with an index, VAE, UMT5 text encoder, tokenizer), Self-Forcing,
     LongLive and MemFlow repositories with tiny random weights under the real key and file names.
     Returns the transformers each checkpoint should load (for the tests' comparisons)."""
-    from diffusers import AutoencoderKLWan
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from slotgen.models.miniature import VOCABULARY, build_tokenizer
-
     wan = work / "wan"
-    base = tiny_transformer(0)
-    base.save_pretrained(wan / "transformer", max_shard_size="20KB")  # sharded + index, as the real repository
-    torch.manual_seed(1)
-    AutoencoderKLWan(**TINY_VAE).save_pretrained(wan / "vae")
-    tokenizer = build_tokenizer(VOCABULARY)
-    torch.manual_seed(2)
-    UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer.get_vocab()), **TINY_TEXT)).save_pretrained(wan / "text_encoder")
-    tokenizer.save_pretrained(wan / "tokenizer")
+    base = write_tiny_wan(wan, max_shard_size="20KB")  # the transformer sharded + index, as the real repository
     (wan / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     (wan / "scheduler").mkdir()
     (wan / "scheduler" / "scheduler_config.json").write_text("{}")

@@ -96,20 +96,25 @@ def _is_command(text: str) -> bool:
     return words[0] in ("python", "python3") and len(words) > 1 and (words[1].startswith("scripts/") or words[1] == "-m")
 
 
+def _inline_children(path: Path):
+    """The doc's lines and every (inline token, child token) pair markdown-it finds in it."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    pairs = [(tok, child) for tok in _parser().parse("\n".join(lines)) if tok.type == "inline" and tok.map is not None
+             for child in tok.children or []]
+    return lines, pairs
+
+
 def inline_commands(path: Path) -> list[Block]:
     """Inline code spans that are commands, with the line they are on."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines, pairs = _inline_children(path)
     found = []
-    for tok in _parser().parse("\n".join(lines)):
-        if tok.type != "inline" or tok.map is None:
-            continue
-        for child in tok.children or []:
-            if child.type == "code_inline" and _is_command(child.content):
-                words = child.content.split()
-                # the line holding the span's start (a span may wrap; its words are what the line shows)
-                line = next((i + 1 for n in (3, 2, 1) for i in range(tok.map[0], tok.map[1])
-                             if " ".join(words[:n]) in lines[i]), tok.map[0] + 1)
-                found.append(Block(path, line, "inline", child.content))
+    for tok, child in pairs:
+        if child.type == "code_inline" and _is_command(child.content):
+            words = child.content.split()
+            # the line holding the span's start (a span may wrap; its words are what the line shows)
+            line = next((i + 1 for n in (3, 2, 1) for i in range(tok.map[0], tok.map[1])
+                         if " ".join(words[:n]) in lines[i]), tok.map[0] + 1)
+            found.append(Block(path, line, "inline", child.content))
     return found
 
 
@@ -354,27 +359,24 @@ def test_every_command_group_help_names_all_its_subcommands():
 def referenced_paths(path: Path) -> list[tuple[int, str]]:
     """Repository paths the doc names: relative link targets and inline code such as ``scripts/x.py`` or
     ``tests/test_x.py::test_name``, with the line they are on."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines, pairs = _inline_children(path)
     found = []
-    for tok in _parser().parse("\n".join(lines)):
-        if tok.type != "inline" or tok.map is None:
-            continue
-        for child in tok.children or []:
-            if child.type == "link_open":
-                ref = str(child.attrs.get("href", ""))
-                if not re.match(r"^[a-z]+:|^#", ref):
-                    target = (path.parent / ref.split("#")[0]).resolve()
-                    ref = str(target.relative_to(REPO)) if target.is_relative_to(REPO) else ref
-                else:
-                    continue
-            elif child.type == "code_inline" and re.fullmatch(r"(slotgen|scripts|tests|docs|storyboards)/[\w./-]+(::\w+)?",
-                                                              child.content):
-                ref = child.content
+    for tok, child in pairs:
+        if child.type == "link_open":
+            ref = str(child.attrs.get("href", ""))
+            if not re.match(r"^[a-z]+:|^#", ref):
+                target = (path.parent / ref.split("#")[0]).resolve()
+                ref = str(target.relative_to(REPO)) if target.is_relative_to(REPO) else ref
             else:
                 continue
-            line = next((i + 1 for i in range(tok.map[0], tok.map[1]) if ref.split("::")[0].split("/")[-1] in lines[i]),
-                        tok.map[0] + 1)
-            found.append((line, ref))
+        elif child.type == "code_inline" and re.fullmatch(r"(slotgen|scripts|tests|docs|storyboards)/[\w./-]+(::\w+)?",
+                                                          child.content):
+            ref = child.content
+        else:
+            continue
+        line = next((i + 1 for i in range(tok.map[0], tok.map[1]) if ref.split("::")[0].split("/")[-1] in lines[i]),
+                    tok.map[0] + 1)
+        found.append((line, ref))
     return found
 
 

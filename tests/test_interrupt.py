@@ -40,13 +40,6 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def miniature():
-    from slotgen.models import load_model
-
-    return load_model("miniature")
-
-
-@pytest.fixture(scope="module")
 def reference(miniature, tmp_path_factory):
     """The uninterrupted render's exact frames."""
     out = tmp_path_factory.mktemp("ref") / "ref.mkv"

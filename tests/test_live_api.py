@@ -26,13 +26,6 @@ from tests.live_helpers import GREEN, STORY, ServerThread, story, wait_for
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def miniature():
-    from slotgen.models import load_model
-
-    return load_model("miniature")
-
-
 @pytest.mark.parametrize("text, needle", [
     ("x" * (10 * 2**20), f"at most {MAX_PROMPT_CHARS} characters"),
     ("a red\ncircle", "control character U+000A"),

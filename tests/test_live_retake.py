@@ -21,13 +21,6 @@ HEAD = "fps: 16\nresolution: 32x32\nsampler: {steps: 2}\nseed: 7\nmemory: {polic
 
 
 
-@pytest.fixture(scope="module")
-def miniature():
-    from slotgen.models import load_model
-
-    return load_model("miniature")
-
-
 def storyboard(prompts: str, duration: float = 600):
     return parse_storyboard(f"{HEAD}duration: {duration}\nprompts:\n{prompts}", "r.yaml")
 

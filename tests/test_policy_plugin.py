@@ -47,13 +47,6 @@ def stride():
     assert "stride" not in policy_names()
 
 
-@pytest.fixture(scope="module")
-def miniature():
-    from slotgen.models import load_model
-
-    return load_model("miniature")
-
-
 def test_registration_checks_the_contract(stride):
     from typing import Literal
 

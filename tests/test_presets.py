@@ -230,13 +230,6 @@ def _story(text: str, name: str):
     return parse_storyboard(text, name)
 
 
-@pytest.fixture(scope="module")
-def miniature():
-    from slotgen.models import load_model
-
-    return load_model("miniature")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_resume_is_bit_exact_under_every_preset_and_the_snapshot_records_it(preset, miniature, tmp_path):

@@ -31,13 +31,6 @@ def story(duration=3.0, seed=0, policy="sink", switch="1.5s"):
     return parse_storyboard(STORY.format(duration=duration, seed=seed, policy=policy, switch=switch), "test.yaml")
 
 
-@pytest.fixture(scope="module")
-def miniature():
-    from slotgen.models import load_model
-
-    return load_model("miniature")
-
-
 @pytest.mark.slow
 def test_mp4_has_exact_frames_and_size(tmp_path, miniature):
     sb = story(duration=2.3)

@@ -64,13 +64,6 @@ def assert_one_line_error(res, needle: str = "") -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def miniature():
-    from slotgen.models import load_model
-
-    return load_model("miniature")
-
-
 # -- exactness --------------------------------------------------------------------------------------
 
 

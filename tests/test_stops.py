@@ -40,13 +40,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 # -- fixtures: references of uninterrupted runs, made once ------------------------------------------------
 
 @pytest.fixture(scope="module")
-def miniature():
-    from slotgen.models import load_model
-
-    return load_model("miniature")
-
-
-@pytest.fixture(scope="module")
 def reference(miniature, tmp_path_factory):
     from slotgen.render import render
     from slotgen.storyboard import parse_storyboard

@@ -30,13 +30,6 @@ def story(duration: float, switch: float = 0.5625, transition: str | None = "1s"
                             f"  - at: {switch}\n    prompt: {GREEN}\n{extra}", "t.yaml")
 
 
-@pytest.fixture(scope="module")
-def miniature():
-    from slotgen.models import load_model
-
-    return load_model("miniature")
-
-
 # -- the two mixes, by their definitions ------------------------------------------------------------
 
 

@@ -109,22 +109,31 @@ def one_line_error(match: str, fn, *args, **kwargs) -> str:
     return message
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    """A complete diffusers-format folder (transformer, vae, text_encoder, tokenizer) + slotgen.json."""
+def write_tiny_wan(root: Path, **save_kw):
+    """Write a diffusers-format Wan folder of tiny random modules (transformer seed 0, VAE seed 1, UMT5
+    seed 2, the miniature's tokenizer) into ``root``; ``save_kw`` go to the transformer's
+    ``save_pretrained`` (e.g. ``max_shard_size``). Returns the transformer."""
     from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
     from slotgen.models.miniature import VOCABULARY, build_tokenizer
 
-    root = tmp_path_factory.mktemp("wan") / "Wan2.1-tiny-Diffusers"
-    tiny_transformer(0).save_pretrained(root / "transformer")
+    base = tiny_transformer(0)
+    base.save_pretrained(root / "transformer", **save_kw)
     torch.manual_seed(1)
     AutoencoderKLWan(**TINY_VAE).save_pretrained(root / "vae")
     tokenizer = build_tokenizer(VOCABULARY)
     torch.manual_seed(2)
     UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer.get_vocab()), **TINY_TEXT)).save_pretrained(root / "text_encoder")
     tokenizer.save_pretrained(root / "tokenizer")
+    return base
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A complete diffusers-format folder (transformer, vae, text_encoder, tokenizer) + slotgen.json."""
+    root = tmp_path_factory.mktemp("wan") / "Wan2.1-tiny-Diffusers"
+    write_tiny_wan(root)
     (root / "slotgen.json").write_text(json.dumps(TINY_SETTINGS))
     return root
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from slotgen.bench.identity import _paired
 from slotgen.errors import SlotgenError
 
 SPRITE_GAPS = (3, 9, 18, 27)  # absence gaps (video frames) of the sprite bench; the window is 9 frames
@@ -101,17 +102,6 @@ def summarise(reports: list, n_boot: int = 2000) -> dict:
         else:
             out[m] = {"mean": None, "low": None, "high": None, "n": 0}
     return out
-
-
-def _paired(a: list, b: list, metric: str) -> Optional[dict]:
-    from slotgen.world.analyse import paired_bootstrap
-
-    pairs = [(getattr(x, metric), getattr(y, metric)) for x, y in zip(a, b)
-             if getattr(x, metric) is not None and getattr(y, metric) is not None]
-    if not pairs:
-        return None
-    est, lo, hi = paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs], n=2000, seed=0)
-    return {"diff": est, "low": lo, "high": hi, "n": len(pairs)}
 
 
 def run_sprite_identity_bench(policies: list[str], gaps: list[int], episodes: int, model: str = "miniature",
